@@ -1,0 +1,125 @@
+"""The one command line: ``python -m pipeline <stage>``.
+
+Settings come from ``MLOPS_*`` environment variables (see
+:mod:`pipeline.settings`); the flags below override the common ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+from pydantic import ValidationError
+
+from pipeline.errors import ConfigError, PipelineError
+from pipeline.settings import Settings
+
+log = logging.getLogger("pipeline")
+
+STAGES = ("ingest", "features", "feast", "train", "promote")
+HELP = {
+    "ingest": "generate seeded synthetic CSVs under <shared>/data/raw and version them with DVC",
+    "features": "check raw data against DVC, validate, quarantine bad rows, write Parquet features",
+    "feast": "apply the Feast feature repository and materialize into the online store",
+    "train": "train linear regression on Feast historical features; log and register in MLflow",
+    "promote": "move the registry alias to the new version if it is not worse",
+    "serve": "serve /predict, /metrics, /healthz, /readyz with gunicorn",
+    "run": "run every stage but serve, in order, then print a summary",
+    "summary": "print the summary of the last run from the run records",
+}
+
+
+def _stage_body(name: str) -> Callable[[Settings], object]:
+    import importlib
+
+    module = {"feast": "featurestore"}.get(name, name)
+    return importlib.import_module(f"pipeline.{module}").run
+
+
+def parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--shared-dir", help="shared volume root (MLOPS_SHARED_DIR, default ./.shared)")
+    common.add_argument("--redis-url", help="Redis online store, redis://[:password@]host:port/db "
+                                            "(MLOPS_REDIS_URL; unset: Feast's SQLite online store)")
+    common.add_argument("--wait", type=float, dest="wait_seconds", metavar="SECONDS",
+                        help="wait this long for upstream run records (MLOPS_WAIT_SECONDS)")
+    common.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
+    data = argparse.ArgumentParser(add_help=False)
+    data.add_argument("--rows", type=int, help="synthetic rows (MLOPS_ROWS, default 10000)")
+    data.add_argument("--seed", type=int, help="generator and split seed (MLOPS_SEED, default 42)")
+
+    top = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0],
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = top.add_subparsers(dest="command", required=True, metavar="<stage>")
+    for name in (*STAGES, "run", "serve", "summary"):
+        parents = [common] + ([data] if name in ("ingest", "train", "run") else [])
+        p = sub.add_parser(name, parents=parents, help=HELP[name], description=HELP[name])
+        if name == "serve":
+            p.add_argument("--host", help="bind address (MLOPS_HOST, default 127.0.0.1)")
+            p.add_argument("--port", type=int, help="port (MLOPS_PORT, default 8000)")
+            p.add_argument("--workers", type=int, help="gunicorn worker processes (MLOPS_WORKERS, default 2)")
+    return top
+
+
+def build_settings(args: argparse.Namespace) -> Settings:
+    overrides = {key: value for key in ("shared_dir", "redis_url", "wait_seconds", "rows", "seed",
+                                        "host", "port", "workers")
+                 if (value := getattr(args, key, None)) is not None}
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}"
+                             for e in exc.errors())
+        raise ConfigError(f"invalid settings ({problems}); see `python -m pipeline --help` "
+                          "and the MLOPS_* variables in the README") from None
+
+
+def configure_logging(quiet: bool) -> None:
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, stream=sys.stdout,
+                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", force=True)
+    for noisy in ("feast", "dvc", "mlflow", "alembic", "urllib3", "matplotlib", "numexpr",
+                  "botocore", "gunicorn.error"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not quiet:
+        logging.getLogger("gunicorn.error").setLevel(logging.INFO)
+
+
+def run_stages(settings: Settings, names: Sequence[str]) -> None:
+    from pipeline.stage import execute
+
+    for name in names:
+        execute(name, settings, _stage_body(name))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    configure_logging(args.quiet)
+    os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    try:
+        settings = build_settings(args)
+        if args.command in STAGES:
+            run_stages(settings, [args.command])
+        elif args.command == "run":
+            run_stages(settings, STAGES)
+            from pipeline.summary import render
+
+            print(render(settings))
+        elif args.command == "summary":
+            from pipeline.summary import render
+
+            print(render(settings))
+        elif args.command == "serve":
+            from pipeline.serve import run_server
+
+            run_server(settings)
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted; re-run the same command to finish the job", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,116 @@
+"""Every error a user can cause or meet, each with a message saying what to do.
+
+The CLI prints ``str(error)`` on one line and exits with ``exit_code``; the web
+layer turns a :class:`PipelineError` into JSON with ``http_status``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class PipelineError(Exception):
+    """Base class: a message that tells the user what to do next."""
+
+    exit_code = 1
+    http_status = 500
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class ConfigError(PipelineError):
+    exit_code = 2
+
+
+class UpstreamMissing(PipelineError):
+    """A stage's input has not been produced yet."""
+
+    exit_code = 3
+
+    def __init__(self, stage: str, upstream: str, shared: Path, waited: float) -> None:
+        hint = f" after waiting {waited:.0f}s" if waited else ""
+        super().__init__(
+            f"{stage}: no successful '{upstream}' run found under {shared / 'runs'}{hint}; "
+            f"run `python -m pipeline {upstream}` first (or `python -m pipeline run` for every stage)"
+        )
+
+
+class RawDataChanged(PipelineError):
+    """Raw data on the volume no longer matches what DVC recorded."""
+
+    exit_code = 4
+
+    def __init__(self, files: list[str], dvc_file: Path) -> None:
+        names = ", ".join(files)
+        super().__init__(
+            f"raw data does not match its DVC record {dvc_file.name}: {names} changed after "
+            f"versioning. Restore it with `dvc checkout` in {dvc_file.parent.parent.parent}, "
+            "or re-run `python -m pipeline ingest` to generate and version it again"
+        )
+
+
+class SchemaError(PipelineError):
+    exit_code = 4
+
+
+class LockBusy(PipelineError):
+    exit_code = 5
+
+    def __init__(self, path: Path, holder: str, waited: float) -> None:
+        super().__init__(
+            f"another pipeline run ({holder}) holds {path} and did not finish within {waited:.0f}s; "
+            "wait for it to end, or raise MLOPS_LOCK_TIMEOUT_SECONDS"
+        )
+
+
+class TrackingUnavailable(PipelineError):
+    exit_code = 6
+
+    def __init__(self, uri: str, cause: BaseException) -> None:
+        super().__init__(
+            f"MLflow tracking at {uri} is unreachable or failed ({type(cause).__name__}: {cause}); "
+            "nothing was registered and no alias moved. Start the tracking server or fix "
+            "MLFLOW_TRACKING_URI, then re-run"
+        )
+
+
+class NoModel(PipelineError):
+    exit_code = 7
+    http_status = 503
+
+    def __init__(self, name: str, alias: str) -> None:
+        super().__init__(
+            f"no model version of '{name}' carries the alias '{alias}' yet; "
+            "run `python -m pipeline run` (train + promote) first"
+        )
+
+
+class OnlineStoreUnavailable(PipelineError):
+    http_status = 503
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(
+            f"online store unreachable ({type(cause).__name__}: {cause}); retry shortly"
+        )
+
+
+class BadRequest(PipelineError):
+    http_status = 400
+
+
+class UnprocessableEntity(PipelineError):
+    http_status = 422
+
+
+class UnknownEntity(PipelineError):
+    http_status = 404
+
+    def __init__(self, key: str, values: list[int]) -> None:
+        shown = ", ".join(str(v) for v in values[:10])
+        more = f" and {len(values) - 10} more" if len(values) > 10 else ""
+        super().__init__(
+            f"no features in the online store for {key} {shown}{more}; "
+            "ask for an entity that was ingested (GET /predict answers for a sample one)"
+        )

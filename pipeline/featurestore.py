@@ -1,0 +1,147 @@
+"""Stage 3, feast: the feature repository, ``apply`` and ``materialize``.
+
+The repository is defined in code (:func:`definitions`) and its config built
+from :class:`Settings` (:func:`repo_config`). The stage also writes
+``<shared>/feast/feature_store.yaml`` so Feast's own CLI and SDK open the same
+store with no glue: ``feast -c .shared/feast feature-views list``. With Redis,
+the password is not written to the volume: the file reads
+``${MLOPS_REDIS_PASSWORD}`` from the environment, as Feast expands variables.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+from pathlib import Path
+
+import pandas as pd
+import yaml
+from feast import Entity, FeatureStore, FeatureView, Field, FileSource, RepoConfig, ValueType
+from feast.types import Float64
+
+from pipeline import schema
+from pipeline.io import atomic_write_bytes, file_md5, wait_for_record
+from pipeline.settings import FEAST_PROJECT, Settings
+from pipeline.stage import StageResult
+
+log = logging.getLogger(__name__)
+
+
+def definitions(features_path: Path) -> list:
+    """The entity and the feature view over the features Parquet file."""
+    customer = Entity(name=schema.ENTITY, join_keys=[schema.JOIN_KEY], value_type=ValueType.INT64,
+                      description="a customer, keyed by customer_id")
+    source = FileSource(name="customer_features_source", path=str(features_path),
+                        timestamp_field=schema.TIMESTAMP)
+    view = FeatureView(
+        name=schema.FEATURE_VIEW,
+        entities=[customer],
+        ttl=timedelta(0),  # no expiry: the latest value per customer is always served
+        schema=[Field(name=f.name, dtype=Float64, description=f.description) for f in schema.FEATURES],
+        online=True,
+        source=source,
+        tags={"owner": "mlops-shared-volume"},
+    )
+    return [customer, view]
+
+
+def online_store_config(settings: Settings, password_placeholder: bool = False) -> dict:
+    """Feast's online store section: Redis when ``MLOPS_REDIS_URL`` is set,
+    Feast's SQLite store on the shared folder otherwise.
+
+    The Redis client gets bounded socket timeouts and no retries, so an
+    unreachable Redis turns into an error within ``online_timeout_seconds``
+    instead of redis-py's default retries with back-off.
+    """
+    if not settings.redis_url:
+        return {"type": "sqlite", "path": str(settings.feast_dir / "online_store.db")}
+    host, port, db, password = settings.redis_parts()
+    timeout = settings.online_timeout_seconds
+    parts = [f"{host}:{port}", f"db={db}", f"socket_timeout={timeout}",
+             f"socket_connect_timeout={timeout}", "retry=null"]
+    if password:
+        if "," in password:
+            raise ValueError("the Redis password must not contain ',' (Feast's connection "
+                             "string separator); choose another password")
+        parts.append("password=${MLOPS_REDIS_PASSWORD}" if password_placeholder
+                     else f"password={password}")
+    return {"type": "redis", "connection_string": ",".join(parts)}
+
+
+def _config_dict(settings: Settings, password_placeholder: bool = False) -> dict:
+    return {
+        "project": FEAST_PROJECT,
+        "provider": "local",
+        "registry": {"registry_type": "file", "path": str(settings.feast_dir / "registry.db"),
+                     "cache_ttl_seconds": 60},
+        "online_store": online_store_config(settings, password_placeholder),
+        "offline_store": {"type": "file"},
+        "entity_key_serialization_version": 3,
+    }
+
+
+def repo_config(settings: Settings) -> RepoConfig:
+    return RepoConfig(repo_path=settings.feast_dir, **_config_dict(settings))
+
+
+def open_store(settings: Settings) -> FeatureStore:
+    settings.feast_dir.mkdir(parents=True, exist_ok=True)
+    return FeatureStore(config=repo_config(settings))
+
+
+def write_feature_store_yaml(settings: Settings) -> Path:
+    path = settings.feast_dir / "feature_store.yaml"
+    text = ("# Written by `python -m pipeline feast`; open with `feast -c " f"{settings.feast_dir}`.\n"
+            + yaml.safe_dump(_config_dict(settings, password_placeholder=True), sort_keys=False))
+    atomic_write_bytes(path, text.encode())
+    return path
+
+
+def online_features(store: FeatureStore, entity_ids: list[int]) -> dict[str, list]:
+    """Feature values for the entities, in schema order (None where unknown)."""
+    rows = [{schema.JOIN_KEY: int(e)} for e in entity_ids]
+    return store.get_online_features(features=schema.feature_refs(), entity_rows=rows).to_dict()
+
+
+def run(settings: Settings) -> StageResult:
+    features = wait_for_record(settings.runs_dir, "feast", "features", settings.wait_seconds)
+    ingest = wait_for_record(settings.runs_dir, "feast", "ingest", settings.wait_seconds)
+    sample = int(ingest.outputs["sample_entity"])
+    online = online_store_config(settings, password_placeholder=True)
+    inputs = {
+        "features_md5": features.outputs["features_md5"],
+        "feature_refs": schema.feature_refs(),
+        "schema_version": schema.SCHEMA_VERSION,
+        "online_store": online,
+    }
+    result = StageResult.start("feast", settings, inputs)
+    store = open_store(settings)
+    if result.unchanged() and file_md5(settings.features_path) == inputs["features_md5"]:
+        values = online_features(store, [sample])
+        if values[schema.FEATURE_NAMES[0]][0] is not None:
+            return result.skip("registry applied and online store holds the latest features",
+                               result.previous.outputs)
+        log.info("feast: online store lost its data (sample entity %d missing); materializing again",
+                 sample)
+
+    log.info("feast: apply (registry %s)", settings.feast_dir / "registry.db")
+    store.apply(definitions(settings.features_path))
+    yaml_path = write_feature_store_yaml(settings)
+    start = pd.Timestamp(features.outputs["event_time_min"]).to_pydatetime()
+    end = (pd.Timestamp(features.outputs["event_time_max"]) + pd.Timedelta(seconds=1)).to_pydatetime()
+    log.info("feast: materialize %s .. %s into %s", start, end, online["type"])
+    store.materialize(start_date=start, end_date=end, feature_views=[schema.FEATURE_VIEW])
+    values = online_features(store, [sample])
+    if values[schema.FEATURE_NAMES[0]][0] is None:
+        raise RuntimeError(f"materialize finished but entity {sample} is not in the online store")
+    outputs = {
+        "project": FEAST_PROJECT,
+        "registry": str(settings.feast_dir / "registry.db"),
+        "feature_store_yaml": str(yaml_path),
+        "online_store": online["type"],
+        "feature_refs": schema.feature_refs(),
+        "materialized": {"start": start.isoformat(), "end": end.isoformat()},
+        "sample_entity": sample,
+        "sample_features": {name: values[name][0] for name in schema.FEATURE_NAMES},
+    }
+    return result.done(outputs, f"applied {schema.FEATURE_VIEW}, materialized into {online['type']}")

@@ -1,0 +1,196 @@
+"""Stage 4, train: Feast historical retrieval, NumPy least squares, MLflow.
+
+Pure core: :func:`split`, :func:`fit_least_squares`, :func:`regression_metrics`.
+:func:`run` reads the training set through Feast's point-in-time join, logs
+params, metrics, plots and lineage to MLflow, and registers a model version
+(MLflow "model from code", weights as JSON: nothing is pickled).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline import schema
+from pipeline.featurestore import open_store
+from pipeline.io import wait_for_record
+from pipeline.registry import find_version_by_fingerprint, mlflow_session, register_model_version
+from pipeline.settings import Settings
+from pipeline.stage import StageResult
+
+log = logging.getLogger(__name__)
+
+MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
+
+
+@dataclass(frozen=True)
+class Fit:
+    intercept: float
+    coefficients: np.ndarray
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        return self.intercept + x @ self.coefficients
+
+    def weights(self, feature_names: list[str]) -> dict:
+        return {"feature_names": list(feature_names), "intercept": self.intercept,
+                "coefficients": [float(c) for c in self.coefficients]}
+
+
+def split(n: int, holdout_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded shuffle split: ``(train_index, holdout_index)``."""
+    order = np.random.default_rng(seed).permutation(n)
+    n_holdout = max(1, int(round(n * holdout_fraction)))
+    if n - n_holdout < 2:
+        raise ValueError(f"{n} rows are too few to hold out {holdout_fraction:.0%} and still train")
+    return np.sort(order[n_holdout:]), np.sort(order[:n_holdout])
+
+
+def fit_least_squares(x: np.ndarray, y: np.ndarray) -> Fit:
+    """Ordinary least squares with an intercept (``numpy.linalg.lstsq``)."""
+    design = np.column_stack([np.ones(len(x)), x])
+    solution, *_ = np.linalg.lstsq(design, y, rcond=None)
+    return Fit(float(solution[0]), solution[1:])
+
+
+def regression_metrics(y: np.ndarray, predicted: np.ndarray) -> dict[str, float]:
+    residual = y - predicted
+    ss_res = float(residual @ residual)
+    ss_tot = float(((y - y.mean()) ** 2).sum())
+    return {"rmse": float(np.sqrt(ss_res / len(y))), "mae": float(np.abs(residual).mean()),
+            "r2": 1.0 - ss_res / ss_tot if ss_tot > 0 else float("nan")}
+
+
+def coefficient_errors(fit: Fit, truth: dict) -> dict[str, float]:
+    """Absolute error of each fitted coefficient against the generator's truth."""
+    errors = {name: abs(float(c) - truth["coefficients"][name])
+              for name, c in zip(schema.FEATURE_NAMES, fit.coefficients)}
+    errors["intercept"] = abs(fit.intercept - truth["intercept"])
+    return errors
+
+
+def plot_fit(y: np.ndarray, predicted: np.ndarray, fit: Fit, truth: dict):
+    """Residuals against fitted values, and fitted against true coefficients."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    residual = y - predicted
+    ax1.scatter(predicted, residual, s=4, alpha=0.4)
+    ax1.axhline(0, color="black", lw=1)
+    ax1.set(xlabel=f"predicted {schema.TARGET}", ylabel="residual (actual - predicted)",
+            title=f"Holdout residuals (n={len(y)})")
+    names = list(schema.FEATURE_NAMES)
+    xs = np.arange(len(names))
+    ax2.bar(xs - 0.2, [truth["coefficients"][n] for n in names], 0.4, label="true")
+    ax2.bar(xs + 0.2, fit.coefficients, 0.4, label="fitted")
+    ax2.set_xticks(xs, names, rotation=35, ha="right")
+    ax2.set(title="Coefficients: fitted vs generator truth")
+    ax2.legend()
+    fig.tight_layout()
+    return fig
+
+
+def git_commit(settings: Settings) -> str | None:
+    if settings.git_commit:
+        return settings.git_commit
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=5, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def training_frame(settings: Settings) -> pd.DataFrame:
+    """Labels joined point-in-time to their features through Feast."""
+    entity_df = pd.read_parquet(settings.labels_path)
+    store = open_store(settings)
+    log.info("train: historical retrieval of %d feature(s) for %d label rows",
+             len(schema.FEATURE_NAMES), len(entity_df))
+    frame = store.get_historical_features(entity_df=entity_df, features=schema.feature_refs()).to_df()
+    frame = frame.dropna(subset=[*schema.FEATURE_NAMES, schema.TARGET])
+    return frame.sort_values([schema.TIMESTAMP, schema.JOIN_KEY], kind="stable").reset_index(drop=True)
+
+
+def run(settings: Settings) -> StageResult:
+    feast = wait_for_record(settings.runs_dir, "train", "feast", settings.wait_seconds)
+    features = wait_for_record(settings.runs_dir, "train", "features", settings.wait_seconds)
+    ingest = wait_for_record(settings.runs_dir, "train", "ingest", settings.wait_seconds)
+    inputs = {
+        "features_md5": features.outputs["features_md5"],
+        "labels_md5": features.outputs["labels_md5"],
+        "feature_refs": feast.outputs["feature_refs"],
+        "seed": settings.seed,
+        "holdout_fraction": settings.holdout_fraction,
+        "schema_version": schema.SCHEMA_VERSION,
+        "model_name": settings.model_name,
+    }
+    result = StageResult.start("train", settings, inputs)
+    with mlflow_session(settings) as client:
+        existing = find_version_by_fingerprint(client, settings.model_name, result.fingerprint)
+        if existing is not None:
+            outputs = result.previous.outputs if result.unchanged() else {
+                "model_name": settings.model_name, "model_version": int(existing.version),
+                "run_id": existing.run_id,
+                "metrics": json.loads(existing.tags.get("mlops.metrics", "{}")),
+            }
+            return result.skip(f"version {existing.version} of {settings.model_name} was trained "
+                               "on these inputs", outputs)
+        frame = training_frame(settings)
+        x = frame[list(schema.FEATURE_NAMES)].to_numpy(dtype=np.float64)
+        y = frame[schema.TARGET].to_numpy(dtype=np.float64)
+        train_idx, holdout_idx = split(len(frame), settings.holdout_fraction, settings.seed)
+        fit = fit_least_squares(x[train_idx], y[train_idx])
+        holdout_pred = fit.predict(x[holdout_idx])
+        metrics = {f"holdout_{k}": v for k, v in regression_metrics(y[holdout_idx], holdout_pred).items()}
+        metrics.update({f"train_{k}": v for k, v in
+                        regression_metrics(y[train_idx], fit.predict(x[train_idx])).items()})
+        truth = ingest.outputs["truth"]
+        errors = coefficient_errors(fit, truth)
+        log.info("train: %d rows (%d train / %d holdout), holdout RMSE %.3f, R² %.4f, "
+                 "largest coefficient error %.4f", len(frame), len(train_idx), len(holdout_idx),
+                 metrics["holdout_rmse"], metrics["holdout_r2"], max(errors.values()))
+        with tempfile.TemporaryDirectory() as tmp:
+            weights_path = Path(tmp) / "weights.json"
+            weights_path.write_text(json.dumps(fit.weights(list(schema.FEATURE_NAMES)), indent=2))
+            fig = plot_fit(y[holdout_idx], holdout_pred, fit, truth)
+            version = register_model_version(
+                client, settings,
+                params={"rows": len(frame), "train_rows": len(train_idx),
+                        "holdout_rows": len(holdout_idx), "seed": settings.seed,
+                        "holdout_fraction": settings.holdout_fraction,
+                        "solver": "numpy.linalg.lstsq"},
+                metrics={**metrics, **{f"coef_abs_error_{k}": v for k, v in errors.items()}},
+                lineage={
+                    "mlops.raw_dvc_hash": features.outputs["raw_dvc_hash"],
+                    "mlops.features_md5": features.outputs["features_md5"],
+                    "mlops.labels_md5": features.outputs["labels_md5"],
+                    "mlops.feature_refs": ",".join(feast.outputs["feature_refs"]),
+                    "mlops.feast_registry": feast.outputs["registry"],
+                    "mlops.git_commit": git_commit(settings) or "none",
+                },
+                fingerprint=result.fingerprint,
+                weights_path=weights_path, model_code=MODEL_CODE, figure=fig,
+                coefficients={"fitted": fit.weights(list(schema.FEATURE_NAMES)), "truth": truth},
+            )
+    outputs = {
+        "model_name": settings.model_name,
+        "model_version": int(version.version),
+        "run_id": version.run_id,
+        "rows": len(frame),
+        "metrics": metrics,
+        "intercept": fit.intercept,
+        "coefficients": dict(zip(schema.FEATURE_NAMES, map(float, fit.coefficients))),
+        "coefficient_abs_errors": errors,
+    }
+    return result.done(outputs, f"registered {settings.model_name} version {version.version} "
+                                f"(holdout RMSE {metrics['holdout_rmse']:.3f})")

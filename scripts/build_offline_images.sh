@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Build stand-in base images from Debian packages, for machines that reach no
+# container registry (the project's development machines and CI).
+#
+# Users with a registry do not need this: compose.yaml and the tests default to
+# the official images (python:3.11-slim-bookworm, redis:7-bookworm).
+#
+#   scripts/build_offline_images.sh            # build what is missing
+#   FORCE=1 scripts/build_offline_images.sh    # rebuild
+#
+# Images built (names overridable through the environment):
+#   $MLOPS_OFFLINE_PYTHON_IMAGE  (default mlops-offline/python:3.11-bookworm)
+#       Debian bookworm with python3 (3.11), venv and pip: the base image.
+#   $MLOPS_OFFLINE_REDIS_IMAGE   (default mlops-offline/redis:7-bookworm)
+#       Debian bookworm with redis-server, started like the official image.
+set -euo pipefail
+
+PYTHON_IMAGE=${MLOPS_OFFLINE_PYTHON_IMAGE:-mlops-offline/python:3.11-bookworm}
+REDIS_IMAGE=${MLOPS_OFFLINE_REDIS_IMAGE:-mlops-offline/redis:7-bookworm}
+MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
+SUITE=bookworm
+
+need() { command -v "$1" >/dev/null 2>&1 || { echo "error: '$1' not found; install it with: $2" >&2; exit 1; }; }
+need docker "apt-get install docker.io (and start dockerd)"
+need debootstrap "apt-get install debootstrap"
+docker info >/dev/null 2>&1 || { echo "error: the Docker engine does not answer; start it (dockerd &) and retry" >&2; exit 1; }
+
+have_image() { [ -z "${FORCE:-}" ] && docker image inspect "$1" >/dev/null 2>&1; }
+
+# build IMAGE PACKAGES CHANGE...: debootstrap a minimal bookworm root with
+# PACKAGES, trim it, and `docker import` it with the given Dockerfile changes.
+build() {
+  local image=$1 packages=$2; shift 2
+  if have_image "$image"; then echo "== $image: present"; return; fi
+  local root; root=$(mktemp -d /tmp/mlops-rootfs.XXXXXX)
+  trap 'rm -rf "$root"' RETURN
+  echo "== $image: debootstrap $SUITE with $packages"
+  debootstrap --variant=minbase --include="$packages" "$SUITE" "$root" "$MIRROR" >"$root.log" 2>&1 \
+    || { tail -20 "$root.log" >&2; exit 1; }
+  rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/lib/apt/lists/* "$root"/usr/share/doc/* "$root"/usr/share/man/*
+  rm -f "$root.log"
+  local args=()
+  for change in "$@"; do args+=(--change "$change"); done
+  tar -C "$root" -c . | docker import "${args[@]}" - "$image" >/dev/null
+  echo "== $image: built ($(docker image inspect -f '{{.Size}}' "$image" | awk '{printf "%.0f MB", $1/1e6}'))"
+}
+
+build "$PYTHON_IMAGE" "python3,python3-venv,python3-pip,ca-certificates,tini" \
+  'ENV LANG=C.UTF-8' 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
+  'CMD ["python3"]'
+
+# Like the official redis image: listens on 6379 on all interfaces, no
+# persistence file in the image, runs redis-server in the foreground.
+build "$REDIS_IMAGE" "redis-server,redis-tools" \
+  'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
+  'EXPOSE 6379' 'WORKDIR /data' \
+  'CMD ["redis-server", "--bind", "0.0.0.0", "--protected-mode", "no", "--save", "", "--appendonly", "no"]'
