@@ -94,6 +94,24 @@ def run_stages(settings: Settings, names: Sequence[str]) -> None:
         execute(name, settings, _stage_body(name))
 
 
+def serve(settings: Settings) -> None:
+    import shutil
+    import tempfile
+
+    multiprocess_dir = None
+    if settings.workers > 1:
+        # prometheus-client picks its storage when first imported: set this first.
+        multiprocess_dir = tempfile.mkdtemp(prefix="mlops-prometheus-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = multiprocess_dir
+    from pipeline.serve import run_server
+
+    try:
+        run_server(settings, multiprocess_dir)
+    finally:
+        if multiprocess_dir:
+            shutil.rmtree(multiprocess_dir, ignore_errors=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     configure_logging(args.quiet)
@@ -113,9 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             print(render(settings))
         elif args.command == "serve":
-            from pipeline.serve import run_server
-
-            run_server(settings)
+            serve(settings)
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -437,17 +437,16 @@ def create_app(settings: Settings, *, multiprocess_dir: str | None = None,
     return PredictionService(settings, online, watcher, metrics, sample)
 
 
-def run_server(settings: Settings) -> None:
-    """Serve with gunicorn: ``settings.workers`` pre-forked workers, threads each."""
-    import os
+def run_server(settings: Settings, multiprocess_dir: str | None = None) -> None:
+    """Serve with gunicorn: ``settings.workers`` pre-forked workers, threads each.
+
+    With several workers, ``multiprocess_dir`` must be prometheus-client's
+    ``PROMETHEUS_MULTIPROC_DIR``, set before prometheus-client was first
+    imported (the CLI does this), so ``/metrics`` adds up every worker.
+    """
     import tempfile
 
     from gunicorn.app.base import BaseApplication
-
-    multiprocess_dir = None
-    if settings.workers > 1:
-        multiprocess_dir = tempfile.mkdtemp(prefix="mlops-prometheus-")
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = multiprocess_dir
 
     class Server(BaseApplication):
         def load_config(self) -> None:
@@ -471,7 +470,7 @@ def run_server(settings: Settings) -> None:
 
 
 def _mark_dead(server, worker) -> None:
-    from prometheus_client import multiprocess
+    from prometheus_client import multiprocess, values
 
-    if multiprocess.os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    if values.ValueClass is not values.MutexValue:  # multiprocess mode
         multiprocess.mark_process_dead(worker.pid)

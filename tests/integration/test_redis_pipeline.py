@@ -1,0 +1,156 @@
+"""The whole DAG as a user runs it (``python -m pipeline``), against a real Redis
+in a container, then ``/predict`` over a real socket from gunicorn, checked
+against MLflow's own client, Feast's own SDK and DVC's own CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import urllib.request
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline import schema
+from pipeline.io import file_md5, read_record
+from tests.conftest import clean_env, free_port, make_settings, pipeline_cli, wait_http
+
+pytestmark = [pytest.mark.integration, pytest.mark.docker]
+
+ROWS, SEED = 4000, 11
+
+
+@pytest.fixture(scope="module")
+def run(redis_url, tmp_path_factory):
+    shared = tmp_path_factory.mktemp("shared-redis")
+    env = clean_env(MLOPS_SHARED_DIR=str(shared), MLOPS_REDIS_URL=redis_url)
+    first = pipeline_cli(["run", "--rows", str(ROWS), "--seed", str(SEED)], env)
+    return {"shared": shared, "env": env, "stdout": first.stdout,
+            "settings": make_settings(shared, redis_url=redis_url, rows=ROWS, seed=SEED)}
+
+
+@pytest.fixture(scope="module")
+def server(run):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "serve", "--port", str(port),
+                             "--workers", "2"], env=run["env"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{base}/readyz", proc=proc)
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def get_json(url: str, data: dict | None = None) -> dict:
+    req = urllib.request.Request(url, data=json.dumps(data).encode() if data else None,
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return json.loads(resp.read())
+
+
+def latest_features(settings) -> pd.DataFrame:
+    feats = pd.read_parquet(settings.features_path)
+    return feats.sort_values(schema.TIMESTAMP).groupby(schema.JOIN_KEY).last()[list(schema.FEATURE_NAMES)]
+
+
+def test_run_prints_the_summary(run):
+    out = run["stdout"]
+    assert f"rows generated    {ROWS}" in out
+    assert "rows quarantined" in out and "DVC hash (raw)" in out
+    assert "alias 'production' -> version 1" in out
+    assert "materialized into redis" in out
+
+
+def test_predict_over_a_socket_equals_parquet_features_times_coefficients(run, server):
+    settings = run["settings"]
+    latest = latest_features(settings)
+    train = read_record(settings.runs_dir, "train").outputs
+    coef = np.array([train["coefficients"][n] for n in schema.FEATURE_NAMES])
+    ids = [1000, 1001, 1234, 1000 + ROWS // 5 - 1]
+    answer = get_json(f"{server}/predict", {"instances": [{schema.JOIN_KEY: i} for i in ids]})
+    expected = train["intercept"] + latest.loc[ids].to_numpy() @ coef
+    assert [p["prediction"] for p in answer["predictions"]] == pytest.approx(expected, rel=1e-9)
+    assert answer["model"]["version"] == 1
+    sample = get_json(f"{server}/predict")
+    assert sample[schema.JOIN_KEY] == 1000 and sample["prediction"] == pytest.approx(expected[0])
+
+
+def test_mlflow_client_loads_the_production_model_and_agrees(run, server):
+    import mlflow
+
+    settings = run["settings"]
+    mlflow.set_tracking_uri(settings.tracking_uri)
+    model = mlflow.pyfunc.load_model("models:/mlops-linear@production")
+    assert [c.name for c in model.metadata.get_input_schema().inputs] == list(schema.FEATURE_NAMES)
+    latest = latest_features(settings)
+    ids = [1002, 1003]
+    ours = get_json(f"{server}/predict", {"instances": [{schema.JOIN_KEY: i} for i in ids]})
+    theirs = model.predict(latest.loc[ids].reset_index(drop=True))
+    assert [p["prediction"] for p in ours["predictions"]] == pytest.approx(list(theirs), rel=1e-12)
+    # the weights are JSON, the model is code: no pickle in the artifact
+    local = mlflow.artifacts.download_artifacts("models:/mlops-linear@production")
+    from pathlib import Path
+
+    files = {p.name for p in Path(local).rglob("*") if p.is_file()}
+    assert "weights.json" in files and not any(f.endswith((".pkl", ".pickle")) for f in files)
+
+
+def test_feast_sdk_reads_the_online_store_with_no_glue(run, monkeypatch):
+    from feast import FeatureStore
+
+    settings = run["settings"]
+    monkeypatch.setenv("MLOPS_REDIS_PASSWORD", settings.redis_parts()[3])
+    store = FeatureStore(repo_path=str(settings.feast_dir))
+    values = store.get_online_features(features=schema.feature_refs(),
+                                       entity_rows=[{schema.JOIN_KEY: 1005}]).to_dict()
+    latest = latest_features(settings).loc[1005]
+    assert [values[n][0] for n in schema.FEATURE_NAMES] == pytest.approx(latest.tolist())
+    assert "password" not in (settings.feast_dir / "feature_store.yaml").read_text().split("${")[0] \
+        or settings.redis_parts()[3] not in (settings.feast_dir / "feature_store.yaml").read_text()
+
+
+def test_dvc_status_is_clean_with_dvcs_own_cli(run):
+    proc = subprocess.run([sys.executable, "-m", "dvc", "status"], cwd=run["shared"], text=True,
+                          capture_output=True, timeout=120, env=clean_env(DVC_NO_ANALYTICS="1"))
+    assert proc.returncode == 0, proc.stderr
+    assert "up to date" in proc.stdout
+    cloud = subprocess.run([sys.executable, "-m", "dvc", "status", "--cloud"], cwd=run["shared"],
+                           text=True, capture_output=True, timeout=120, env=clean_env(DVC_NO_ANALYTICS="1"))
+    assert "in sync" in cloud.stdout, cloud.stdout + cloud.stderr
+
+
+def test_metrics_over_the_socket_add_up_both_workers(server):
+    for _ in range(10):
+        get_json(f"{server}/predict")
+    with urllib.request.urlopen(f"{server}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    line = next(l for l in text.splitlines()
+                if l.startswith('mlops_http_requests_total{method="GET",route="/predict",status="200"}'))
+    assert float(line.split()[-1]) >= 10
+    assert "mlops_model_version 1.0" in text
+
+
+def test_a_second_run_with_the_same_seed_changes_nothing(run, server):
+    settings = run["settings"]
+    raw = sorted(settings.raw_dir.glob("*.csv"))
+    before = {p: p.stat().st_mtime_ns for p in raw}
+    features_md5 = file_md5(settings.features_path)
+    second = pipeline_cli(["run", "--rows", str(ROWS), "--seed", str(SEED)], run["env"])
+    for stage in ("ingest", "features", "feast", "train", "promote"):
+        assert read_record(settings.runs_dir, stage).status == "skipped", stage
+    assert second.stdout.count("up to date") >= 5
+    assert {p: p.stat().st_mtime_ns for p in raw} == before
+    assert file_md5(settings.features_path) == features_md5
+    from mlflow.tracking import MlflowClient
+
+    versions = MlflowClient(settings.tracking_uri).search_model_versions("name = 'mlops-linear'")
+    assert [int(v.version) for v in versions] == [1]
+    assert get_json(f"{server}/predict")["model"]["version"] == 1

@@ -1,0 +1,158 @@
+"""Every route and error path of the WSGI app, through werkzeug's test client,
+against a real pipeline run (Feast SQLite online store, MLflow SQLite store)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+from werkzeug.test import Client
+
+from pipeline import schema
+from pipeline.io import read_record
+from pipeline.serve import create_app
+from tests.conftest import make_settings
+
+
+@pytest.fixture(scope="module")
+def app(sqlite_pipeline):
+    return create_app(sqlite_pipeline, watch=False)
+
+
+@pytest.fixture(scope="module")
+def client(app):
+    return Client(app)
+
+
+@pytest.fixture(scope="module")
+def expected(sqlite_pipeline):
+    """Predictions computed independently: latest Parquet row per entity x coefficients."""
+    feats = pd.read_parquet(sqlite_pipeline.features_path)
+    latest = feats.sort_values(schema.TIMESTAMP).groupby(schema.JOIN_KEY).last()[list(schema.FEATURE_NAMES)]
+    train = read_record(sqlite_pipeline.runs_dir, "train").outputs
+    coef = np.array([train["coefficients"][n] for n in schema.FEATURE_NAMES])
+    pred = train["intercept"] + latest.to_numpy() @ coef
+    return dict(zip(latest.index, pred)), latest
+
+
+def body(resp):
+    assert resp.headers["Content-Type"].startswith("application/json"), resp.headers
+    return json.loads(resp.get_data())
+
+
+def test_get_predict_without_arguments_answers_for_the_sample_entity(client, expected):
+    resp = client.get("/predict")
+    assert resp.status_code == 200
+    data = body(resp)
+    assert data[schema.JOIN_KEY] == 1000
+    assert data["prediction"] == pytest.approx(expected[0][1000], rel=1e-9)
+    assert data["model"] == {"name": "mlops-linear", "version": 1, "alias": "production"}
+    assert data["features"] == pytest.approx(expected[1].loc[1000].to_dict())
+
+
+def test_get_with_a_query_and_post_single_agree(client, expected):
+    got = body(client.get(f"/predict?{schema.JOIN_KEY}=1007"))
+    posted = body(client.post("/predict", json={schema.JOIN_KEY: 1007}))
+    assert got["prediction"] == posted["prediction"] == pytest.approx(expected[0][1007], rel=1e-9)
+
+
+def test_batch_form_keeps_the_order(client, expected):
+    ids = [1010, 1003, 1599]
+    data = body(client.post("/predict", json={"instances": [{schema.JOIN_KEY: i} for i in ids]}))
+    assert [p[schema.JOIN_KEY] for p in data["predictions"]] == ids
+    assert [p["prediction"] for p in data["predictions"]] == pytest.approx([expected[0][i] for i in ids])
+    assert data["model"]["version"] == 1
+
+
+@pytest.mark.parametrize("request_kwargs, status, words", [
+    ({"json": {schema.JOIN_KEY: 42}}, 404, "no features in the online store"),
+    ({"json": {"instances": [{schema.JOIN_KEY: 1000}, {schema.JOIN_KEY: 5}]}}, 404, "customer_id 5"),
+    ({"data": "{not json", "content_type": "application/json"}, 400, "not valid JSON"),
+    ({"data": '{"customer_id": NaN}'}, 400, "not valid JSON"),
+    ({"data": "[" * 100_00 + "]" * 100_00}, 400, "not valid JSON"),
+    ({"json": {schema.JOIN_KEY: "abc"}}, 422, "must be an integer"),
+    ({"json": {schema.JOIN_KEY: 1.5}}, 422, "must be an integer"),
+    ({"json": {schema.JOIN_KEY: True}}, 422, "must be an integer"),
+    ({"json": {schema.JOIN_KEY: 2**70}}, 422, "between 0 and"),
+    ({"json": {schema.JOIN_KEY: -1}}, 422, "between 0 and"),
+    ({"json": [1000]}, 422, "JSON object"),
+    ({"json": {"colour": 1}}, 422, "unexpected keys"),
+    ({"json": {"instances": []}}, 422, "non-empty list"),
+    ({"json": {"instances": [{schema.JOIN_KEY: 1000}] * 1001}}, 422, "at most 1000"),
+    ({"data": b'{"customer_id": ' + b" " * 70_000 + b"1}"}, 413, "over 65536 bytes"),
+])
+def test_bad_requests_get_json_errors_that_say_what_is_wrong(client, request_kwargs, status, words):
+    resp = client.post("/predict", **request_kwargs)
+    assert resp.status_code == status
+    data = body(resp)
+    assert data["status"] == status and words in data["message"]
+
+
+@pytest.mark.parametrize("query, status", [("customer_id=x", 422), ("customer_id=1&customer_id=2", 422),
+                                           ("colour=red", 422), ("customer_id=1", 404)])
+def test_bad_queries(client, query, status):
+    resp = client.get(f"/predict?{query}")
+    assert resp.status_code == status and body(resp)["status"] == status
+
+
+def test_unknown_route_and_method_are_json(client):
+    assert body(client.get("/nope"))["status"] == 404
+    resp = client.delete("/predict")
+    assert resp.status_code == 405 and body(resp)["status"] == 405
+    assert "GET" in resp.headers["Allow"]
+
+
+def test_probes(client):
+    assert body(client.get("/healthz")) == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and body(ready)["model_version"] == 1
+
+
+def test_metrics_count_requests_by_route_and_status(client):
+    client.get("/predict")
+    client.post("/predict", json={schema.JOIN_KEY: 42})
+    text = client.get("/metrics").get_data(as_text=True)
+    assert 'mlops_http_requests_total{method="GET",route="/predict",status="200"}' in text
+    assert 'mlops_http_requests_total{method="POST",route="/predict",status="404"}' in text
+    assert "mlops_http_request_duration_seconds_bucket" in text
+    assert "mlops_online_lookup_duration_seconds_count" in text
+    assert "mlops_model_version 1.0" in text
+
+
+def test_no_model_yet_is_a_503_that_says_what_to_run(tmp_path):
+    settings = make_settings(tmp_path)
+    settings.feast_dir.mkdir(parents=True)
+    app = create_app(settings, watch=False)
+    resp = Client(app).get("/predict")
+    assert resp.status_code == 503 and "python -m pipeline run" in body(resp)["message"]
+    assert Client(app).get("/readyz").status_code == 503
+    assert Client(app).get("/healthz").status_code == 200
+
+
+@pytest.fixture
+def silent_redis():
+    """A TCP port that accepts connections and never answers: a hung Redis."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(64)
+        yield f"redis://127.0.0.1:{server.getsockname()[1]}/0"
+
+
+def test_unreachable_online_store_is_a_fast_503(sqlite_pipeline, silent_redis):
+    settings = make_settings(sqlite_pipeline.shared, redis_url=silent_redis, online_timeout_seconds=0.1)
+    client = Client(create_app(settings, watch=False))
+    for _ in range(3):
+        started = time.monotonic()
+        resp = client.get("/predict")
+        elapsed = time.monotonic() - started
+        assert resp.status_code == 503, body(resp)
+        assert "online store unreachable" in body(resp)["message"]
+        # one socket timeout, no retries with back-off (redis-py's default would take seconds)
+        assert elapsed < 1.0
+    assert client.get("/readyz").status_code == 503
+    assert client.get("/healthz").status_code == 200
+    assert "mlops_online_lookup_errors_total 3.0" in client.get("/metrics").get_data(as_text=True)

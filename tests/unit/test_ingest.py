@@ -1,0 +1,58 @@
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline import schema
+from pipeline.features import validate_chunk
+from pipeline.ingest import CHUNK_ROWS, TRUTH, generate_chunk, n_entities
+from pipeline.train import fit_least_squares
+
+
+def test_same_seed_same_data_other_seed_other_data():
+    a, _ = generate_chunk(2000, seed=1, index=0)
+    b, _ = generate_chunk(2000, seed=1, index=0)
+    c, _ = generate_chunk(2000, seed=2, index=0)
+    pd.testing.assert_frame_equal(a, b)
+    assert not a[schema.TARGET].equals(c[schema.TARGET])
+
+
+def test_columns_entities_and_timestamps():
+    frame, _ = generate_chunk(1000, seed=3, index=0, bad_fraction=0)
+    assert tuple(frame.columns) == schema.RAW_COLUMNS
+    assert frame[schema.JOIN_KEY].between(1000, 1000 + n_entities(1000) - 1).all()
+    assert frame[schema.JOIN_KEY].nunique() == n_entities(1000)
+    stamps = pd.to_datetime(frame[schema.TIMESTAMP], utc=True)
+    assert stamps.is_monotonic_increasing
+    # every entity has several time-stamped observations, never two at one instant
+    assert not frame.assign(ts=stamps).duplicated([schema.JOIN_KEY, "ts"]).any()
+    assert frame.groupby(schema.JOIN_KEY).size().min() >= 2
+
+
+def test_chunks_continue_each_other():
+    rows = CHUNK_ROWS + 500
+    first, _ = generate_chunk(rows, seed=5, index=0, bad_fraction=0)
+    second, _ = generate_chunk(rows, seed=5, index=1, bad_fraction=0)
+    assert len(first) == CHUNK_ROWS and len(second) == 500
+    assert first[schema.TIMESTAMP].iloc[-1] < second[schema.TIMESTAMP].iloc[0]
+    with pytest.raises(ValueError):
+        generate_chunk(rows, seed=5, index=2)
+
+
+def test_injected_bad_rows_are_exactly_the_quarantined_ones():
+    frame, injected = generate_chunk(20_000, seed=11, index=0, bad_fraction=0.01)
+    assert sum(injected.values()) > 100 and all(injected.values())
+    good, rejected = validate_chunk(frame.astype(str).replace({"nan": ""}))
+    assert len(rejected) == sum(injected.values())
+    assert len(good) + len(rejected) == len(frame)
+
+
+def test_truth_is_recoverable_from_clean_rows():
+    frame, _ = generate_chunk(20_000, seed=13, index=0, bad_fraction=0)
+    x = frame[list(schema.FEATURE_NAMES)].to_numpy(float)
+    fit = fit_least_squares(x, frame[schema.TARGET].to_numpy(float))
+    true = np.array([TRUTH.coefficients[n] for n in schema.FEATURE_NAMES])
+    # standard errors of OLS: sigma * sqrt(diag((X'X)^-1)); allow 4 of them
+    design = np.column_stack([np.ones(len(x)), x])
+    se = TRUTH.noise_sd * np.sqrt(np.diag(np.linalg.inv(design.T @ design)))
+    assert np.all(np.abs(fit.coefficients - true) < 4 * se[1:])
+    assert abs(fit.intercept - TRUTH.intercept) < 4 * se[0]

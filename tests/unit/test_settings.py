@@ -1,0 +1,42 @@
+import pytest
+
+from pipeline.featurestore import online_store_config
+from pipeline.settings import Settings
+
+
+def test_defaults_put_everything_under_the_shared_folder(tmp_path):
+    s = Settings(shared_dir=tmp_path)
+    assert s.tracking_uri == f"sqlite:///{tmp_path}/mlflow/mlflow.db"
+    assert online_store_config(s) == {"type": "sqlite", "path": str(tmp_path / "feast/online_store.db")}
+
+
+def test_environment_variables_are_read(monkeypatch, tmp_path):
+    monkeypatch.setenv("MLOPS_SHARED_DIR", str(tmp_path))
+    monkeypatch.setenv("MLOPS_ROWS", "1234")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    monkeypatch.setenv("MLOPS_REDIS_URL", "")
+    s = Settings()
+    assert s.shared == tmp_path and s.rows == 1234
+    assert s.tracking_uri == "http://mlflow:5000" and s.artifact_location is None
+    assert s.redis_url is None
+
+
+def test_redis_url_becomes_a_bounded_feast_connection_string():
+    s = Settings(redis_url="redis://:s3cret@redis:6380/2", online_timeout_seconds=0.1)
+    assert s.redis_parts() == ("redis", 6380, 2, "s3cret")
+    conn = online_store_config(s)["connection_string"]
+    assert conn.startswith("redis:6380,db=2,")
+    assert "socket_timeout=0.1" in conn and "retry=null" in conn and "password=s3cret" in conn
+    # the copy written to the volume never holds the password
+    written = online_store_config(s, password_placeholder=True)["connection_string"]
+    assert "s3cret" not in written and "password=${MLOPS_REDIS_PASSWORD}" in written
+
+
+def test_password_from_its_own_variable_wins():
+    s = Settings(redis_url="redis://redis:6379/0", redis_password="from-secret")
+    assert s.redis_parts()[3] == "from-secret"
+
+
+def test_a_bad_redis_url_says_what_to_do():
+    with pytest.raises(ValueError, match="unset it to use Feast's SQLite"):
+        Settings(redis_url="localhost:6379")

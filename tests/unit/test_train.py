@@ -1,0 +1,47 @@
+import numpy as np
+import pytest
+
+from pipeline.train import fit_least_squares, regression_metrics, split
+
+
+def test_least_squares_recovers_coefficients_within_noise():
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-5, 5, size=(4000, 3))
+    beta, intercept, sigma = np.array([1.5, -2.0, 0.25]), 7.0, 0.5
+    y = intercept + x @ beta + rng.normal(0, sigma, len(x))
+    fit = fit_least_squares(x, y)
+    design = np.column_stack([np.ones(len(x)), x])
+    se = sigma * np.sqrt(np.diag(np.linalg.inv(design.T @ design)))
+    assert abs(fit.intercept - intercept) < 4 * se[0]
+    assert np.all(np.abs(fit.coefficients - beta) < 4 * se[1:])
+
+
+def test_exact_data_fits_exactly():
+    x = np.arange(20, dtype=float).reshape(10, 2)
+    x[:, 1] = x[:, 1] ** 2
+    y = 3 + x @ np.array([2.0, -1.0])
+    fit = fit_least_squares(x, y)
+    assert fit.predict(x) == pytest.approx(y)
+    m = regression_metrics(y, fit.predict(x))
+    assert m["rmse"] == pytest.approx(0, abs=1e-9) and m["r2"] == pytest.approx(1)
+
+
+def test_metrics_against_hand_computed_values():
+    y = np.array([1.0, 2.0, 3.0, 4.0])
+    pred = np.array([1.0, 2.0, 3.0, 6.0])
+    m = regression_metrics(y, pred)
+    assert m["rmse"] == pytest.approx(1.0)  # sqrt(4 / 4)
+    assert m["mae"] == pytest.approx(0.5)
+    assert m["r2"] == pytest.approx(1 - 4 / 5)
+
+
+def test_split_is_seeded_disjoint_and_complete():
+    train, holdout = split(100, 0.2, seed=3)
+    again_train, again_holdout = split(100, 0.2, seed=3)
+    other_train, _ = split(100, 0.2, seed=4)
+    assert len(holdout) == 20 and len(train) == 80
+    assert set(train).isdisjoint(holdout) and set(train) | set(holdout) == set(range(100))
+    assert (train == again_train).all() and (holdout == again_holdout).all()
+    assert not (train == other_train).all()
+    with pytest.raises(ValueError):
+        split(2, 0.5, seed=0)
