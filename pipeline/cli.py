@@ -85,6 +85,11 @@ def configure_logging(quiet: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if not quiet:
         logging.getLogger("gunicorn.error").setLevel(logging.INFO)
+    # Library warnings (SQLAlchemy deprecations inside MLflow, and so on) are not
+    # the user's to act on; route them to logging, shown only with PYTHONWARNINGS.
+    logging.captureWarnings(True)
+    if not sys.warnoptions:
+        logging.getLogger("py.warnings").setLevel(logging.ERROR)
 
 
 def run_stages(settings: Settings, names: Sequence[str]) -> None:

@@ -11,12 +11,14 @@ the password is not written to the volume: the file reads
 from __future__ import annotations
 
 import logging
-from datetime import timedelta
+import uuid
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pandas as pd
 import yaml
 from feast import Entity, FeatureStore, FeatureView, Field, FileSource, RepoConfig, ValueType
+from feast.infra.registry.file import FileRegistryStore
 from feast.types import Float64
 
 from pipeline import schema
@@ -25,6 +27,20 @@ from pipeline.settings import FEAST_PROJECT, Settings
 from pipeline.stage import StageResult
 
 log = logging.getLogger(__name__)
+
+
+class AtomicFileRegistryStore(FileRegistryStore):
+    """Feast's file registry store, but written atomically.
+
+    Feast's own store truncates ``registry.db`` and writes it in place, so a
+    stage killed mid-write would leave a torn registry for the server to read.
+    This one writes a temp file beside it, fsyncs and renames it over.
+    """
+
+    def _write_registry(self, registry_proto) -> None:
+        registry_proto.version_id = str(uuid.uuid4())
+        registry_proto.last_updated.FromDatetime(datetime.now(timezone.utc))
+        atomic_write_bytes(Path(self._filepath), registry_proto.SerializeToString())
 
 
 def definitions(features_path: Path) -> list:
@@ -73,6 +89,7 @@ def _config_dict(settings: Settings, password_placeholder: bool = False) -> dict
         "project": FEAST_PROJECT,
         "provider": "local",
         "registry": {"registry_type": "file", "path": str(settings.feast_dir / "registry.db"),
+                     "registry_store_type": f"{__name__}.AtomicFileRegistryStore",
                      "cache_ttl_seconds": 60},
         "online_store": online_store_config(settings, password_placeholder),
         "offline_store": {"type": "file"},

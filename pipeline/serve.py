@@ -94,11 +94,20 @@ class LoadedModel:
         return self.python_model.predict_array(features)
 
 
-def load_model_version(name: str, version: int, alias: str) -> LoadedModel:
+def load_model_version(name: str, version: int, alias: str, tracking_uri: str) -> LoadedModel:
     """Load a registered version through MLflow and check it fits the schema."""
-    import mlflow
+    import tempfile
 
-    loaded = mlflow.pyfunc.load_model(f"models:/{name}/{version}", dst_path=None)
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    # Resolve the artifacts through this registry explicitly, not MLflow's globals.
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    source = client.get_model_version_download_uri(name, str(version))
+    with tempfile.TemporaryDirectory(prefix="mlops-model-") as tmp:
+        local = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tmp,
+                                                    tracking_uri=tracking_uri)
+        loaded = mlflow.pyfunc.load_model(local)
     inner = loaded.unwrap_python_model()
     names = list(getattr(inner, "feature_names", []))
     if names != list(schema.FEATURE_NAMES):
@@ -142,7 +151,8 @@ class ModelWatcher:
                     or target == self.failed_version:
                 return False
             try:
-                model = self.loader(self.settings.model_name, target, self.settings.model_alias)
+                model = self.loader(self.settings.model_name, target, self.settings.model_alias,
+                                    self.settings.tracking_uri)
             except Exception as exc:  # keep serving the previous model, say why
                 self.failed_version, self.last_error = target, f"{type(exc).__name__}: {exc}"
                 self.metrics.model_loads.labels("failed").inc()
@@ -420,11 +430,6 @@ def create_app(settings: Settings, *, multiprocess_dir: str | None = None,
     from pipeline.ingest import sample_entity
     from pipeline.io import read_record
 
-    import mlflow
-
-    # models:/ URIs resolve against the global registry URI.
-    mlflow.set_tracking_uri(settings.tracking_uri)
-    mlflow.set_registry_uri(settings.tracking_uri)
     metrics = Metrics(multiprocess_dir)
     online = OnlineFeatures(settings, metrics)
     watcher = ModelWatcher(settings, metrics)

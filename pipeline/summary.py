@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pipeline import schema
 from pipeline.io import read_record
 from pipeline.settings import Settings
 
@@ -33,7 +34,8 @@ def render(settings: Settings) -> str:
                       f"  {'intercept':<18} {truth['intercept']:>9.3f} "
                       f"{train.outputs['intercept']:>10.3f} "
                       f"{train.outputs['intercept'] - truth['intercept']:>+9.3f}"]
-            for name, fitted in train.outputs["coefficients"].items():
+            for name in schema.FEATURE_NAMES:
+                fitted = train.outputs["coefficients"][name]
                 true = truth["coefficients"][name]
                 lines.append(f"  {name:<18} {true:>9.3f} {fitted:>10.3f} {fitted - true:>+9.3f}")
     if promote:

@@ -40,7 +40,8 @@ def _isolated_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for key in list(os.environ):
         if key.startswith("MLOPS_") and key not in ("MLOPS_REDIS_IMAGE", "MLOPS_REQUIRE_DOCKER"):
             monkeypatch.delenv(key)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        monkeypatch.delenv(key, raising=False)
 
 
 @pytest.fixture(scope="session")
@@ -119,7 +120,6 @@ def pipeline_cli(args: list[str], env: dict[str, str], timeout: float = 600,
 
 
 def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("MLOPS_") and k != "MLFLOW_TRACKING_URI"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLOPS_", "MLFLOW_"))}
     env.update(extra)
     return env

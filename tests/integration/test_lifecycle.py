@@ -94,7 +94,7 @@ def test_alias_move_swaps_the_model_without_failing_a_request(trained):
     thread = threading.Thread(target=hammer)
     thread.start()
     time.sleep(0.3)
-    MlflowClient(trained.tracking_uri).set_registered_model_alias("mlops-linear", "production", str(v2))
+    MlflowClient(trained.tracking_uri, registry_uri=trained.tracking_uri).set_registered_model_alias("mlops-linear", "production", str(v2))
     assert app.watcher.refresh() is True
     time.sleep(0.3)
     stop.set()
@@ -113,7 +113,7 @@ def test_alias_moved_to_a_broken_version_keeps_the_previous_model(trained):
     serving = json.loads(client.get("/predict").get_data())["model"]["version"]
     broken = _register_second_version(trained, {"feature_names": ["a", "b"], "intercept": 0.0,
                                                 "coefficients": [1.0, 2.0, 3.0]})
-    MlflowClient(trained.tracking_uri).set_registered_model_alias("mlops-linear", "production", str(broken))
+    MlflowClient(trained.tracking_uri, registry_uri=trained.tracking_uri).set_registered_model_alias("mlops-linear", "production", str(broken))
     assert app.watcher.refresh() is False
     resp = client.get("/predict")
     assert resp.status_code == 200

@@ -88,6 +88,7 @@ def test_mlflow_client_loads_the_production_model_and_agrees(run, server):
 
     settings = run["settings"]
     mlflow.set_tracking_uri(settings.tracking_uri)
+    mlflow.set_registry_uri(settings.tracking_uri)
     model = mlflow.pyfunc.load_model("models:/mlops-linear@production")
     assert [c.name for c in model.metadata.get_input_schema().inputs] == list(schema.FEATURE_NAMES)
     latest = latest_features(settings)
@@ -151,6 +152,7 @@ def test_a_second_run_with_the_same_seed_changes_nothing(run, server):
     assert file_md5(settings.features_path) == features_md5
     from mlflow.tracking import MlflowClient
 
-    versions = MlflowClient(settings.tracking_uri).search_model_versions("name = 'mlops-linear'")
+    client = MlflowClient(settings.tracking_uri, registry_uri=settings.tracking_uri)
+    versions = client.search_model_versions("name = 'mlops-linear'")
     assert [int(v.version) for v in versions] == [1]
     assert get_json(f"{server}/predict")["model"]["version"] == 1
