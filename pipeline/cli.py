@@ -51,8 +51,12 @@ def parser() -> argparse.ArgumentParser:
     data.add_argument("--rows", type=int, help="synthetic rows (MLOPS_ROWS, default 10000)")
     data.add_argument("--seed", type=int, help="generator and split seed (MLOPS_SEED, default 42)")
 
-    top = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0],
-                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    top = argparse.ArgumentParser(
+        prog="python -m pipeline",
+        description="Run one stage of the mlops-shared-volume pipeline, or all of them, on the "
+                    "shared folder. `python -m pipeline <stage> --help` tells more.",
+        epilog="Settings come from MLOPS_* environment variables (and MLFLOW_TRACKING_URI); "
+               "the README lists them. Flags override the common ones.")
     sub = top.add_subparsers(dest="command", required=True, metavar="<stage>")
     for name in (*STAGES, "run", "serve", "summary"):
         parents = [common] + ([data] if name in ("ingest", "train", "run") else [])
