@@ -29,6 +29,7 @@ HELP = {
     "serve": "serve /predict, /metrics, /healthz, /readyz with gunicorn",
     "run": "run every stage but serve, in order, then print a summary",
     "summary": "print the summary of the last run from the run records",
+    "init": "create the shared folder's layout (compose and Kubernetes run it first)",
 }
 
 
@@ -58,7 +59,7 @@ def parser() -> argparse.ArgumentParser:
         epilog="Settings come from MLOPS_* environment variables (and MLFLOW_TRACKING_URI); "
                "the README lists them. Flags override the common ones.")
     sub = top.add_subparsers(dest="command", required=True, metavar="<stage>")
-    for name in (*STAGES, "run", "serve", "summary"):
+    for name in ("init", *STAGES, "run", "serve", "summary"):
         parents = [common] + ([data] if name in ("ingest", "train", "run") else [])
         p = sub.add_parser(name, parents=parents, help=HELP[name], description=HELP[name])
         if name == "serve":
@@ -128,7 +129,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         settings = build_settings(args)
-        if args.command in STAGES:
+        if args.command == "init":
+            for folder in settings.layout():
+                folder.mkdir(parents=True, exist_ok=True)
+            log.info("init: shared folder %s is laid out", settings.shared)
+        elif args.command in STAGES:
             run_stages(settings, [args.command])
         elif args.command == "run":
             run_stages(settings, STAGES)

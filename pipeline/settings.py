@@ -9,6 +9,7 @@ local simulator, compose.yaml and the Helm chart's ConfigMap.
 | ``MLOPS_SHARED_DIR`` | ``./.shared`` | root of the shared volume (the PVC) |
 | ``MLOPS_REDIS_URL`` | unset | ``redis://[:password@]host:port/db``; unset: Feast's SQLite online store |
 | ``MLOPS_REDIS_PASSWORD`` | unset | Redis password (from a secret); overrides the URL's |
+| ``MLOPS_REDIS_PASSWORD_FILE`` | unset | file holding the Redis password (a compose or Kubernetes secret) |
 | ``MLFLOW_TRACKING_URI`` | ``sqlite:///<shared>/mlflow/mlflow.db`` | MLflow tracking server or store |
 | ``MLOPS_MODEL_NAME`` | ``mlops-linear`` | registered model name |
 | ``MLOPS_MODEL_ALIAS`` | ``production`` | registry alias that serving follows |
@@ -39,6 +40,7 @@ class Settings(BaseSettings):
     shared_dir: Path = Path(".shared")
     redis_url: str | None = None
     redis_password: str | None = None
+    redis_password_file: Path | None = None
     mlflow_tracking_uri: str | None = Field(
         default=None, validation_alias=AliasChoices("MLFLOW_TRACKING_URI")
     )
@@ -61,7 +63,8 @@ class Settings(BaseSettings):
     threads: int = Field(default=4, ge=1)
     git_commit: str | None = None
 
-    @field_validator("redis_url", "redis_password", "mlflow_tracking_uri", "git_commit")
+    @field_validator("redis_url", "redis_password", "redis_password_file", "mlflow_tracking_uri",
+                     "git_commit", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: str | None) -> str | None:
         return value or None
@@ -119,6 +122,11 @@ class Settings(BaseSettings):
     def dvc_remote_dir(self) -> Path:
         return self.shared / "dvc-store"
 
+    def layout(self) -> list[Path]:
+        """The folders of the shared volume contract (DESIGN.md)."""
+        return [self.raw_dir, self.features_dir, self.quarantine_dir, self.feast_dir,
+                self.mlflow_dir, self.runs_dir, self.dvc_remote_dir]
+
     @property
     def tracking_uri(self) -> str:
         if self.mlflow_tracking_uri:
@@ -140,5 +148,13 @@ class Settings(BaseSettings):
             raise ValueError("no Redis online store configured (MLOPS_REDIS_URL is unset)")
         parts = urlsplit(self.redis_url)
         db = int(parts.path.strip("/") or 0)
-        password = self.redis_password or (unquote(parts.password) if parts.password else None)
+        password = self.redis_password
+        if password is None and self.redis_password_file is not None:
+            try:
+                password = self.redis_password_file.read_text().strip() or None
+            except OSError as exc:
+                raise ValueError(f"cannot read MLOPS_REDIS_PASSWORD_FILE {self.redis_password_file}: "
+                                 f"{exc.strerror}; mount the secret there or unset the variable") from None
+        if password is None and parts.password:
+            password = unquote(parts.password)
         return parts.hostname or "localhost", parts.port or 6379, db, password

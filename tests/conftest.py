@@ -30,7 +30,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def make_settings(shared: Path, **overrides) -> Settings:
     """Settings for a test: only what the test gives, never the caller's MLOPS_* env."""
     base = {"shared_dir": shared, "rows": 3000, "seed": 7, "lock_timeout_seconds": 30,
-            "mlflow_tracking_uri": None, "redis_url": None, "redis_password": None}
+            "mlflow_tracking_uri": None, "redis_url": None, "redis_password": None,
+            "redis_password_file": None}
     base.update(overrides)
     return Settings(**base)
 

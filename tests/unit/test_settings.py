@@ -40,3 +40,13 @@ def test_password_from_its_own_variable_wins():
 def test_a_bad_redis_url_says_what_to_do():
     with pytest.raises(ValueError, match="unset it to use Feast's SQLite"):
         Settings(redis_url="localhost:6379")
+
+
+def test_password_from_a_secret_file(tmp_path):
+    secret = tmp_path / "redis_password"
+    secret.write_text("from-file\n")
+    s = Settings(redis_url="redis://:in-url@redis:6379/0", redis_password_file=secret)
+    assert s.redis_parts()[3] == "from-file"
+    missing = Settings(redis_url="redis://redis:6379/0", redis_password_file=tmp_path / "nope")
+    with pytest.raises(ValueError, match="mount the secret there"):
+        missing.redis_parts()
