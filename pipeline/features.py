@@ -160,7 +160,7 @@ def transform(parts: list[Path], features_out: Path, labels_out: Path, rejected_
 
 
 def run(settings: Settings) -> StageResult:
-    ingest = wait_for_record(settings.runs_dir, "features", "ingest", settings.wait_seconds)
+    ingest = wait_for_record(settings.runs_dir, "features", "ingest", settings.wait_seconds, settings.run_id)
     changed = versioning.changed_files(settings.shared)
     if changed is None:
         raise RawDataChanged([versioning.RAW_TARGET + " (never versioned)"],

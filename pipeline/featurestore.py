@@ -121,8 +121,8 @@ def online_features(store: FeatureStore, entity_ids: list[int]) -> dict[str, lis
 
 
 def run(settings: Settings) -> StageResult:
-    features = wait_for_record(settings.runs_dir, "feast", "features", settings.wait_seconds)
-    ingest = wait_for_record(settings.runs_dir, "feast", "ingest", settings.wait_seconds)
+    features = wait_for_record(settings.runs_dir, "feast", "features", settings.wait_seconds, settings.run_id)
+    ingest = wait_for_record(settings.runs_dir, "feast", "ingest", settings.wait_seconds, settings.run_id)
     sample = int(ingest.outputs["sample_entity"])
     online = online_store_config(settings, password_placeholder=True)
     inputs = {

@@ -107,6 +107,7 @@ class RunRecord:
     seconds: float = 0.0
     host: str = field(default_factory=socket.gethostname)
     message: str = ""
+    run_id: str = ""  # MLOPS_RUN_ID of the rollout that wrote it (Kubernetes), or ""
 
 
 def record_path(runs_dir: Path, stage: str) -> Path:
@@ -134,14 +135,18 @@ def read_record(runs_dir: Path, stage: str) -> RunRecord | None:
 
 
 def wait_for_record(runs_dir: Path, stage: str, upstream: str, wait_seconds: float,
-                    poll: float = 1.0) -> RunRecord:
+                    run_id: str | None = None, poll: float = 1.0) -> RunRecord:
     """Return the upstream's latest record, waiting up to ``wait_seconds`` for it
-    to appear (so stages can start together under any orchestrator)."""
+    to appear (so stages can start together under any orchestrator).
+
+    With a ``run_id`` (``MLOPS_RUN_ID``, set by the Helm chart per rollout), only
+    a record written in the same rollout counts, so a stage started beside its
+    upstream never reads the previous rollout's outputs."""
     deadline = time.monotonic() + wait_seconds
     announced = False
     while True:
         record = read_record(runs_dir, upstream)
-        if record is not None:
+        if record is not None and (not run_id or record.run_id == run_id):
             return record
         if time.monotonic() >= deadline:
             raise UpstreamMissing(stage, upstream, runs_dir.parent, wait_seconds)

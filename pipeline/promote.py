@@ -47,7 +47,7 @@ def decide(candidate_version: int, candidate_rmse: float, current_version: int |
 
 
 def run(settings: Settings) -> StageResult:
-    train = wait_for_record(settings.runs_dir, "promote", "train", settings.wait_seconds)
+    train = wait_for_record(settings.runs_dir, "promote", "train", settings.wait_seconds, settings.run_id)
     candidate = int(train.outputs["model_version"])
     inputs = {"model_name": settings.model_name, "alias": settings.model_alias,
               "candidate_version": candidate, "tolerance": settings.promote_tolerance}

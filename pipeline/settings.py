@@ -16,6 +16,7 @@ local simulator, compose.yaml and the Helm chart's ConfigMap.
 | ``MLOPS_ROWS`` / ``MLOPS_SEED`` | ``10000`` / ``42`` | synthetic data size and seed |
 | ``MLOPS_PROMOTE_TOLERANCE`` | ``0.05`` | relative holdout-RMSE slack allowed when promoting |
 | ``MLOPS_WAIT_SECONDS`` | ``0`` | how long a stage waits for its upstream's run record |
+| ``MLOPS_RUN_ID`` | unset | rollout id: stages wait for upstream records of the same id |
 | ``MLOPS_ONLINE_TIMEOUT_SECONDS`` | ``0.25`` | Redis socket timeout, no retries |
 | ``MLOPS_MODEL_POLL_SECONDS`` | ``5`` | how often serving checks the alias |
 | ``MLOPS_HOST`` / ``MLOPS_PORT`` / ``MLOPS_WORKERS`` | ``127.0.0.1`` / ``8000`` / ``2`` | serving |
@@ -62,9 +63,10 @@ class Settings(BaseSettings):
     workers: int = Field(default=2, ge=1)
     threads: int = Field(default=4, ge=1)
     git_commit: str | None = None
+    run_id: str | None = None
 
     @field_validator("redis_url", "redis_password", "redis_password_file", "mlflow_tracking_uri",
-                     "git_commit", mode="before")
+                     "git_commit", "run_id", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: str | None) -> str | None:
         return value or None

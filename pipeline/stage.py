@@ -8,10 +8,20 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.io import RunRecord, fingerprint, pipeline_lock, read_record, utcnow, write_record
+from pipeline.io import (RunRecord, fingerprint, pipeline_lock, read_record, utcnow, wait_for_record,
+                         write_record)
 from pipeline.settings import Settings
 
 log = logging.getLogger(__name__)
+
+# Whose run records each stage reads: it waits for them before taking the lock.
+UPSTREAM: dict[str, tuple[str, ...]] = {
+    "ingest": (),
+    "features": ("ingest",),
+    "feast": ("features", "ingest"),
+    "train": ("feast", "features", "ingest"),
+    "promote": ("train",),
+}
 
 
 @dataclass
@@ -27,10 +37,12 @@ class StageResult:
     status: str = "running"
     outputs: dict[str, Any] = field(default_factory=dict)
     message: str = ""
+    run_id: str = ""
 
     @classmethod
     def start(cls, stage: str, settings: Settings, inputs: dict[str, Any]) -> StageResult:
-        return cls(stage, inputs, fingerprint(inputs), read_record(settings.runs_dir, stage))
+        return cls(stage, inputs, fingerprint(inputs), read_record(settings.runs_dir, stage),
+                   run_id=settings.run_id or "")
 
     def unchanged(self) -> bool:
         """True when the last run of this stage succeeded on the same inputs."""
@@ -49,7 +61,7 @@ class StageResult:
         return RunRecord(
             stage=self.stage, status=self.status, inputs=self.inputs, outputs=self.outputs,
             fingerprint=self.fingerprint, started_at=self.started_at, finished_at=utcnow(),
-            seconds=round(time.monotonic() - self.t0, 3), message=self.message,
+            seconds=round(time.monotonic() - self.t0, 3), message=self.message, run_id=self.run_id,
         )
 
 
@@ -60,6 +72,8 @@ def execute(name: str, settings: Settings, body: Callable[[Settings], StageResul
     "upstream is done" marker: a failed or killed stage leaves the previous
     record in place and downstream stages keep seeing a consistent state.
     """
+    for upstream in UPSTREAM.get(name, ()):  # outside the lock, so upstream can take it
+        wait_for_record(settings.runs_dir, name, upstream, settings.wait_seconds, settings.run_id)
     with pipeline_lock(settings.shared, f"stage {name}", settings.lock_timeout_seconds):
         log.info("%s: starting", name)
         result = body(settings)

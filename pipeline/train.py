@@ -122,9 +122,9 @@ def training_frame(settings: Settings) -> pd.DataFrame:
 
 
 def run(settings: Settings) -> StageResult:
-    feast = wait_for_record(settings.runs_dir, "train", "feast", settings.wait_seconds)
-    features = wait_for_record(settings.runs_dir, "train", "features", settings.wait_seconds)
-    ingest = wait_for_record(settings.runs_dir, "train", "ingest", settings.wait_seconds)
+    feast = wait_for_record(settings.runs_dir, "train", "feast", settings.wait_seconds, settings.run_id)
+    features = wait_for_record(settings.runs_dir, "train", "features", settings.wait_seconds, settings.run_id)
+    ingest = wait_for_record(settings.runs_dir, "train", "ingest", settings.wait_seconds, settings.run_id)
     inputs = {
         "features_md5": features.outputs["features_md5"],
         "labels_md5": features.outputs["labels_md5"],

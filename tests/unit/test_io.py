@@ -66,3 +66,13 @@ def test_second_run_waits_then_refuses_with_a_clear_message(tmp_path):
         holder.join(10)
     with pipeline_lock(tmp_path, "third", timeout=1):  # free again once the holder is gone
         pass
+
+
+def test_with_a_run_id_only_the_same_rollouts_record_counts(tmp_path):
+    old = RunRecord(stage="ingest", status="ok", inputs={}, outputs={}, fingerprint="a",
+                    started_at="t0", finished_at="2026-01-01T00:00:01.000+00:00", run_id="rollout-1")
+    write_record(tmp_path, old)
+    assert wait_for_record(tmp_path, "features", "ingest", 0, run_id="rollout-1") == old
+    assert wait_for_record(tmp_path, "features", "ingest", 0) == old  # no id: any record
+    with pytest.raises(UpstreamMissing):
+        wait_for_record(tmp_path, "features", "ingest", 0.3, run_id="rollout-2", poll=0.1)
