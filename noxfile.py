@@ -4,6 +4,9 @@
     nox -s tests           unit, service, integration and deploy tests (Redis through testcontainers)
     nox -s e2e_compose     build the image, run the compose twin end to end, check it, tear it down
     nox -s compose_up      build and start the compose twin, leave it running (compose_down ends it)
+    nox -s helm_check      the chart offline: render, kubernetes-validate --strict, checkov
+    nox -s deploy_minikube the chart on minikube: start, build, load, install, wait, /predict
+    nox -s argo_apply      Argo CD app-of-apps (argo_sync, argo_get, argo_delete)
 
 Every session installs the project pinned by ``constraints.txt``. Arguments after
 ``--`` are passed through: ``nox -s simulate -- --rows 100000 --seed 1``,
@@ -16,9 +19,13 @@ import os
 import secrets
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import nox
+
+sys.path.insert(0, str(Path(__file__).parent / "scripts"))
+import minikube  # noqa: E402  (scripts/minikube.py: the cluster command plans)
 
 nox.needs_version = ">=2025.2.9"
 nox.options.default_venv_backend = "uv|virtualenv"
@@ -121,3 +128,127 @@ def e2e_compose(session: nox.Session) -> None:
     env = build_image(session)
     install(session, "test")
     session.run("pytest", "-m", "e2e", "tests/e2e", *session.posargs, env=env)
+
+
+CHECK_TOOLS = ["helm-python-sdk==0.2.2", "kubernetes-validate==1.37.0", "checkov==3.3.30", "pyyaml"]
+
+
+@nox.session(python=PYTHON)
+def helm_check(session: nox.Session) -> None:
+    """The chart offline: render with Helm's engine, kubernetes-validate --strict, checkov."""
+    session.install(*CHECK_TOOLS)
+    out = Path(session.create_tmp()) / "manifests"
+    shutil.rmtree(out, ignore_errors=True)
+    session.run("python", "scripts/render_chart.py", str(out), "helm/shared-volume/values-minikube.yaml",
+                "helm/shared-volume/values-argocd.yaml")
+    for manifest in sorted(out.glob("*.yaml")):
+        session.run("kubernetes-validate", "--strict", "--quiet", str(manifest))
+    env = {"BC_SKIP_MAPPING": "TRUE", "CHECKOV_RUN_SCA_PACKAGE_SCAN_V2": "false"}  # no network
+    session.run("checkov", "--config-file", ".checkov.yaml", "-d", str(out), "--framework", "kubernetes",
+                env=env)
+    session.run("checkov", "--config-file", ".checkov.yaml", "-f", "Dockerfile", "--framework", "dockerfile",
+                env=env)
+
+
+def cluster_runner(session: nox.Session, stdin: str | None = None):
+    """Run plan steps for real; background steps are kept to be stopped at the end;
+    a step reading ``-f -`` gets ``stdin``."""
+    background: list[subprocess.Popen] = []
+
+    def run(step: minikube.Step) -> None:
+        session.log(f"{step.why}: {' '.join(step.argv)}")
+        if step.background:
+            background.append(subprocess.Popen(step.argv, cwd=ROOT))
+            return
+        if stdin and step.argv[-2:] == ("-f", "-"):
+            proc = subprocess.run(step.argv, input=stdin, text=True, cwd=ROOT)
+            if proc.returncode:
+                session.error(f"{' '.join(step.argv)} exited {proc.returncode}")
+            return
+        session.run(*step.argv, external=True, success_codes=[0, 1] if step.optional else [0])
+
+    return run, background
+
+
+def _preflight(session: nox.Session, tools: dict[str, str]) -> None:
+    try:
+        minikube.preflight(tools)
+    except minikube.PreflightError as exc:
+        session.error(str(exc))
+
+
+@nox.session(python=False)
+def deploy_minikube(session: nox.Session) -> None:
+    """Install the chart on minikube and check /predict; `-- --pvc` uses a PVC, `-- --set k=v` passes values."""
+    _preflight(session, minikube.TOOLS)
+    args = list(session.posargs)
+    helm_set = [args[i + 1] for i, a in enumerate(args) if a == "--set" and i + 1 < len(args)]
+    commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
+                            cwd=ROOT).stdout.strip()
+    tag = commit or "dev"
+    if commit:
+        helm_set.append(f"pipeline.gitCommit={commit}")
+    opts = minikube.DeployOptions(image_tag=tag, host_path="--pvc" not in args, helm_set=helm_set)
+    run, background = cluster_runner(session)
+    try:
+        minikube.run_plan(minikube.deploy_plan(opts), run)
+        answer = minikube.check_predict(f"http://127.0.0.1:{opts.local_port}/predict")
+        session.log(f"/predict answered: {answer}")
+        session.run("helm", "status", minikube.RELEASE, "--namespace", opts.namespace,
+                    "--kube-context", opts.profile, external=True)
+        session.run("kubectl", "--context", opts.profile, "-n", opts.namespace, "get", "jobs,pods,svc",
+                    external=True)
+    finally:
+        for proc in background:
+            proc.terminate()
+    session.log("done: `kubectl --context mlops -n mlops port-forward svc/mlops-shared-volume-serve 8000:8000` "
+                "then curl localhost:8000/predict; `nox -s minikube_down` removes it all")
+
+
+@nox.session(python=False)
+def minikube_down(session: nox.Session) -> None:
+    """Uninstall the release and delete the minikube cluster."""
+    _preflight(session, {k: minikube.TOOLS[k] for k in ("minikube", "helm")})
+    run, _ = cluster_runner(session)
+    minikube.run_plan(minikube.down_plan(), run)
+
+
+def _argo(session: nox.Session, action: str) -> None:
+    _preflight(session, {k: minikube.ARGO_TOOLS[k] for k in ("kubectl", "argocd")})
+    repo_url = os.environ.get("MLOPS_REPO_URL")
+    args = list(session.posargs)
+    if "--repo-url" in args:
+        repo_url = args[args.index("--repo-url") + 1]
+    stdin = None
+    if action == "apply":
+        if not repo_url:
+            session.error("give the Git repository Argo CD should read: "
+                          "nox -s argo_apply -- --repo-url https://github.com/<you>/mlops-shared-volume.git "
+                          "(or MLOPS_REPO_URL)")
+        stdin = minikube.root_application(repo_url, os.environ.get("MLOPS_REPO_REVISION", "main"))
+    run, _ = cluster_runner(session, stdin)
+    minikube.run_plan(minikube.argo_plan(action, repo_url), run)
+
+
+@nox.session(python=False)
+def argo_apply(session: nox.Session) -> None:
+    """Apply the Argo CD root app: -- --repo-url URL (or MLOPS_REPO_URL) names your fork."""
+    _argo(session, "apply")
+
+
+@nox.session(python=False)
+def argo_sync(session: nox.Session) -> None:
+    """Sync the root app now (argocd app sync --core)."""
+    _argo(session, "sync")
+
+
+@nox.session(python=False)
+def argo_get(session: nox.Session) -> None:
+    """Show the root app and its children."""
+    _argo(session, "get")
+
+
+@nox.session(python=False)
+def argo_delete(session: nox.Session) -> None:
+    """Delete the root app; finalizers remove the children and what they deployed."""
+    _argo(session, "delete")

@@ -62,6 +62,7 @@ MLOPS_MODEL_ALIAS: {{ .Values.pipeline.modelAlias | quote }}
 MLOPS_PROMOTE_TOLERANCE: {{ .Values.pipeline.promoteTolerance | quote }}
 MLOPS_WAIT_SECONDS: {{ .Values.pipeline.waitSeconds | quote }}
 MLOPS_MODEL_POLL_SECONDS: {{ .Values.pipeline.modelPollSeconds | quote }}
+MLOPS_GIT_COMMIT: {{ .Values.pipeline.gitCommit | quote }}
 {{- end }}
 
 {{/* The rollout id: changes when the settings or the image change, never at random.
@@ -167,6 +168,7 @@ metadata:
   # Named after the stage and a hash of its own spec: stable across syncs, new when the
   # spec changes, so `helm upgrade` never patches an immutable Job template (helm#7725).
   name: {{ printf "%s-%s-%s" (include "shared-volume.fullname" $ | trunc 40 | trimSuffix "-") .stage ($spec | sha256sum | trunc 8) }}
+  namespace: {{ $.Release.Namespace }}
   labels:
     {{- include "shared-volume.labels" $ | nindent 4 }}
     app.kubernetes.io/component: {{ .stage }}
