@@ -98,10 +98,17 @@ def configure_logging(quiet: bool) -> None:
 
 
 def run_stages(settings: Settings, names: Sequence[str]) -> None:
+    """Run the stages in order. Several stages hold the shared-folder lock for the
+    whole sequence, so a concurrent run cannot slip its stages in between."""
+    from pipeline.io import pipeline_lock
     from pipeline.stage import execute
 
-    for name in names:
-        execute(name, settings, _stage_body(name))
+    if len(names) == 1:
+        execute(names[0], settings, _stage_body(names[0]))
+        return
+    with pipeline_lock(settings.shared, f"run ({', '.join(names)})", settings.lock_timeout_seconds):
+        for name in names:
+            execute(name, settings, _stage_body(name), locked=True)
 
 
 def serve(settings: Settings) -> None:

@@ -36,12 +36,10 @@ def mlflow_session(settings: Settings) -> Iterator[MlflowClient]:
     """Point MLflow at the configured store and make sure the experiment and
     registered model exist. Connection failures become :class:`TrackingUnavailable`."""
     uri = settings.tracking_uri
-    if uri.startswith("sqlite:"):
-        settings.mlflow_dir.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     try:
-        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        client = open_client(uri)
         experiment = client.get_experiment_by_name(settings.experiment_name)
         if experiment is None:
             client.create_experiment(settings.experiment_name,
@@ -61,6 +59,35 @@ def mlflow_session(settings: Settings) -> Iterator[MlflowClient]:
         if _is_connection_failure(exc):
             raise TrackingUnavailable(uri, exc) from exc
         raise
+
+
+def open_client(uri: str) -> MlflowClient:
+    """A client on this tracking and registry URI (a local SQLite store is
+    created atomically first)."""
+    if uri.startswith("sqlite:///"):
+        init_sqlite_store(Path(uri.removeprefix("sqlite:///")))
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def init_sqlite_store(db: Path) -> None:
+    """Create MLflow's SQLite store atomically.
+
+    MLflow creates its tables through a series of migrations; a process killed
+    half-way leaves a database that every later start refuses ("index already
+    exists"). So the store is built in a temp file beside it and renamed into
+    place once complete.
+    """
+    if db.exists():
+        return
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    from pipeline.io import atomic_path
+
+    db.parent.mkdir(parents=True, exist_ok=True)
+    log.info("mlflow: creating the tracking store %s", db)
+    with atomic_path(db) as tmp:
+        store = SqlAlchemyStore(f"sqlite:///{tmp}", str(db.parent / "artifacts"))
+        store.engine.dispose()
 
 
 def _is_connection_failure(exc: BaseException) -> bool:

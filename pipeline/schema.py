@@ -13,6 +13,8 @@ JOIN_KEY = "customer_id"
 TIMESTAMP = "event_timestamp"
 TARGET = "next_month_spend"
 FEATURE_VIEW = "customer_features"
+# Entity keys are int64 in Feast: the largest one a request may name.
+ENTITY_ID_MAX = 2**63 - 1
 # Bump when the generator or the feature transforms change meaning: stages
 # include it in their input fingerprints, so old outputs are not reused.
 SCHEMA_VERSION = 1

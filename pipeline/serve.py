@@ -6,7 +6,8 @@ Routes:
   ``POST /predict`` with ``{"customer_id": N}`` or
   ``{"instances": [{"customer_id": N}, ...]}``
 - ``GET /metrics`` (Prometheus), ``GET /healthz`` (liveness),
-  ``GET /readyz`` (model loaded and online store reachable)
+  ``GET /readyz`` (model loaded and online store reachable),
+  ``GET /openapi.json`` (this API in OpenAPI 3)
 
 The model follows the registry alias: a background thread checks it every
 ``MLOPS_MODEL_POLL_SECONDS`` and swaps in a new version once it has loaded and
@@ -43,7 +44,6 @@ from pipeline.settings import Settings
 
 log = logging.getLogger(__name__)
 
-INT64_MAX = 2**63 - 1
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25,
                    0.5, 1.0, 2.5)
 
@@ -99,10 +99,11 @@ def load_model_version(name: str, version: int, alias: str, tracking_uri: str) -
     import tempfile
 
     import mlflow
-    from mlflow.tracking import MlflowClient
+
+    from pipeline.registry import open_client
 
     # Resolve the artifacts through this registry explicitly, not MLflow's globals.
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    client = open_client(tracking_uri)
     source = client.get_model_version_download_uri(name, str(version))
     with tempfile.TemporaryDirectory(prefix="mlops-model-") as tmp:
         local = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tmp,
@@ -134,12 +135,9 @@ class ModelWatcher:
         self._thread: threading.Thread | None = None
 
     def _alias_target(self) -> int | None:
-        from mlflow.tracking import MlflowClient
+        from pipeline.registry import alias_version, open_client
 
-        from pipeline.registry import alias_version
-
-        client = MlflowClient(tracking_uri=self.settings.tracking_uri,
-                              registry_uri=self.settings.tracking_uri)
+        client = open_client(self.settings.tracking_uri)
         mv = alias_version(client, self.settings.model_name, self.settings.model_alias)
         return int(mv.version) if mv else None
 
@@ -267,8 +265,8 @@ def parse_entity_id(value: Any) -> int:
         value = int(text)
     if not isinstance(value, int):
         raise UnprocessableEntity(f"{schema.JOIN_KEY} must be an integer, got a {type(value).__name__}")
-    if not 0 <= value <= INT64_MAX:
-        raise UnprocessableEntity(f"{schema.JOIN_KEY} must be between 0 and {INT64_MAX}")
+    if not 0 <= value <= schema.ENTITY_ID_MAX:
+        raise UnprocessableEntity(f"{schema.JOIN_KEY} must be between 0 and {schema.ENTITY_ID_MAX}")
     return value
 
 
@@ -334,14 +332,19 @@ class PredictionService:
             Rule("/metrics", endpoint="metrics", methods=["GET"]),
             Rule("/healthz", endpoint="healthz", methods=["GET"]),
             Rule("/readyz", endpoint="readyz", methods=["GET"]),
+            Rule("/openapi.json", endpoint="openapi", methods=["GET"]),
         ])
+        from pipeline.openapi import spec
+
+        self.openapi = spec(settings.max_batch, settings.max_body_bytes)
 
     # handlers ---------------------------------------------------------------
     def on_index(self, request: Request) -> Response:
         return json_response({"service": "mlops-shared-volume", "routes": {
             "/predict": f"GET (sample entity), GET ?{schema.JOIN_KEY}=N, POST "
                         f'{{"{schema.JOIN_KEY}": N}} or {{"instances": [...]}}',
-            "/metrics": "Prometheus metrics", "/healthz": "liveness", "/readyz": "readiness"}})
+            "/metrics": "Prometheus metrics", "/healthz": "liveness", "/readyz": "readiness",
+            "/openapi.json": "this API, described in OpenAPI 3"}})
 
     def on_predict(self, request: Request) -> Response:
         if request.method == "POST":
@@ -373,6 +376,9 @@ class PredictionService:
         if batch:
             return json_response({"model": meta, "predictions": answers})
         return json_response({**answers[0], "model": meta})
+
+    def on_openapi(self, request: Request) -> Response:
+        return json_response(self.openapi)
 
     def on_metrics(self, request: Request) -> Response:
         return Response(self.metrics.exposition(), mimetype=CONTENT_TYPE_LATEST)

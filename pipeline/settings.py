@@ -17,7 +17,7 @@ local simulator, compose.yaml and the Helm chart's ConfigMap.
 | ``MLOPS_PROMOTE_TOLERANCE`` | ``0.05`` | relative holdout-RMSE slack allowed when promoting |
 | ``MLOPS_WAIT_SECONDS`` | ``0`` | how long a stage waits for its upstream's run record |
 | ``MLOPS_RUN_ID`` | unset | rollout id: stages wait for upstream records of the same id |
-| ``MLOPS_ONLINE_TIMEOUT_SECONDS`` | ``0.25`` | Redis socket timeout, no retries |
+| ``MLOPS_ONLINE_TIMEOUT_SECONDS`` | ``0.05`` | Redis socket timeout, no retries |
 | ``MLOPS_MODEL_POLL_SECONDS`` | ``5`` | how often serving checks the alias |
 | ``MLOPS_HOST`` / ``MLOPS_PORT`` / ``MLOPS_WORKERS`` | ``127.0.0.1`` / ``8000`` / ``2`` | serving |
 """
@@ -54,7 +54,7 @@ class Settings(BaseSettings):
     promote_tolerance: float = Field(default=0.05, ge=0)
     wait_seconds: float = Field(default=0.0, ge=0)
     lock_timeout_seconds: float = Field(default=600.0, ge=0)
-    online_timeout_seconds: float = Field(default=0.25, gt=0)
+    online_timeout_seconds: float = Field(default=0.05, gt=0)
     model_poll_seconds: float = Field(default=5.0, gt=0)
     max_body_bytes: int = Field(default=64 * 1024, ge=1024)
     max_batch: int = Field(default=1000, ge=1)

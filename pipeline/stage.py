@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -65,16 +66,24 @@ class StageResult:
         )
 
 
-def execute(name: str, settings: Settings, body: Callable[[Settings], StageResult]) -> RunRecord:
+def execute(name: str, settings: Settings, body: Callable[[Settings], StageResult],
+            locked: bool = False) -> RunRecord:
     """Run one stage under the shared-folder lock and write its run record.
+
+    ``locked``: the caller already holds the lock (``python -m pipeline run``
+    holds it for the whole sequence, so no other run interleaves its stages).
 
     The record is written only when the stage finished, so it doubles as the
     "upstream is done" marker: a failed or killed stage leaves the previous
     record in place and downstream stages keep seeing a consistent state.
     """
-    for upstream in UPSTREAM.get(name, ()):  # outside the lock, so upstream can take it
-        wait_for_record(settings.runs_dir, name, upstream, settings.wait_seconds, settings.run_id)
-    with pipeline_lock(settings.shared, f"stage {name}", settings.lock_timeout_seconds):
+    if not locked:
+        for upstream in UPSTREAM.get(name, ()):  # outside the lock, so upstream can take it
+            wait_for_record(settings.runs_dir, name, upstream, settings.wait_seconds, settings.run_id)
+    with contextlib.ExitStack() as stack:
+        if not locked:
+            stack.enter_context(pipeline_lock(settings.shared, f"stage {name}",
+                                              settings.lock_timeout_seconds))
         log.info("%s: starting", name)
         result = body(settings)
         record = result.record()

@@ -124,3 +124,30 @@ def clean_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLOPS_", "MLFLOW_"))}
     env.update(extra)
     return env
+
+
+# --------------------------------------------------------------- figures
+# Fault and fuzz tests record what they measured (kill points survived, inputs
+# tried, 5xx seen, outage detection and recovery times); the session prints
+# them and writes .reports/reliability.json for the README's reliability section.
+FIGURES: dict[str, object] = {}
+
+
+@pytest.fixture(scope="session")
+def figures() -> dict[str, object]:
+    return FIGURES
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if not FIGURES:
+        return
+    import json
+
+    terminalreporter.section("reliability figures")
+    for key, value in sorted(FIGURES.items()):
+        terminalreporter.write_line(f"{key}: {value}")
+    out = ROOT / ".reports"
+    out.mkdir(exist_ok=True)
+    path = out / "reliability.json"
+    previous = json.loads(path.read_text()) if path.exists() else {}
+    path.write_text(json.dumps({**previous, **FIGURES}, indent=2, sort_keys=True) + "\n")

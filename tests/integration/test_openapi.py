@@ -1,0 +1,77 @@
+"""schemathesis against the live server (gunicorn over a socket): every
+operation of /openapi.json, positive and negative examples, bounded in number.
+No 5xx, every response matching the schema."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, settings
+
+from tests.conftest import clean_env, free_port, wait_http
+
+pytestmark = pytest.mark.integration
+COUNTS = {"inputs": 0, "5xx": 0}
+
+
+@pytest.fixture(scope="module")
+def live_server(sqlite_pipeline):
+    port = free_port()
+    env = clean_env(MLOPS_SHARED_DIR=str(sqlite_pipeline.shared), MLOPS_WORKERS="2")
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "serve", "--port", str(port)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{base}/readyz", proc=proc)
+        yield base
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+@pytest.fixture(scope="module")
+def api_schema(live_server):
+    return schemathesis.openapi.from_url(f"{live_server}/openapi.json")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def report(figures):
+    yield
+    figures["schemathesis: requests against the live server"] = COUNTS["inputs"]
+    figures["schemathesis: 5xx answers"] = COUNTS["5xx"]
+
+
+OPERATIONS = ["GET /predict", "POST /predict", "GET /healthz", "GET /readyz", "GET /metrics"]
+
+
+# negative cases need inputs to break: the routes without parameters have none
+CASES = [(op, "positive") for op in OPERATIONS] + [(op, "negative") for op in OPERATIONS[:2]]
+
+
+@pytest.mark.parametrize("label, mode", CASES)
+def test_api_conforms_to_its_openapi_description(api_schema, label, mode):
+    """Drive each operation with schemathesis's generated cases (bounded), then
+    its own checks: no server error, status codes, content types and bodies
+    as documented; in negative mode, invalid input must be refused with a 4xx."""
+    from hypothesis import given
+    from schemathesis.generation.modes import GenerationMode
+
+    operations = {op.label: op for op in (r.ok() for r in api_schema.get_all_operations())}
+    assert set(operations) == set(OPERATIONS)  # the description covers every route
+    operation = operations[label]
+    generation = GenerationMode.POSITIVE if mode == "positive" else GenerationMode.NEGATIVE
+
+    @given(case=operation.as_strategy(generation_mode=generation))
+    @settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck))
+    def run(case):
+        response = case.call(timeout=10)
+        COUNTS["inputs"] += 1
+        if response.status_code >= 500:
+            COUNTS["5xx"] += 1
+        assert response.status_code < 500, response.text[:300]
+        case.validate_response(response)
+
+    run()

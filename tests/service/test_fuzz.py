@@ -1,0 +1,96 @@
+"""Property-based tests of request parsing (hypothesis): whatever arrives, the
+answer is a JSON 4xx that says what is wrong, or a correct prediction; never a 5xx."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from werkzeug.test import Client
+
+from pipeline import schema
+from pipeline.errors import BadRequest, UnprocessableEntity
+from pipeline.serve import create_app, parse_body
+
+FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+COUNTS = {"inputs": 0, "5xx": 0}
+
+json_leaf = st.one_of(
+    st.none(), st.booleans(), st.text(max_size=20),
+    st.integers(min_value=-(2**80), max_value=2**80),
+    st.floats(allow_nan=True, allow_infinity=True),
+)
+json_value = st.recursive(json_leaf, lambda inner: st.one_of(
+    st.lists(inner, max_size=5), st.dictionaries(st.text(max_size=12), inner, max_size=5)), max_leaves=30)
+bodies = st.one_of(
+    st.binary(max_size=2000),
+    json_value.map(lambda v: json.dumps(v, allow_nan=True).encode()),
+    st.dictionaries(st.sampled_from([schema.JOIN_KEY, "instances", "x"]), json_value, max_size=3)
+    .map(lambda d: json.dumps(d, allow_nan=True).encode()),
+    st.integers(min_value=1, max_value=3000).map(lambda depth: b"[" * depth + b"]" * depth),
+    st.integers(min_value=1, max_value=3000).map(lambda depth: b'{"a":' * depth + b"1" + b"}" * depth),
+    st.just(b'{"customer_id": ' + b"9" * 5000 + b"}"),
+    st.just(b" " * 70_000),
+)
+
+
+@pytest.fixture(scope="module")
+def client(sqlite_pipeline):
+    return Client(create_app(sqlite_pipeline, watch=False))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def report(figures):
+    yield
+    figures["fuzz: request bodies and queries tried (hypothesis)"] = COUNTS["inputs"]
+    figures["fuzz: 5xx answers (hypothesis)"] = COUNTS["5xx"]
+
+
+def check(resp) -> dict:
+    COUNTS["inputs"] += 1
+    if resp.status_code >= 500:
+        COUNTS["5xx"] += 1
+    assert resp.status_code in (200, 400, 404, 413, 422), resp.get_data()[:300]
+    assert resp.headers["Content-Type"].startswith("application/json")
+    data = json.loads(resp.get_data())
+    if resp.status_code != 200:
+        assert data["status"] == resp.status_code and data["message"]
+    return data
+
+
+@FUZZ
+@given(body=bodies)
+def test_any_body_gets_a_json_4xx_or_a_prediction(client, body):
+    data = check(client.post("/predict", data=body, content_type="application/json"))
+    if "prediction" in data:
+        assert math.isfinite(data["prediction"])
+
+
+@FUZZ
+@given(query=st.text(max_size=60))
+def test_any_query_value_gets_a_json_4xx_or_a_prediction(client, query):
+    check(client.get("/predict", query_string={schema.JOIN_KEY: query}))
+
+
+@FUZZ
+@given(entity=st.integers(min_value=1000, max_value=1000 + 3000 // 5 - 1))
+def test_every_known_entity_is_predicted_the_same_way_by_get_and_post(client, entity):
+    got = check(client.get(f"/predict?{schema.JOIN_KEY}={entity}"))
+    posted = check(client.post("/predict", json={"instances": [{schema.JOIN_KEY: entity}]}))
+    assert got["prediction"] == posted["predictions"][0]["prediction"]
+    assert got[schema.JOIN_KEY] == entity
+
+
+@settings(max_examples=300, deadline=None)
+@given(body=bodies)
+def test_parse_body_raises_only_domain_errors(body):
+    try:
+        ids, batch = parse_body(body, max_batch=1000)
+    except (BadRequest, UnprocessableEntity) as exc:
+        assert exc.message
+        return
+    assert ids and all(isinstance(i, int) and 0 <= i <= schema.ENTITY_ID_MAX for i in ids)
+    assert batch == (len(ids) != 1 or b"instances" in body)
