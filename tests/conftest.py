@@ -63,9 +63,13 @@ def docker_available() -> tuple[bool, str]:
         return False, f"no Docker engine answers ({type(exc).__name__}); start dockerd to run the Redis tests"
 
 
-@pytest.fixture(scope="session")
-def redis_url() -> Iterator[str]:
-    """A real Redis with a password, in a container, published on 127.0.0.1 only."""
+def redis_container(host_port: int | None = None, durable: bool = False):
+    """A real Redis with a password (testcontainers), published on 127.0.0.1 only.
+
+    Skipped with the reason where no Docker engine answers, unless
+    MLOPS_REQUIRE_DOCKER=1 (CI), which makes that a failure. ``durable``: an
+    append-only file, so the data outlives a restart of the container.
+    """
     ok, reason = docker_available()
     if not ok:
         if os.environ.get("MLOPS_REQUIRE_DOCKER") == "1":
@@ -80,7 +84,16 @@ def redis_url() -> Iterator[str]:
 
     password = secrets.token_hex(16)
     container = RedisContainer(REDIS_IMAGE, password=password)
-    container.ports = {"6379/tcp": ("127.0.0.1", None)}
+    container.ports = {"6379/tcp": ("127.0.0.1", host_port)}
+    if durable:
+        container.with_command(f"redis-server --requirepass {password} --appendonly yes "
+                               "--appendfsync always --dir /tmp")
+    return container, password
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    container, password = redis_container()
     with container:
         port = container.get_exposed_port(6379)
         yield f"redis://:{password}@127.0.0.1:{port}/0"

@@ -148,3 +148,28 @@ def test_a_second_up_of_the_stages_does_no_new_work(stack):
     _, body = get(f"{mlflow_url}/api/2.0/mlflow/model-versions/search?filter=name%3D%27mlops-linear%27")
     assert [v["version"] for v in json.loads(body)["model_versions"]] == ["1"]
     assert json.loads(get(f"{serve}/predict")[1])["model"]["version"] == 1
+
+
+def test_mlflow_down_during_train_fails_clearly_and_a_rerun_finishes(stack):
+    compose, serve, mlflow_url = stack
+    versions = lambda: sorted(v["version"] for v in json.loads(get(
+        f"{mlflow_url}/api/2.0/mlflow/model-versions/search?filter=name%3D%27mlops-linear%27")[1])["model_versions"])
+    compose("stop", "mlflow")
+    try:
+        # a new seed: new inputs, so train has work to do and must reach the tracking server
+        failed = compose("run", "--rm", "--no-deps", "-e", "MLOPS_SEED=43", "train", check=False, timeout=300)
+    finally:
+        compose("up", "--detach", "--pull", "never", "--wait", "mlflow")
+    output = failed.stdout + failed.stderr
+    assert failed.returncode == 6, output[-2000:]
+    assert "MLflow tracking at http://mlflow:5000 is unreachable" in output
+    assert "nothing was registered and no alias moved" in output
+    assert "Traceback" not in output
+    assert versions() == ["1"]  # no half-registered version
+    alias = json.loads(get(f"{mlflow_url}/api/2.0/mlflow/registered-models/alias?name=mlops-linear&alias=production")[1])
+    assert alias["model_version"]["version"] == "1"
+
+    compose("run", "--rm", "--no-deps", "-e", "MLOPS_SEED=43", "train")  # the re-run finishes the job
+    compose("run", "--rm", "--no-deps", "-e", "MLOPS_SEED=43", "promote")
+    assert versions() == ["1", "2"]
+    assert json.loads(compose.read("/shared/runs/promote/latest.json"))["inputs"]["candidate_version"] == 2

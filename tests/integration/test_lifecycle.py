@@ -123,3 +123,26 @@ def test_alias_moved_to_a_broken_version_keeps_the_previous_model(trained):
     metrics = client.get("/metrics").get_data(as_text=True)
     assert 'mlops_model_loads_total{outcome="failed"} 1.0' in metrics
     assert f"mlops_model_version {float(serving)}" in metrics
+
+
+def test_alias_moved_to_a_version_whose_artifact_is_missing_keeps_serving(trained):
+    registry = MlflowClient(trained.tracking_uri, registry_uri=trained.tracking_uri)
+    registry.set_registered_model_alias("mlops-linear", "production", "1")  # a good version first
+    app = create_app(trained, watch=False)
+    client = Client(app)
+    serving = json.loads(client.get("/predict").get_data())["model"]["version"]
+    first = json.loads(client.get("/predict").get_data())
+    weights = {"feature_names": list(first["features"]), "intercept": 2.0,
+               "coefficients": [0.0] * len(first["features"])}
+    version = _register_second_version(trained, weights)
+    local = Path(registry.get_model_version_download_uri("mlops-linear", str(version)).removeprefix("file://"))
+    removed = list(local.rglob("w.json"))  # the weights file _register_second_version logged
+    assert removed
+    for p in removed:
+        p.unlink()  # the artifact store lost the weights
+    registry.set_registered_model_alias("mlops-linear", "production", str(version))
+    assert app.watcher.refresh() is False
+    resp = client.get("/predict")
+    assert resp.status_code == 200 and json.loads(resp.get_data())["model"]["version"] == serving
+    error = json.loads(client.get("/readyz").get_data())["model_error"]
+    assert "w.json" in error or "No such file" in error, error

@@ -1,0 +1,128 @@
+"""Redis stops (SIGSTOP), comes back, is killed, restarts, all while /predict is
+under load from gunicorn over real sockets: answers turn into 503 JSON within
+100 ms, /readyz fails, /healthz stays up, and service recovers by itself."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from pipeline.cli import STAGES, run_stages
+from tests.conftest import clean_env, free_port, make_settings, redis_container, wait_http
+
+pytestmark = [pytest.mark.faults, pytest.mark.docker]
+CLIENTS, MAX_REQUESTS, MAX_SECONDS = 4, 40_000, 90
+
+
+def call(url: str) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+class Load:
+    """CLIENTS threads of GET /predict, bounded in count and time."""
+
+    def __init__(self, url: str) -> None:
+        self.url, self.log, self.stop = url, [], threading.Event()
+        self.threads = [threading.Thread(target=self.loop, args=(i,)) for i in range(CLIENTS)]
+
+    def loop(self, i: int) -> None:
+        deadline = time.monotonic() + MAX_SECONDS
+        entity = 1000 + i
+        while not self.stop.is_set() and time.monotonic() < deadline and len(self.log) < MAX_REQUESTS:
+            started = time.monotonic()
+            status, body = call(f"{self.url}?customer_id={entity}")
+            self.log.append((started, time.monotonic() - started, status, body))
+
+    def __enter__(self):
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        for t in self.threads:
+            t.join(30)
+
+    def between(self, start: float, end: float) -> list:
+        return [r for r in self.log if start <= r[0] < end]
+
+    def first(self, after: float, status: int) -> float:
+        for _ in range(int(30 / 0.05)):
+            hits = [r[0] + r[1] for r in self.log if r[0] >= after and r[2] == status]
+            if hits:
+                return min(hits) - after
+            time.sleep(0.05)
+        raise AssertionError(f"no {status} answer within 30 s")
+
+
+def test_redis_outage_under_load(tmp_path, figures):
+    port = free_port()
+    container, password = redis_container(host_port=port, durable=True)
+    with container:
+        url = f"redis://:{password}@127.0.0.1:{port}/0"
+        settings = make_settings(tmp_path, redis_url=url)
+        run_stages(settings, STAGES)
+        http_port = free_port()
+        env = clean_env(MLOPS_SHARED_DIR=str(tmp_path), MLOPS_REDIS_URL=url, MLOPS_WORKERS="2")
+        server = subprocess.Popen([sys.executable, "-m", "pipeline", "serve", "--port", str(http_port)],
+                                  env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        base = f"http://127.0.0.1:{http_port}"
+        redis_proc = container.get_wrapped_container()
+        try:
+            wait_http(f"{base}/readyz", proc=server)
+            with Load(f"{base}/predict") as load:
+                time.sleep(1.5)
+                stopped = time.monotonic()
+                redis_proc.kill(signal="SIGSTOP")
+                detect = load.first(stopped, 503)
+                time.sleep(2.0)
+                ready, _ = call(f"{base}/readyz")
+                alive, _ = call(f"{base}/healthz")
+                resumed = time.monotonic()
+                redis_proc.kill(signal="SIGCONT")
+                recover_cont = load.first(resumed, 200)
+
+                time.sleep(1.0)
+                killed = time.monotonic()
+                redis_proc.kill(signal="SIGKILL")
+                load.first(killed, 503)
+                time.sleep(1.0)
+                restarted = time.monotonic()
+                redis_proc.start()
+                recover_restart = load.first(restarted, 200)
+                time.sleep(1.0)
+
+            outage = [r for r in load.between(stopped + 0.01, resumed) if r[2] != 200]
+            before = load.between(0, stopped)
+            assert before and all(r[2] == 200 for r in before)
+            assert len(outage) >= 20
+            assert {r[2] for r in outage} == {503}
+            assert all("online store unreachable" in r[3]["message"] for r in outage)
+            slowest = max(r[1] for r in outage)
+            assert slowest < 0.1, f"a 503 took {slowest * 1000:.0f} ms"
+            assert ready == 503 and alive == 200
+            assert recover_cont < 5 and recover_restart < 10
+            after = [r for r in load.log if r[0] > restarted + recover_restart + 0.2]
+            assert after and all(r[2] == 200 for r in after)  # the data outlived the restart
+            outage_ms = sorted(r[1] * 1000 for r in outage)
+            figures["redis outage: requests answered while Redis was stopped"] = len(outage)
+            figures["redis outage: 503 latency p50 / max (ms)"] = (
+                round(outage_ms[len(outage_ms) // 2], 1), round(outage_ms[-1], 1))
+            figures["redis outage: first 503 after SIGSTOP (s)"] = round(detect, 3)
+            figures["redis outage: first 200 after SIGCONT (s)"] = round(recover_cont, 3)
+            figures["redis outage: first 200 after kill + restart (s)"] = round(recover_restart, 3)
+            figures["redis outage: requests in the whole test"] = len(load.log)
+        finally:
+            server.terminate()
+            server.wait(30)
