@@ -1,8 +1,8 @@
 """Sessions for mlops-shared-volume.
 
     nox -s simulate        run the whole pipeline on ./.shared, then serve on 127.0.0.1:8000
-    nox -s tests           unit, service, integration and deploy tests (Redis through testcontainers)
-    nox -s faults          kill -9 in every stage, Redis stopped under load, concurrent runs
+    nox -s tests           unit, service, integration, deploy and fault tests (Redis through testcontainers)
+    nox -s faults          only the fault tests: kill -9 in every stage, Redis stopped under load, ...
     nox -s e2e_compose     build the image, run the compose twin end to end, check it, tear it down
     nox -s compose_up      build and start the compose twin, leave it running (compose_down ends it)
     nox -s helm_check      the chart offline: render, kubernetes-validate --strict, checkov
@@ -64,14 +64,14 @@ def simulate(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def tests(session: nox.Session) -> None:
-    """Run the test suite but e2e; Redis tests need Docker (MLOPS_REDIS_IMAGE picks the image)."""
+    """Run every test but the compose e2e; Redis tests need Docker (MLOPS_REDIS_IMAGE picks the image)."""
     install(session, "test")
-    session.run("pytest", "-m", "not e2e and not faults", *session.posargs)
+    session.run("pytest", "-m", "not e2e", *session.posargs)
 
 
 @nox.session(python=PYTHON)
 def faults(session: nox.Session) -> None:
-    """Inject faults: kill -9 in every stage, Redis stopped under load, concurrent runs."""
+    """Only the fault tests (also part of `tests`): kill -9, Redis outage, concurrent runs."""
     install(session, "test")
     session.run("pytest", "-m", "faults", "tests/faults", *session.posargs)
 
