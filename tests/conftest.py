@@ -9,6 +9,7 @@ Redis tests are skipped with the reason, unless ``MLOPS_REQUIRE_DOCKER=1``
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import socket
@@ -120,6 +121,25 @@ def wait_http(url: str, timeout: float = 90.0, proc: subprocess.Popen | None = N
             pass
         time.sleep(0.3)
     raise TimeoutError(f"{url} not ready after {timeout}s")
+
+
+@contextlib.contextmanager
+def running_server(env: dict[str, str], workers: int = 2) -> Iterator[str]:
+    """``python -m pipeline serve`` (gunicorn) on a free loopback port, ready; yields its URL."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "serve", "--port", str(port),
+                             "--workers", str(workers)], env=env, cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{base}/readyz", proc=proc)
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 def pipeline_cli(args: list[str], env: dict[str, str], timeout: float = 600,

@@ -5,8 +5,6 @@ under load from gunicorn over real sockets: answers turn into 503 JSON within
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -15,7 +13,7 @@ import urllib.request
 import pytest
 
 from pipeline.cli import STAGES, run_stages
-from tests.conftest import clean_env, free_port, make_settings, redis_container, wait_http
+from tests.conftest import clean_env, free_port, make_settings, redis_container, running_server
 
 pytestmark = [pytest.mark.faults, pytest.mark.docker]
 CLIENTS, MAX_REQUESTS, MAX_SECONDS = 4, 40_000, 90
@@ -73,14 +71,9 @@ def test_redis_outage_under_load(tmp_path, figures):
         url = f"redis://:{password}@127.0.0.1:{port}/0"
         settings = make_settings(tmp_path, redis_url=url)
         run_stages(settings, STAGES)
-        http_port = free_port()
-        env = clean_env(MLOPS_SHARED_DIR=str(tmp_path), MLOPS_REDIS_URL=url, MLOPS_WORKERS="2")
-        server = subprocess.Popen([sys.executable, "-m", "pipeline", "serve", "--port", str(http_port)],
-                                  env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        base = f"http://127.0.0.1:{http_port}"
+        env = clean_env(MLOPS_SHARED_DIR=str(tmp_path), MLOPS_REDIS_URL=url)
         redis_proc = container.get_wrapped_container()
-        try:
-            wait_http(f"{base}/readyz", proc=server)
+        with running_server(env) as base:
             with Load(f"{base}/predict") as load:
                 time.sleep(1.5)
                 stopped = time.monotonic()
@@ -123,6 +116,3 @@ def test_redis_outage_under_load(tmp_path, figures):
             figures["redis outage: first 200 after SIGCONT (s)"] = round(recover_cont, 3)
             figures["redis outage: first 200 after kill + restart (s)"] = round(recover_restart, 3)
             figures["redis outage: requests in the whole test"] = len(load.log)
-        finally:
-            server.terminate()
-            server.wait(30)

@@ -4,14 +4,11 @@ No 5xx, every response matching the schema."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 
-from tests.conftest import clean_env, free_port, wait_http
+from tests.conftest import clean_env, running_server
 
 pytestmark = pytest.mark.integration
 COUNTS = {"inputs": 0, "5xx": 0}
@@ -19,17 +16,8 @@ COUNTS = {"inputs": 0, "5xx": 0}
 
 @pytest.fixture(scope="module")
 def live_server(sqlite_pipeline):
-    port = free_port()
-    env = clean_env(MLOPS_SHARED_DIR=str(sqlite_pipeline.shared), MLOPS_WORKERS="2")
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "serve", "--port", str(port)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_http(f"{base}/readyz", proc=proc)
+    with running_server(clean_env(MLOPS_SHARED_DIR=str(sqlite_pipeline.shared))) as base:
         yield base
-    finally:
-        proc.terminate()
-        proc.wait(30)
 
 
 @pytest.fixture(scope="module")

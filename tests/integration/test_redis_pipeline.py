@@ -15,7 +15,7 @@ import pytest
 
 from pipeline import schema
 from pipeline.io import file_md5, read_record
-from tests.conftest import clean_env, free_port, make_settings, pipeline_cli, wait_http
+from tests.conftest import clean_env, make_settings, pipeline_cli, running_server
 
 pytestmark = [pytest.mark.integration, pytest.mark.docker]
 
@@ -33,20 +33,8 @@ def run(redis_url, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(run):
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "serve", "--port", str(port),
-                             "--workers", "2"], env=run["env"], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_http(f"{base}/readyz", proc=proc)
+    with running_server(run["env"]) as base:
         yield base
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def get_json(url: str, data: dict | None = None) -> dict:
