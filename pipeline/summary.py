@@ -28,6 +28,8 @@ def render(settings: Settings) -> str:
                   f"{train.outputs['model_version']}",
                   f"  holdout           RMSE {m['holdout_rmse']:.3f}  MAE {m['holdout_mae']:.3f}  "
                   f"R² {m['holdout_r2']:.4f}"]
+        if "fit_plot" in train.outputs:
+            lines.append(f"  fit plot          {train.outputs['fit_plot']} (and in the MLflow run)")
         if ingest and "coefficients" in train.outputs:
             truth = ingest.outputs["truth"]
             lines += ["", f"  {'coefficient':<18} {'true':>9} {'fitted':>10} {'error':>9}",

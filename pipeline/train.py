@@ -20,7 +20,7 @@ import pandas as pd
 
 from pipeline import schema
 from pipeline.featurestore import open_store
-from pipeline.io import wait_for_record
+from pipeline.io import atomic_path, wait_for_record
 from pipeline.registry import find_version_by_fingerprint, mlflow_session, register_model_version
 from pipeline.settings import Settings
 from pipeline.stage import StageResult
@@ -163,6 +163,9 @@ def run(settings: Settings) -> StageResult:
             weights_path = Path(tmp) / "weights.json"
             weights_path.write_text(json.dumps(fit.weights(list(schema.FEATURE_NAMES)), indent=2))
             fig = plot_fit(y[holdout_idx], holdout_pred, fit, truth)
+            plot_path = settings.runs_dir / "train" / "fit.png"
+            with atomic_path(plot_path) as tmp_png:
+                fig.savefig(tmp_png, format="png", dpi=110)
             version = register_model_version(
                 client, settings,
                 params={"rows": len(frame), "train_rows": len(train_idx),
@@ -191,6 +194,7 @@ def run(settings: Settings) -> StageResult:
         "intercept": fit.intercept,
         "coefficients": dict(zip(schema.FEATURE_NAMES, map(float, fit.coefficients))),
         "coefficient_abs_errors": errors,
+        "fit_plot": str(plot_path),
     }
     return result.done(outputs, f"registered {settings.model_name} version {version.version} "
                                 f"(holdout RMSE {metrics['holdout_rmse']:.3f})")
