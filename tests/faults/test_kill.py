@@ -21,7 +21,7 @@ pytestmark = pytest.mark.faults
 
 ROWS, SEED = 20_000, 5
 # seconds after the stage took the lock (its body runs from then on)
-OFFSETS = (0.0, 0.1, 0.3, 0.8, 1.6)
+OFFSETS = (0.0, 0.03, 0.1, 0.3, 0.8, 1.6)
 
 
 def results(shared) -> dict:
