@@ -188,31 +188,49 @@ class ModelWatcher:
 
 # ------------------------------------------------------------ online store
 class OnlineFeatures:
-    """Feature lookups through Feast's online store (Redis or SQLite)."""
+    """Feature lookups in the online store.
+
+    With Redis, straight from Redis in Feast's layout (``RedisOnlineReader``:
+    one HMGET, bounded socket timeouts, no retries); with Feast's SQLite store,
+    through Feast's SDK.
+    """
 
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
-        from pipeline.featurestore import open_store
-
         self.settings = settings
         self.metrics = metrics
-        self.store = open_store(settings)
+        self.store = None
         self._redis = None
         if settings.redis_url:
             import redis
+
+            from pipeline.featurestore import RedisOnlineReader
 
             host, port, db, password = settings.redis_parts()
             self._redis = redis.Redis(host=host, port=port, db=db, password=password,
                                       socket_timeout=settings.online_timeout_seconds,
                                       socket_connect_timeout=settings.online_timeout_seconds,
                                       retry=None)
+            self._reader = RedisOnlineReader(self._redis)
+        else:
+            from pipeline.featurestore import open_store
+
+            self.store = open_store(settings)
+
+    def _read(self, entity_ids: list[int]) -> list[list[float] | None]:
+        if self.store is None:
+            return self._reader.read(entity_ids)
+        from pipeline.featurestore import online_features
+
+        values = online_features(self.store, entity_ids)
+        columns = [values[name] for name in schema.FEATURE_NAMES]
+        return [None if any(col[i] is None for col in columns) else [col[i] for col in columns]
+                for i in range(len(entity_ids))]
 
     def lookup(self, entity_ids: list[int]) -> tuple[np.ndarray, list[dict[str, float]]]:
         """Features of each entity, as a matrix in model order and as dicts."""
-        from pipeline.featurestore import online_features
-
         started = time.perf_counter()
         try:
-            values = online_features(self.store, entity_ids)
+            rows = self._read(entity_ids)
         except Exception as exc:
             if _is_unreachable(exc):
                 self.metrics.lookup_errors.inc()
@@ -220,12 +238,11 @@ class OnlineFeatures:
             raise
         finally:
             self.metrics.lookup.observe(time.perf_counter() - started)
-        columns = [values[name] for name in schema.FEATURE_NAMES]
-        unknown = [e for i, e in enumerate(entity_ids) if any(col[i] is None for col in columns)]
+        unknown = [e for e, row in zip(entity_ids, rows) if row is None]
         if unknown:
             raise UnknownEntity(schema.JOIN_KEY, unknown)
-        matrix = np.asarray(columns, dtype=np.float64).T
-        return matrix, [dict(zip(schema.FEATURE_NAMES, map(float, row))) for row in matrix]
+        matrix = np.asarray(rows, dtype=np.float64).reshape(len(rows), len(schema.FEATURE_NAMES))
+        return matrix, [dict(zip(schema.FEATURE_NAMES, row)) for row in rows]
 
     def reachable(self) -> tuple[bool, str]:
         if self._redis is None:

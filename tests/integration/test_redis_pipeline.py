@@ -144,3 +144,26 @@ def test_a_second_run_with_the_same_seed_changes_nothing(run, server):
     versions = client.search_model_versions("name = 'mlops-linear'")
     assert [int(v.version) for v in versions] == [1]
     assert get_json(f"{server}/predict")["model"]["version"] == 1
+
+
+def test_the_fast_redis_reader_reads_exactly_what_feast_sdk_reads(run):
+    """serve reads Redis in Feast's layout with Feast's helpers: the same values
+    as Feast's own get_online_features, for every entity, unknown ones included."""
+    import redis
+
+    from pipeline.featurestore import RedisOnlineReader, online_features, open_store
+
+    settings = run["settings"]
+    host, port, db, password = settings.redis_parts()
+    reader = RedisOnlineReader(redis.Redis(host=host, port=port, db=db, password=password))
+    ids = list(range(1000, 1000 + ROWS // 5)) + [5, 10**12]
+    ours = reader.read(ids)
+    theirs = online_features(open_store(settings), ids)
+    for i, entity in enumerate(ids):
+        expected = [theirs[n][i] for n in schema.FEATURE_NAMES]
+        if expected[0] is None:
+            assert ours[i] is None, entity
+        else:
+            assert ours[i] == expected, entity  # bit for bit
+    assert ours[-1] is None and ours[-2] is None
+    assert sum(r is not None for r in ours) == ROWS // 5
