@@ -5,6 +5,7 @@
     nox -s faults          only the fault tests: kill -9 in every stage, Redis stopped under load, ...
     nox -s e2e_compose     build the image, run the compose twin end to end, check it, tear it down
     nox -s compose_up      build and start the compose twin, leave it running (compose_down ends it)
+    nox -s bench           benchmarks beside Redis, Feast's SDK and `mlflow models serve` (-- --smoke: quick)
     nox -s helm_check      the chart offline: render, kubernetes-validate --strict, checkov
     nox -s lint            hadolint, compose-lint, checkov: no finding left unexplained
     nox -s deploy_minikube the chart on minikube: start, build, load, install, wait, /predict
@@ -129,6 +130,18 @@ def compose_down(session: nox.Session) -> None:
     """Stop the compose twin and delete its volume."""
     session.run("docker", "compose", "--profile", "debug", "down", "--volumes", "--remove-orphans",
                 external=True)
+
+
+@nox.session(python=PYTHON)
+def bench(session: nox.Session) -> None:
+    """Benchmarks side by side in one run: table, JSON and plots in benchmarks/results (Docker for Redis)."""
+    docker_preflight(session)
+    env = {}
+    if os.environ.get("MLOPS_OFFLINE_IMAGES") == "1":
+        session.run("bash", "scripts/build_offline_images.sh", external=True)
+        env["MLOPS_REDIS_IMAGE"] = os.environ.get("MLOPS_REDIS_IMAGE", OFFLINE["MLOPS_REDIS_IMAGE"])
+    install(session, "test")
+    session.run("python", "benchmarks/bench.py", *session.posargs, env=env)
 
 
 @nox.session(python=PYTHON)

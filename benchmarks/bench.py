@@ -306,6 +306,7 @@ def plots(results: dict, out: Path) -> None:
             left=[serving[n]["p50_ms"] for n in names], alpha=0.5, label="p99")
     a1.set(xlabel="ms (single client)", title="Latency, one entity")
     a1.set_xscale("log")
+    a1.set_xlim(left=0.02)  # bars start at 0, which a log axis cannot show
     a1.legend()
     http_names = [n for n in names if "req_per_s" in serving[n]]
     a2.barh(http_names, [serving[n]["req_per_s"] for n in http_names])
