@@ -89,12 +89,17 @@ def docker_preflight(session: nox.Session) -> None:
                       "binary to ~/.docker/cli-plugins/)")
 
 
+def offline_images(session: nox.Session) -> dict[str, str]:
+    """With MLOPS_OFFLINE_IMAGES=1: build the stand-in images, return their names."""
+    if os.environ.get("MLOPS_OFFLINE_IMAGES") != "1":
+        return {}
+    session.run("bash", "scripts/build_offline_images.sh", external=True)
+    return {k: os.environ.get(k, v) for k, v in OFFLINE.items()}
+
+
 def compose_env(session: nox.Session) -> dict[str, str]:
     """Environment for docker compose: image names, the password file, the git commit."""
-    env = {}
-    if os.environ.get("MLOPS_OFFLINE_IMAGES") == "1":
-        session.run("bash", "scripts/build_offline_images.sh", external=True)
-        env.update({k: os.environ.get(k, v) for k, v in OFFLINE.items()})
+    env = offline_images(session)
     if not SECRET.exists():
         SECRET.parent.mkdir(mode=0o700, exist_ok=True)
         SECRET.write_text(secrets.token_hex(24) + "\n")
@@ -136,10 +141,7 @@ def compose_down(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """Benchmarks side by side in one run: table, JSON and plots in benchmarks/results (Docker for Redis)."""
     docker_preflight(session)
-    env = {}
-    if os.environ.get("MLOPS_OFFLINE_IMAGES") == "1":
-        session.run("bash", "scripts/build_offline_images.sh", external=True)
-        env["MLOPS_REDIS_IMAGE"] = os.environ.get("MLOPS_REDIS_IMAGE", OFFLINE["MLOPS_REDIS_IMAGE"])
+    env = offline_images(session)
     install(session, "test")
     session.run("python", "benchmarks/bench.py", *session.posargs, env=env)
 
