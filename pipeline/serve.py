@@ -133,12 +133,14 @@ class ModelWatcher:
         self._refresh_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._client = None  # the registry client, made once it can be (reused by every poll)
 
     def _alias_target(self) -> int | None:
         from pipeline.registry import alias_version, open_client
 
-        client = open_client(self.settings.tracking_uri)
-        mv = alias_version(client, self.settings.model_name, self.settings.model_alias)
+        if self._client is None:
+            self._client = open_client(self.settings.tracking_uri)
+        mv = alias_version(self._client, self.settings.model_name, self.settings.model_alias)
         return int(mv.version) if mv else None
 
     def refresh(self) -> bool:
