@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -28,23 +29,43 @@ def raw_row(**changes) -> dict:
     ({schema.JOIN_KEY: "abc"}, f"{schema.JOIN_KEY}: not a non-negative integer"),
     ({schema.TIMESTAMP: "yesterday"}, f"{schema.TIMESTAMP}: not an ISO 8601 timestamp"),
     ({schema.TARGET: ""}, f"{schema.TARGET}: missing"),
+    ({"age": "nan"}, "age: not a number"),
+    ({"monthly_spend": "1e400"}, "monthly_spend: not finite"),
+    ({schema.JOIN_KEY: "-5"}, f"{schema.JOIN_KEY}: not a non-negative integer"),
+    # the right shape but not a value: found by Arrow's cast, not by the shape screen
+    ({schema.JOIN_KEY: "9223372036854775808"}, f"{schema.JOIN_KEY}: not a non-negative integer"),
+    ({schema.TIMESTAMP: "2026-13-02T03:04:05Z"}, f"{schema.TIMESTAMP}: not an ISO 8601 timestamp"),
+    # the first failing column, in schema order, names the row
+    ({"age": "", "satisfaction": "9"}, "age: missing"),
 ])
 def test_bad_rows_are_rejected_with_a_reason(changes, reason):
-    good, rejected = validate_chunk(pd.DataFrame([raw_row(), raw_row(**changes)]))
-    assert len(good) == 1
-    assert rejected["reason"].tolist() == [reason]
+    good, rejected = validate_chunk(pa.Table.from_pylist([raw_row(), raw_row(**changes)]))
+    assert good.num_rows == 1
+    assert rejected.column("reason").to_pylist() == [reason]
     # the rejected row keeps its original text, so nothing is lost
     for key, value in changes.items():
-        assert rejected[key].iloc[0] == value
+        assert rejected.column(key)[0].as_py() == value
 
 
 def test_good_rows_are_typed():
-    good, rejected = validate_chunk(pd.DataFrame([raw_row()]))
-    assert rejected.empty
-    assert good[schema.JOIN_KEY].dtype == "int64"
-    assert str(good[schema.TIMESTAMP].dt.tz) == "UTC"
-    assert good["monthly_spend"].iloc[0] == 99.5
-    assert good[schema.TIMESTAMP].iloc[0] == pd.Timestamp("2026-01-02T03:04:05Z")
+    good, rejected = validate_chunk(pa.Table.from_pylist([raw_row()]))
+    assert rejected.num_rows == 0
+    frame = good.to_pandas()
+    assert frame[schema.JOIN_KEY].dtype == "int64"
+    assert str(frame[schema.TIMESTAMP].dt.tz) == "UTC"
+    assert frame["monthly_spend"].iloc[0] == 99.5
+    assert frame[schema.TIMESTAMP].iloc[0] == pd.Timestamp("2026-01-02T03:04:05Z")
+
+
+def test_spellings_of_the_same_values_give_the_same_typed_row():
+    spellings = [raw_row(age=" 40 ", monthly_spend="+9.95e1"),
+                 raw_row(**{schema.TIMESTAMP: "2026-01-02 04:04:05+01:00"}),
+                 raw_row(**{schema.TIMESTAMP: "2026-01-02T03:04:05"}),  # no offset: taken as UTC
+                 raw_row(**{schema.JOIN_KEY: "0001001"})]
+    good, rejected = validate_chunk(pa.Table.from_pylist([raw_row(), *spellings]))
+    assert rejected.num_rows == 0
+    rows = good.to_pylist()
+    assert all(row == rows[0] for row in rows[1:])
 
 
 def test_header_mismatch_names_the_columns_and_the_fix():
@@ -63,18 +84,22 @@ def _write_parts(folder: Path, rows: int) -> list[Path]:
     return [part], sum(injected.values())
 
 
-def test_transform_streams_to_the_same_result_whatever_the_chunk_size(tmp_path):
+def test_transform_streams_to_the_same_result_whatever_the_block_size(tmp_path):
     parts, injected = _write_parts(tmp_path, 5000)
     outputs = {}
-    for chunk_rows in (333, 5000):
-        out = tmp_path / str(chunk_rows)
+    for block_bytes in (40_000, 8 << 20):
+        out = tmp_path / str(block_bytes)
         out.mkdir()
-        stats = transform(parts, out / "f.parquet", out / "l.parquet", out / "r.csv", chunk_rows=chunk_rows)
+        stats = transform(parts, out / "f.parquet", out / "l.parquet", out / "r.csv", block_bytes=block_bytes)
         assert stats["rows_in"] == 5000
         assert stats["rows_quarantined"] == injected
         assert stats["rows_out"] == 5000 - injected
-        outputs[chunk_rows] = (pq.read_table(out / "f.parquet").to_pandas(),
-                               pd.read_csv(out / "r.csv"))
-    pd.testing.assert_frame_equal(outputs[333][0], outputs[5000][0])
-    pd.testing.assert_frame_equal(outputs[333][1], outputs[5000][1])
-    assert len(outputs[333][1]) == injected
+        # small blocks really stream: one Parquet row group per block
+        groups = pq.ParquetFile(out / "f.parquet").num_row_groups
+        assert groups > 1 if block_bytes < 1e6 else groups == 1
+        outputs[block_bytes] = (pq.read_table(out / "f.parquet").to_pandas(),
+                                pd.read_csv(out / "r.csv"))
+    small, large = outputs.values()
+    pd.testing.assert_frame_equal(small[0], large[0])
+    pd.testing.assert_frame_equal(small[1], large[1])
+    assert len(small[1]) == injected

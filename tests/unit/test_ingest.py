@@ -1,5 +1,6 @@
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 
 from pipeline import schema
@@ -41,9 +42,10 @@ def test_chunks_continue_each_other():
 def test_injected_bad_rows_are_exactly_the_quarantined_ones():
     frame, injected = generate_chunk(20_000, seed=11, index=0, bad_fraction=0.01)
     assert sum(injected.values()) > 100 and all(injected.values())
-    good, rejected = validate_chunk(frame.astype(str).replace({"nan": ""}))
-    assert len(rejected) == sum(injected.values())
-    assert len(good) + len(rejected) == len(frame)
+    text = frame.astype(str).replace({"nan": ""})
+    good, rejected = validate_chunk(pa.Table.from_pandas(text, preserve_index=False))
+    assert rejected.num_rows == sum(injected.values())
+    assert good.num_rows + rejected.num_rows == len(frame)
 
 
 def test_truth_is_recoverable_from_clean_rows():
