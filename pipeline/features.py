@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -103,17 +104,28 @@ def _only_bytes(text: pa.Array, allowed: tuple[int, int]) -> np.ndarray:
     return ok
 
 
+def _float_or_nan(text: str) -> float:
+    try:
+        return float(text) if "_" not in text else np.nan  # Python would take "1_000"
+    except ValueError:
+        return np.nan
+
+
 def _parse(text: pa.Array, allowed: tuple[int, int], to: pa.DataType) -> tuple[np.ndarray, np.ndarray]:
-    """Values of ``text`` cast to ``to``, and where they parsed, as numpy arrays."""
+    """Values of ``text`` cast to ``to``, and where they parsed, as numpy arrays.
+
+    Plain values (only bytes in ``allowed``) are cast by Arrow in one go. For
+    entity keys anything else is not a key; for numbers the few others (a
+    sign, an exponent, "inf", "n/a") are parsed one by one.
+    """
     plain = _only_bytes(text, allowed)
     odd = np.flatnonzero(~plain)
     main = _cast_or_null(text if not len(odd) else pc.if_else(pa.array(plain), text, "0"), to)
     values = main.fill_null(0).to_numpy(zero_copy_only=False, writable=True)
     parsed = plain.copy()
-    if len(odd):
-        others = _cast_or_null(text.take(odd), to)
-        parsed[odd] = others.is_valid().to_numpy(zero_copy_only=False)
-        values[odd[parsed[odd]]] = others.drop_null().to_numpy(zero_copy_only=False)
+    if len(odd) and pa.types.is_floating(to):
+        values[odd] = [_float_or_nan(value) for value in text.take(odd).to_pylist()]
+        parsed[odd] = ~np.isnan(values[odd])
     if main.null_count:  # plain-looking values Arrow would not take ("1-2", an int64 overflow)
         parsed &= main.is_valid().to_numpy(zero_copy_only=False)
     return values, parsed
@@ -133,22 +145,39 @@ def _timestamps(text: pa.Array) -> pa.Array:
     return pc.if_else(mask, with_zone, pc.cast(naive, UTC_US))
 
 
-class _Reasons:
-    """The first failing check of each row, in check order, as a small int code."""
+Checks = list[tuple[np.ndarray, str]]
+_NUMERIC = {f.name: f for f in (*schema.FEATURES, schema.Feature(schema.TARGET, -np.inf, np.inf))}
 
-    def __init__(self, rows: int) -> None:
-        self.code = np.zeros(rows, dtype=np.int16)
-        self.names: list[str] = []
 
-    def flag(self, mask: pa.Array | np.ndarray, why: str) -> None:
-        self.names.append(why)
-        if isinstance(mask, (pa.Array, pa.ChunkedArray)):
-            mask = pc.fill_null(mask, True).to_numpy(zero_copy_only=False)
-        self.code[(self.code == 0) & mask] = len(self.names)
+def _empty(text: pa.Array) -> np.ndarray:
+    return pc.equal(text, "").to_numpy(zero_copy_only=False)
 
-    def reasons(self, bad: np.ndarray) -> pa.Array:
-        names = np.array(self.names, dtype=object)
-        return pa.array(names[self.code[bad] - 1], type=pa.string())
+
+def _check_column(raw: pa.Table, name: str) -> tuple[pa.Array, Checks]:
+    """One column typed, and its checks in order: (rows failing, reason)."""
+    text = pc.ascii_trim_whitespace(pc.cast(raw.column(name).combine_chunks(), pa.string()))
+    if name == schema.JOIN_KEY:
+        keys, parsed = _parse(text, DIGIT_BYTES, pa.int64())
+        return pa.array(keys, type=pa.int64()), [
+            (_empty(text), f"{name}: missing"),
+            (~parsed | (keys < 0), f"{name}: not a non-negative integer")]
+    if name == schema.TIMESTAMP:
+        stamps = _timestamps(text)
+        return stamps, [(_empty(text), f"{name}: missing"),
+                        (stamps.is_null().to_numpy(zero_copy_only=False),
+                         f"{name}: not an ISO 8601 timestamp")]
+    feature = _NUMERIC[name]
+    numbers, parsed = _parse(text, NUMBER_BYTES, pa.float64())
+    numbers[~parsed] = np.nan
+    with np.errstate(invalid="ignore"):
+        checks = [(_empty(text), f"{name}: missing"),
+                  (np.isnan(numbers), f"{name}: not a number"),
+                  (~np.isfinite(numbers), f"{name}: not finite")]
+        if feature.integer:
+            checks.append((numbers != np.floor(numbers), f"{name}: not an integer"))
+        checks.append(((numbers < feature.low) | (numbers > feature.high),
+                       f"{name}: out of range [{feature.low:g}, {feature.high:g}]"))
+    return pa.array(numbers, type=pa.float64()), checks
 
 
 def validate_chunk(raw: pa.Table) -> tuple[pa.Table, pa.Table]:
@@ -161,44 +190,19 @@ def validate_chunk(raw: pa.Table) -> tuple[pa.Table, pa.Table]:
     ``event_timestamp`` UTC, the rest float64); rejected rows keep their
     original text and gain a ``reason`` naming the first failing column.
     """
-    reasons = _Reasons(raw.num_rows)
-    typed: dict[str, pa.Array] = {}
-
-    def text_of(name: str) -> pa.Array:
-        column = raw.column(name).combine_chunks()
-        return pc.ascii_trim_whitespace(pc.cast(column, pa.string()))
-
-    key_text = text_of(schema.JOIN_KEY)
-    keys, parsed = _parse(key_text, DIGIT_BYTES, pa.int64())
-    reasons.flag(pc.equal(key_text, ""), f"{schema.JOIN_KEY}: missing")
-    reasons.flag(~parsed | (keys < 0), f"{schema.JOIN_KEY}: not a non-negative integer")
-    typed[schema.JOIN_KEY] = pa.array(keys, type=pa.int64())
-
-    stamp_text = text_of(schema.TIMESTAMP)
-    stamps = _timestamps(stamp_text)
-    reasons.flag(pc.equal(stamp_text, ""), f"{schema.TIMESTAMP}: missing")
-    reasons.flag(pc.is_null(stamps), f"{schema.TIMESTAMP}: not an ISO 8601 timestamp")
-    typed[schema.TIMESTAMP] = stamps
-
-    for feature in (*schema.FEATURES, schema.Feature(schema.TARGET, -np.inf, np.inf)):
-        text = text_of(feature.name)
-        numbers, parsed = _parse(text, NUMBER_BYTES, pa.float64())
-        numbers[~parsed] = np.nan
-        reasons.flag(pc.equal(text, ""), f"{feature.name}: missing")
-        with np.errstate(invalid="ignore"):
-            reasons.flag(np.isnan(numbers), f"{feature.name}: not a number")
-            reasons.flag(~np.isfinite(numbers), f"{feature.name}: not finite")
-            if feature.integer:
-                reasons.flag(numbers != np.floor(numbers), f"{feature.name}: not an integer")
-            reasons.flag((numbers < feature.low) | (numbers > feature.high),
-                         f"{feature.name}: out of range [{feature.low:g}, {feature.high:g}]")
-        typed[feature.name] = pa.array(numbers, type=pa.float64())
-
-    bad = reasons.code != 0
-    good = pa.table(typed).filter(pa.array(~bad))
+    columns = [_check_column(raw, name) for name in schema.RAW_COLUMNS]
+    # The first failing check of each row, in schema then check order, as an int code.
+    code = np.zeros(raw.num_rows, dtype=np.int16)
+    reasons: list[str] = []
+    for _, checks in columns:
+        for failing, why in checks:
+            reasons.append(why)
+            code[(code == 0) & failing] = len(reasons)
+    bad = code != 0
+    good = pa.table(dict(zip(schema.RAW_COLUMNS, (typed for typed, _ in columns)))).filter(pa.array(~bad))
     rejected = raw.select(list(schema.RAW_COLUMNS)).filter(pa.array(bad))
-    rejected = rejected.append_column("reason", reasons.reasons(bad))
-    return good, rejected
+    why = np.array(reasons, dtype=object)[code[bad] - 1]
+    return good, rejected.append_column("reason", pa.array(why, type=pa.string()))
 
 
 def _tables(good: pa.Table) -> tuple[pa.Table, pa.Table]:
@@ -216,6 +220,15 @@ def _text_reader(part: Path, block_bytes: int) -> pa_csv.CSVStreamingReader:
             column_types=dict.fromkeys(schema.RAW_COLUMNS, pa.string()),
             strings_can_be_null=False, quoted_strings_can_be_null=False),
     )
+
+
+def _blocks(parts: list[Path], block_bytes: int) -> Iterator[tuple[Path, pa.RecordBatch]]:
+    """Record batches of every part, in order, each part's header checked first."""
+    for part in parts:
+        reader = _text_reader(part, block_bytes)
+        check_header(reader.schema.names, part.name)
+        for batch in reader:
+            yield part, batch
 
 
 def transform(parts: list[Path], features_out: Path, labels_out: Path, rejected_out: Path,
@@ -239,30 +252,27 @@ def transform(parts: list[Path], features_out: Path, labels_out: Path, rejected_
             pq.ParquetWriter(labels_out, LABELS_SCHEMA, **parquet) as lwriter, \
             pa_csv.CSVWriter(rejected_out, rejected_schema,
                              write_options=pa_csv.WriteOptions(quoting_style="needed")) as rwriter:
-        for part in parts:
-            reader = _text_reader(part, block_bytes)
-            check_header(reader.schema.names, part.name)
-            for batch in reader:
-                good, rejected = validate_chunk(pa.Table.from_batches([batch]))
-                total += batch.num_rows
-                if good.num_rows:
-                    features, labels = _tables(good)
-                    fwriter.write_table(features)
-                    lwriter.write_table(labels)
-                    good_rows += good.num_rows
-                    span = pc.min_max(good.column(schema.TIMESTAMP))
-                    lo, hi = span["min"].as_py(), span["max"].as_py()
-                    t_min = lo if t_min is None else min(t_min, lo)
-                    t_max = hi if t_max is None else max(t_max, hi)
-                if rejected.num_rows:
-                    source = pa.array([part.name] * rejected.num_rows, type=pa.string())
-                    rwriter.write_table(rejected.add_column(0, "source", source).cast(rejected_schema))
-                    rejected_rows += rejected.num_rows
-                    for why in rejected.column("reason").to_pylist():
-                        column = why.split(":", 1)[0]
-                        reasons[column] = reasons.get(column, 0) + 1
-                log.info("features: %d rows read, %d quarantined (%.0f rows/s)", total,
-                         rejected_rows, total / max(time.monotonic() - started, 1e-9))
+        for part, batch in _blocks(parts, block_bytes):
+            good, rejected = validate_chunk(pa.Table.from_batches([batch]))
+            total += batch.num_rows
+            if good.num_rows:
+                features, labels = _tables(good)
+                fwriter.write_table(features)
+                lwriter.write_table(labels)
+                good_rows += good.num_rows
+                span = pc.min_max(good.column(schema.TIMESTAMP))
+                lo, hi = span["min"].as_py(), span["max"].as_py()
+                t_min = lo if t_min is None else min(t_min, lo)
+                t_max = hi if t_max is None else max(t_max, hi)
+            if rejected.num_rows:
+                source = pa.array([part.name] * rejected.num_rows, type=pa.string())
+                rwriter.write_table(rejected.add_column(0, "source", source).cast(rejected_schema))
+                rejected_rows += rejected.num_rows
+                for why in rejected.column("reason").to_pylist():
+                    column = why.split(":", 1)[0]
+                    reasons[column] = reasons.get(column, 0) + 1
+            log.info("features: %d rows read, %d quarantined (%.0f rows/s)", total,
+                     rejected_rows, total / max(time.monotonic() - started, 1e-9))
     return {
         "rows_in": total, "rows_out": good_rows, "rows_quarantined": rejected_rows,
         "quarantined_by_column": reasons,
