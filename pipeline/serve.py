@@ -203,15 +203,9 @@ class OnlineFeatures:
         self.store = None
         self._redis = None
         if settings.redis_url:
-            import redis
+            from pipeline.redis_layout import RedisOnlineReader, connect
 
-            from pipeline.featurestore import RedisOnlineReader
-
-            host, port, db, password = settings.redis_parts()
-            self._redis = redis.Redis(host=host, port=port, db=db, password=password,
-                                      socket_timeout=settings.online_timeout_seconds,
-                                      socket_connect_timeout=settings.online_timeout_seconds,
-                                      retry=None)
+            self._redis = connect(settings, settings.online_timeout_seconds)
             self._reader = RedisOnlineReader(self._redis)
         else:
             from pipeline.featurestore import open_store

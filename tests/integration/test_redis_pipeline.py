@@ -54,7 +54,7 @@ def test_run_prints_the_summary(run):
     assert f"rows generated    {ROWS}" in out
     assert "rows quarantined" in out and "DVC hash (raw)" in out
     assert "alias 'production' -> version 1" in out
-    assert "materialized into redis" in out
+    assert "entities into redis in Feast's layout" in out
 
 
 def test_predict_over_a_socket_equals_parquet_features_times_coefficients(run, server):
@@ -151,7 +151,8 @@ def test_the_fast_redis_reader_reads_exactly_what_feast_sdk_reads(run):
     as Feast's own get_online_features, for every entity, unknown ones included."""
     import redis
 
-    from pipeline.featurestore import RedisOnlineReader, online_features, open_store
+    from pipeline.featurestore import online_features, open_store
+    from pipeline.redis_layout import RedisOnlineReader
 
     settings = run["settings"]
     host, port, db, password = settings.redis_parts()

@@ -1,0 +1,209 @@
+"""Feast's Redis online-store layout, read and written without the SDK's per-row work.
+
+Feast (``entity_key_serialization_version: 3``) keeps one Redis hash per
+entity. Its key is ``serialize_entity_key(EntityKey) + project``; each feature
+is a field named ``murmur3("<view>:<feature>")`` (4 bytes) holding a
+``ValueProto``; the field ``_ts:<view>`` holds the event time as a protobuf
+``Timestamp``. :class:`FeastRedisLayout` learns the byte layout from Feast's
+own helpers when it is made and checks it against them, so a Feast release
+that changes the layout fails loudly here instead of writing keys Feast
+cannot read.
+
+:class:`RedisOnlineReader` is what ``/predict`` uses: one HMGET per entity.
+:func:`load_latest` is what the feast stage uses instead of ``feast
+materialize`` on Redis: the latest row per entity from the features Parquet
+file, written in pipelined batches. Tests hold both to Feast: the reader to
+``get_online_features``, the loader to the bytes ``feast materialize`` writes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline import schema
+from pipeline.settings import FEAST_PROJECT, Settings
+
+log = logging.getLogger(__name__)
+
+KEY_SERIALIZATION_VERSION = 3
+# Rows read from Parquet and entities sent to Redis per pipelined round trip.
+LOAD_BATCH_ROWS = 20_000
+
+
+def connect(settings: Settings, timeout_seconds: float):
+    """A redis-py client for the online store: bounded socket timeouts, no retries,
+    so an unreachable Redis is an error within ``timeout_seconds``."""
+    import redis
+
+    host, port, db, password = settings.redis_parts()
+    return redis.Redis(host=host, port=port, db=db, password=password, socket_timeout=timeout_seconds,
+                       socket_connect_timeout=timeout_seconds, retry=None)
+
+
+class LayoutChanged(RuntimeError):
+    """Feast's helpers no longer produce the layout this module writes."""
+
+
+class FeastRedisLayout:
+    """Keys, field names and value bytes of one feature view, as Feast writes them."""
+
+    def __init__(self, project: str = FEAST_PROJECT, view: str = schema.FEATURE_VIEW,
+                 features: tuple[str, ...] = schema.FEATURE_NAMES) -> None:
+        from feast.infra.online_stores.helpers import _mmh3, _redis_key
+        from feast.protos.feast.types.EntityKey_pb2 import EntityKey
+        from feast.protos.feast.types.Value_pb2 import Value
+        from google.protobuf.timestamp_pb2 import Timestamp
+
+        self._redis_key, self._entity_key, self.value_proto, self._timestamp = (
+            _redis_key, EntityKey, Value, Timestamp)
+        self.project = project
+        self.fields = [_mmh3(f"{view}:{name}") for name in features]
+        self.ts_field = f"_ts:{view}".encode()
+        # An int64 entity key is a fixed head, the id as 8 little-endian bytes,
+        # then the project name; a double value is a tag byte and 8 such bytes.
+        probe = self.feast_key(0)
+        tail = len(project.encode())
+        self._head, self._tail = probe[:-8 - tail], probe[-tail:]
+        self._double_tag = Value(double_val=0.0).SerializeToString()[:1]
+        self._check()
+
+    def feast_key(self, entity_id: int) -> bytes:
+        """The entity's Redis key, by Feast's own ``_redis_key`` (slow, exact)."""
+        entity = self._entity_key(join_keys=[schema.JOIN_KEY],
+                                  entity_values=[self.value_proto(int64_val=int(entity_id))])
+        return self._redis_key(self.project, entity, entity_key_serialization_version=KEY_SERIALIZATION_VERSION)
+
+    def keys(self, entity_ids: np.ndarray) -> list[bytes]:
+        """Redis keys of many entities at once, byte for byte what Feast builds."""
+        packed = np.ascontiguousarray(entity_ids, dtype="<i8").tobytes()
+        head, tail = self._head, self._tail
+        return [head + packed[i:i + 8] + tail for i in range(0, len(packed), 8)]
+
+    def doubles(self, values: np.ndarray) -> list[bytes]:
+        """``ValueProto(double_val=v).SerializeToString()`` for each value."""
+        rows = np.empty(len(values), dtype=[("tag", "u1"), ("value", "<f8")])
+        rows["tag"], rows["value"] = self._double_tag[0], values
+        packed = rows.tobytes()
+        return [packed[i:i + 9] for i in range(0, len(packed), 9)]
+
+    def timestamp(self, micros: int) -> bytes:
+        """The ``_ts`` field value: a protobuf Timestamp of the event time."""
+        seconds, rest = divmod(int(micros), 1_000_000)
+        return self._timestamp(seconds=seconds, nanos=rest * 1000).SerializeToString()
+
+    def _check(self) -> None:
+        ids = np.array([0, 1, 1001, -7, 2**40 + 3, schema.ENTITY_ID_MAX], dtype=np.int64)
+        values = np.array([0.0, -0.0, 1.5, -1e300, float("inf"), float("nan")])
+        same_keys = self.keys(ids) == [self.feast_key(i) for i in ids]
+        same_values = self.doubles(values) == [self.value_proto(double_val=float(v)).SerializeToString()
+                                               for v in values]
+        if not (same_keys and same_values):
+            raise LayoutChanged(
+                "Feast's Redis key or value encoding is not the one pipeline/redis_layout.py writes "
+                f"(keys match: {same_keys}, values match: {same_values}); pin the Feast version in "
+                "constraints.txt or update FeastRedisLayout")
+
+
+class RedisOnlineReader:
+    """The feature view read straight from Redis, in Feast's own layout.
+
+    One HMGET per entity (pipelined for a batch), without the SDK's per-call
+    registry and response work: the floor of a lookup. A test holds it equal
+    to ``get_online_features``.
+    """
+
+    def __init__(self, client, project: str = FEAST_PROJECT) -> None:
+        self.client = client
+        self.layout = FeastRedisLayout(project)
+        self._fields = self.layout.fields
+        self._parse = self.layout.value_proto.FromString
+
+    def key(self, entity_id: int) -> bytes:
+        return self.layout.keys(np.array([entity_id], dtype=np.int64))[0]
+
+    def read(self, entity_ids: list[int]) -> list[list[float] | None]:
+        """Feature values per entity, in schema order; None for an unknown entity."""
+        if len(entity_ids) == 1:
+            rows = [self.client.hmget(self.key(entity_ids[0]), self._fields)]
+        else:
+            pipe = self.client.pipeline(transaction=False)
+            for key in self.layout.keys(np.array(entity_ids, dtype=np.int64)):
+                pipe.hmget(key, self._fields)
+            rows = pipe.execute()
+        parse = self._parse
+        return [None if any(v is None for v in raw) else [parse(v).double_val for v in raw] for raw in rows]
+
+
+def latest_rows(features_path: Path) -> np.ndarray:
+    """A mask over the file's rows: the latest event per entity (on a tie, the later row).
+
+    Reads only the key and time columns (16 bytes a row), so the memory it
+    needs is a small fraction of the file.
+    """
+    table = pq.read_table(features_path, columns=[schema.JOIN_KEY, schema.TIMESTAMP])
+    order = pc.sort_indices(table, sort_keys=[(schema.JOIN_KEY, "ascending"),
+                                              (schema.TIMESTAMP, "ascending")]).to_numpy()
+    keys = table.column(schema.JOIN_KEY).to_numpy()[order]
+    del table
+    last = np.ones(len(order), dtype=bool)
+    last[:-1] = keys[1:] != keys[:-1]  # stable sort: the last of each run is the latest
+    mask = np.zeros(len(order), dtype=bool)
+    mask[order[last]] = True
+    return mask
+
+
+def load_latest(client, features_path: Path, project: str = FEAST_PROJECT,
+                progress: Callable[[int, int], None] | None = None) -> int:
+    """Write the latest features of every entity into Redis in Feast's layout.
+
+    What ``feast materialize`` writes for a window holding every row, as fast
+    as a pipelined HSET per entity allows. Overwrites, so a re-run after an
+    interruption finishes the job. Returns the number of entities written.
+    """
+    layout = FeastRedisLayout(project)
+    wanted = latest_rows(features_path)
+    total, written, offset = int(wanted.sum()), 0, 0
+    columns = [schema.JOIN_KEY, schema.TIMESTAMP, *schema.FEATURE_NAMES]
+    fields = [layout.ts_field, *layout.fields]
+    parquet = pq.ParquetFile(features_path)
+    for batch in parquet.iter_batches(batch_size=LOAD_BATCH_ROWS, columns=columns):
+        take = wanted[offset:offset + batch.num_rows]
+        offset += batch.num_rows
+        if not take.any():
+            continue
+        batch = batch.filter(pa.array(take))
+        keys = layout.keys(batch.column(schema.JOIN_KEY).to_numpy())
+        micros = batch.column(schema.TIMESTAMP).cast(pa.int64()).to_numpy()
+        values = [layout.doubles(batch.column(name).to_numpy()) for name in schema.FEATURE_NAMES]
+        pipe = client.pipeline(transaction=False)
+        for i, key in enumerate(keys):
+            row = [layout.timestamp(micros[i]), *(column[i] for column in values)]
+            pipe.execute_command("HSET", key, *[item for pair in zip(fields, row) for item in pair])
+        pipe.execute()
+        written += len(keys)
+        if progress:
+            progress(written, total)
+    return written
+
+
+def log_progress(every_seconds: float = 2.0) -> Callable[[int, int], None]:
+    """A progress callback that logs at most every ``every_seconds``, and at the end."""
+    started = last = time.monotonic()
+
+    def report(done: int, total: int) -> None:
+        nonlocal last
+        now = time.monotonic()
+        if done == total or now - last >= every_seconds:
+            last = now
+            log.info("feast: %d/%d entities written to Redis (%.0f/s)", done, total,
+                     done / max(now - started, 1e-9))
+    return report
+

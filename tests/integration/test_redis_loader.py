@@ -1,0 +1,106 @@
+"""The feast stage loads Redis with its own writer (pipeline/redis_layout.py)
+instead of ``feast materialize``: these tests hold it to Feast, byte for byte
+against what ``feast materialize`` writes and value for value through Feast's
+own ``get_online_features``, on a real Redis."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import redis
+
+from pipeline import schema
+from pipeline.featurestore import definitions, online_features, open_store
+from pipeline.redis_layout import FeastRedisLayout, LayoutChanged, connect, latest_rows, load_latest
+from tests.conftest import clean_env, make_settings, pipeline_cli
+
+pytestmark = [pytest.mark.integration, pytest.mark.docker]
+
+ROWS, SEED = 3000, 5
+
+
+def db_url(url: str, db: int) -> str:
+    return url.rsplit("/", 1)[0] + f"/{db}"
+
+
+@pytest.fixture(scope="module")
+def features(tmp_path_factory) -> dict:
+    """Features Parquet from the real stages, rows shuffled so that file order
+    is not time order (each entity has several events)."""
+    shared = tmp_path_factory.mktemp("shared-loader")
+    env = clean_env(MLOPS_SHARED_DIR=str(shared), MLOPS_ROWS=str(ROWS), MLOPS_SEED=str(SEED))
+    for stage in ("ingest", "features"):
+        pipeline_cli([stage, "-q"], env)
+    settings = make_settings(shared, rows=ROWS, seed=SEED)
+    frame = pd.read_parquet(settings.features_path)
+    shuffled = frame.sample(frac=1.0, random_state=3).reset_index(drop=True)
+    path = shared / "shuffled.parquet"
+    shuffled.to_parquet(path, index=False)
+    return {"shared": shared, "path": path, "frame": shuffled}
+
+
+def store_on(shared, url: str, path):
+    settings = make_settings(shared, redis_url=url)
+    store = open_store(settings)
+    store.apply(definitions(path))
+    return settings, store
+
+
+def dump(client: redis.Redis) -> dict[bytes, dict[bytes, bytes]]:
+    return {key: client.hgetall(key) for key in client.scan_iter(count=1000)}
+
+
+def test_the_loader_writes_the_bytes_feast_materialize_writes(features, redis_url):
+    materialized_url, loaded_url = db_url(redis_url, 3), db_url(redis_url, 4)
+    settings, store = store_on(features["shared"] / "m", materialized_url, features["path"])
+    frame = features["frame"]
+    start = frame[schema.TIMESTAMP].min().to_pydatetime()
+    end = (frame[schema.TIMESTAMP].max() + timedelta(seconds=1)).to_pydatetime()
+    store.materialize(start_date=start, end_date=end, feature_views=[schema.FEATURE_VIEW])
+    written = load_latest(connect(make_settings(features["shared"], redis_url=loaded_url), 10),
+                          features["path"])
+
+    theirs = dump(connect(settings, 10))
+    ours = dump(connect(make_settings(features["shared"], redis_url=loaded_url), 10))
+    assert written == frame[schema.JOIN_KEY].nunique() == len(theirs)
+    assert ours == theirs  # every key, every field (the _ts field included), every byte
+
+
+def test_feast_sdk_reads_back_the_latest_row_of_every_entity(features, redis_url):
+    url = db_url(redis_url, 5)
+    settings, store = store_on(features["shared"] / "sdk", url, features["path"])
+    load_latest(connect(settings, 10), features["path"])
+    frame = features["frame"]
+    latest = frame.sort_values(schema.TIMESTAMP).groupby(schema.JOIN_KEY).last()
+    ids = [int(i) for i in latest.index] + [10**12]
+    values = online_features(store, ids)
+    for name in schema.FEATURE_NAMES:
+        got = np.array(values[name][:-1], dtype=float)
+        assert np.array_equal(got, latest[name].to_numpy()), name  # exactly, not approximately
+        assert values[name][-1] is None  # an entity never loaded stays unknown
+
+
+def test_latest_rows_picks_the_newest_event_and_on_a_tie_the_later_row(tmp_path):
+    t0 = pd.Timestamp("2026-01-01T00:00:00Z")
+    frame = pd.DataFrame({
+        schema.JOIN_KEY: [7, 8, 7, 8, 7],
+        schema.TIMESTAMP: [t0 + timedelta(hours=h) for h in (2, 1, 0, 1, 1)],
+        **{name: [float(i) for i in range(5)] for name in schema.FEATURE_NAMES},
+    })
+    path = tmp_path / "f.parquet"
+    frame.to_parquet(path, index=False)
+    assert latest_rows(path).tolist() == [True, False, False, True, False]
+    assert pq.read_table(path).num_rows == 5
+
+
+def test_a_changed_feast_encoding_is_refused_with_what_to_do(monkeypatch):
+    from feast.infra.online_stores import helpers
+
+    real = helpers._redis_key
+    monkeypatch.setattr(helpers, "_redis_key", lambda project, key, **kw: real(project, key, **kw) + b"!")
+    with pytest.raises(LayoutChanged, match="pin the Feast version"):
+        FeastRedisLayout()
