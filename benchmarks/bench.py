@@ -7,7 +7,8 @@
    get_online_features in-process, a minimal gunicorn WSGI app doing one HMGET
    and a dot product (the floor of any Python /predict), and `mlflow models
    serve` of the same registered model (features in the request).
-2. Loading the online store: `feast materialize` rows/s into the same Redis.
+2. Loading the online store: `feast materialize` against this project's
+   loader (Feast's layout), rows/s and peak memory, same file, same Redis.
 3. Features: rows/s and peak memory of the features stage against a bare
    pyarrow CSV-to-Parquet pass over the same data.
 4. End to end: wall time and peak memory of `python -m pipeline run` by rows.
@@ -23,7 +24,9 @@ import http.client
 import json
 import os
 import platform
+import re
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -113,6 +116,46 @@ def http_throughput(port: int, method: str, path: str, body: bytes | None, clien
     return round(sum(done) / (time.monotonic() - started), 1)
 
 
+WRK = shutil.which("wrk")
+
+
+def _duration_ms(text: str) -> float:
+    value, unit = re.fullmatch(r"([\d.]+)(us|ms|s)", text).groups()
+    return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
+
+
+def wrk_run(port: int, method: str, path: str, body: bytes | None, clients: int, seconds: float) -> dict:
+    """One wrk run (C, keep-alive): requests/s and latency percentiles.
+
+    wrk costs the machine far less per request than a Python client, so on
+    two cores the servers, not the client, set the pace. Any non-2xx answer
+    fails the run.
+    """
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
+        script.write(f"wrk.method = {json.dumps(method)}\n")
+        if body:
+            script.write(f"wrk.body = {json.dumps(body.decode())}\n"
+                         'wrk.headers["Content-Type"] = "application/json"\n')
+    try:
+        out = subprocess.run([WRK, f"-t{min(clients, 2)}", f"-c{clients}", f"-d{seconds}s", "--latency",
+                              "-s", script.name, f"http://127.0.0.1:{port}{path}"],
+                             capture_output=True, text=True, timeout=seconds + 60).stdout
+    finally:
+        os.unlink(script.name)
+    if "Non-2xx" in out or "Socket errors" in out:
+        raise RuntimeError(f"wrk saw errors against {path}:\n{out}")
+    latency = dict(re.findall(r"^\s+(50|99)%\s+(\S+)$", out, re.M))
+    return {"req_per_s": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
+            "p50_ms": _duration_ms(latency["50"]), "p99_ms": _duration_ms(latency["99"])}
+
+
+def python_run(port: int, method: str, path: str, body: bytes | None, clients: int, seconds: float) -> dict:
+    """The same measurement with a Python client, where wrk is not installed."""
+    if clients == 1:
+        return {**http_single(port, method, path, body, 200_000, seconds), "req_per_s": None}
+    return {"req_per_s": http_throughput(port, method, path, body, clients, seconds, 400_000)}
+
+
 def wait_port(port: int, path: str, proc: subprocess.Popen, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -136,12 +179,17 @@ def free_port() -> int:
 
 
 # ----------------------------------------------------------------- serving
+PREDICT = "predict (this project)"
+FLOOR = "floor app (gunicorn, HMGET + dot)"
+MLFLOW = "mlflow models serve (features in the request)"
+CLIENTS = 8
+
 FLOOR_APP = '''
 import json, os, numpy as np, redis
 from feast.infra.online_stores.helpers import _mmh3, _redis_key
 from feast.protos.feast.types.EntityKey_pb2 import EntityKey
 from feast.protos.feast.types.Value_pb2 import Value
-r = redis.Redis(host="127.0.0.1", port=int(os.environ["P"]), password=os.environ["PW"])
+r = redis.Redis(host=os.environ["H"], port=int(os.environ["P"]), password=os.environ["PW"])
 fields = [_mmh3(f"customer_features:{n}") for n in os.environ["F"].split(",")]
 coef = np.array(json.loads(os.environ["C"]))
 def app(environ, start_response):
@@ -154,7 +202,8 @@ def app(environ, start_response):
 '''
 
 
-def bench_serving(settings: Settings, redis_port: int, password: str, quick: bool, out: dict) -> None:
+def bench_serving(settings: Settings, redis_host: str, redis_port: int, password: str, quick: bool,
+                  out: dict) -> None:
     from feast.infra.online_stores.helpers import _mmh3, _redis_key
     from feast.protos.feast.types.EntityKey_pb2 import EntityKey
     from feast.protos.feast.types.Value_pb2 import Value
@@ -162,11 +211,9 @@ def bench_serving(settings: Settings, redis_port: int, password: str, quick: boo
     from pipeline.featurestore import online_features, open_store
 
     count, seconds = (300, 3) if quick else (5000, 20)
-    tput_seconds = 3 if quick else 15
-    clients = 8
     import redis
 
-    r = redis.Redis(host="127.0.0.1", port=redis_port, password=password)
+    r = redis.Redis(host=redis_host, port=redis_port, password=password)
     key = _redis_key("mlops", EntityKey(join_keys=[schema.JOIN_KEY], entity_values=[Value(int64_val=1000)]))
     fields = [_mmh3(f"{schema.FEATURE_VIEW}:{n}") for n in schema.FEATURE_NAMES]
     log("serving: raw redis-py HMGET of one entity's features (the lookup floor)")
@@ -189,7 +236,7 @@ def bench_serving(settings: Settings, redis_port: int, password: str, quick: boo
             [sys.executable, "-m", "pipeline", "serve", "--port", str(port), "--workers", "2"],
             env={**env, "MLOPS_SHARED_DIR": str(settings.shared), "MLOPS_REDIS_URL": settings.redis_url},
             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        servers["predict (this project)"] = (port, "GET", f"/predict?{schema.JOIN_KEY}=1000", None)
+        servers[PREDICT] = (port, "GET", f"/predict?{schema.JOIN_KEY}=1000", None)
         wait_port(port, "/readyz", procs[-1])
 
         floor_dir = Path(tempfile.mkdtemp(prefix="bench-floor-"))
@@ -198,10 +245,10 @@ def bench_serving(settings: Settings, redis_port: int, password: str, quick: boo
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "gunicorn", "-w", "2", "-k", "gthread", "--threads", "4", "-b",
              f"127.0.0.1:{port}", "--no-control-socket", "floor_app:app"],
-            env={**env, "P": str(redis_port), "PW": password, "F": ",".join(schema.FEATURE_NAMES),
-                 "C": json.dumps(coef), "PYTHONPATH": str(floor_dir)},
+            env={**env, "H": redis_host, "P": str(redis_port), "PW": password,
+                 "F": ",".join(schema.FEATURE_NAMES), "C": json.dumps(coef), "PYTHONPATH": str(floor_dir)},
             cwd=floor_dir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        servers["floor app (gunicorn, HMGET + dot)"] = (port, "GET", "/", None)
+        servers[FLOOR] = (port, "GET", "/", None)
         wait_port(port, "/", procs[-1])
 
         port = free_port()
@@ -213,15 +260,37 @@ def bench_serving(settings: Settings, redis_port: int, password: str, quick: boo
         features = json.loads((settings.runs_dir / "feast" / "latest.json").read_text())["outputs"]["sample_features"]
         body = json.dumps({"dataframe_split": {"columns": list(schema.FEATURE_NAMES),
                                                "data": [[features[n] for n in schema.FEATURE_NAMES]]}}).encode()
-        servers["mlflow models serve (features in the request)"] = (port, "POST", "/invocations", body)
+        servers[MLFLOW] = (port, "POST", "/invocations", body)
         wait_port(port, "/ping", procs[-1], timeout=180)
 
-        for name, (port, method, path, body) in servers.items():
-            log(f"serving: {name}: one client")
-            single = http_single(port, method, path, body, count, seconds)
-            log(f"serving: {name}: {clients} clients")
-            rps = http_throughput(port, method, path, body, clients, tput_seconds, 200_000)
-            out[name] = {**single, "req_per_s": rps}
+        # Interleaved rounds: every server is measured once per round, so a
+        # slow spell of this shared machine hits all of them alike; the
+        # ratios are taken within a round, then the median over rounds.
+        measure = wrk_run if WRK else python_run
+        rounds, window = (1, 1) if quick else (5, 3)
+        for name, (port, method, path, body) in servers.items():  # warm-up
+            measure(port, method, path, body, 8, 1)
+        runs: dict[str, dict[str, list[dict]]] = {name: {"single": [], "clients": []} for name in servers}
+        for kind, clients in (("single", 1), ("clients", CLIENTS)):
+            for i in range(rounds):
+                for name, (port, method, path, body) in servers.items():
+                    log(f"serving: {name}: {clients} client(s), round {i + 1}/{rounds}")
+                    runs[name][kind].append(measure(port, method, path, body, clients, window))
+        for name, r in runs.items():
+            out[name] = {"p50_ms": median([x["p50_ms"] for x in r["single"]]),
+                         "p99_ms": median([x["p99_ms"] for x in r["single"]]),
+                         "req_per_s": median([x["req_per_s"] for x in r["clients"]])}
+        out["ratios"] = {
+            "predict_p50_over_floor_p50": median([a["p50_ms"] / b["p50_ms"] for a, b in
+                                                  zip(runs[PREDICT]["single"], runs[FLOOR]["single"])]),
+            "predict_req_per_s_over_mlflow": median([a["req_per_s"] / b["req_per_s"] for a, b in
+                                                     zip(runs[PREDICT]["clients"], runs[MLFLOW]["clients"])]),
+            "floor_req_per_s_over_mlflow": median([a["req_per_s"] / b["req_per_s"] for a, b in
+                                                   zip(runs[FLOOR]["clients"], runs[MLFLOW]["clients"])]),
+        }
+        out["method"] = {"client": "wrk (C, keep-alive)" if WRK else "Python http.client threads",
+                         "rounds": rounds, "seconds_per_run": window, "clients": CLIENTS,
+                         "redis": f"{redis_host}:{redis_port}"}
     finally:
         for p in procs:
             p.terminate()
@@ -230,6 +299,65 @@ def bench_serving(settings: Settings, redis_port: int, password: str, quick: boo
                 p.wait(30)
             except subprocess.TimeoutExpired:
                 p.kill()
+
+
+def median(values: list[float]) -> float:
+    return round(float(statistics.median(values)), 3)
+
+
+# ----------------------------------------------------------------- loading
+LOAD_CHILD = '''
+import json, resource, sys, time
+import pyarrow.compute as pc, pyarrow.parquet as pq
+from pathlib import Path
+from pipeline import schema
+from pipeline.featurestore import definitions, open_store
+from pipeline.redis_layout import connect, load_latest
+from pipeline.settings import Settings
+how, features, shared, url = sys.argv[1:5]
+settings = Settings(shared_dir=Path(shared), redis_url=url, mlflow_tracking_uri=None)
+store = open_store(settings)
+store.apply(definitions(Path(features)))
+client = connect(settings, 60)
+client.flushdb()
+span = pc.min_max(pq.read_table(features, columns=[schema.TIMESTAMP]).column(schema.TIMESTAMP))
+started = time.monotonic()
+if how == "materialize":
+    store.materialize(start_date=span["min"].as_py(), end_date=span["max"].as_py(),
+                      feature_views=[schema.FEATURE_VIEW])
+else:
+    load_latest(client, Path(features))
+seconds = time.monotonic() - started
+print(json.dumps({"seconds": seconds, "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "keys": client.dbsize()}))
+'''
+
+
+def bench_loading(features_path: Path, rows: int, redis_url_of, work: Path, env: dict, reps: int,
+                  out: dict) -> None:
+    """`feast materialize` against this project's loader, same file, same Redis, one
+    child process per run (peak memory is the child's), alternating."""
+    runs: dict[str, list[dict]] = {"feast_materialize": [], "project_loader": []}
+    for i in range(reps):
+        for name, how, db in (("feast_materialize", "materialize", 1), ("project_loader", "loader", 2)):
+            log(f"loading: {name}, {rows} rows, run {i + 1}/{reps}")
+            proc = subprocess.run([sys.executable, "-c", LOAD_CHILD, how, str(features_path),
+                                   str(work / f"load-{how}"), redis_url_of(db)],
+                                  env={**env, "PYTHONPATH": str(ROOT)}, cwd=ROOT, capture_output=True,
+                                  text=True, timeout=3600)
+            if proc.returncode != 0:
+                raise RuntimeError(f"loading with {how} failed: {proc.stderr[-2000:]}")
+            runs[name].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    keys = {name: {r["keys"] for r in rs} for name, rs in runs.items()}
+    if keys["feast_materialize"] != keys["project_loader"] or len(keys["project_loader"]) != 1:
+        raise RuntimeError(f"the two loaders wrote different numbers of entities: {keys}")
+    for name, rs in runs.items():
+        seconds = statistics.median(r["seconds"] for r in rs)
+        out[name] = {"rows": rows, "entities": rs[0]["keys"], "seconds": round(seconds, 2),
+                     "rows_per_s": round(rows / seconds), "peak_mib": round(max(r["peak_mib"] for r in rs), 1)}
+    out["ratio"] = median([b["seconds"] / a["seconds"] for a, b in
+                           zip(runs["project_loader"], runs["feast_materialize"])])
+    log(f"loading: {out}")
 
 
 # --------------------------------------------------------- features & e2e
@@ -292,108 +420,213 @@ def bench_end_to_end(sizes: list[int], work: Path, env: dict, out: dict) -> None
 
 
 # ------------------------------------------------------------------ report
+def _servers(serving: dict) -> dict:
+    return {name: r for name, r in serving.items() if name not in ("ratios", "method")}
+
+
 def plots(results: dict, out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    serving = results["serving"]
-    names = list(serving)
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 4.8))
-    a1.barh(names, [serving[n]["p50_ms"] for n in names], label="p50")
-    a1.barh(names, [serving[n]["p99_ms"] - serving[n]["p50_ms"] for n in names],
-            left=[serving[n]["p50_ms"] for n in names], alpha=0.5, label="p99")
-    a1.set(xlabel="ms (single client)", title="Latency, one entity")
-    a1.set_xscale("log")
-    a1.set_xlim(left=0.02)  # bars start at 0, which a log axis cannot show
-    a1.legend()
-    http_names = [n for n in names if "req_per_s" in serving[n]]
-    a2.barh(http_names, [serving[n]["req_per_s"] for n in http_names])
-    a2.set(xlabel="requests/s, 8 clients", title="Throughput over HTTP")
-    fig.tight_layout()
-    fig.savefig(out / "serving.png", dpi=100)
+    if results.get("serving"):
+        serving = _servers(results["serving"])
+        names = list(serving)
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 4.8))
+        a1.barh(names, [serving[n]["p50_ms"] for n in names], label="p50")
+        a1.barh(names, [serving[n]["p99_ms"] - serving[n]["p50_ms"] for n in names],
+                left=[serving[n]["p50_ms"] for n in names], alpha=0.5, label="p99")
+        a1.set(xlabel="ms (one client)", title="Latency, one entity")
+        a1.set_xscale("log")
+        a1.set_xlim(left=0.02)  # bars start at 0, which a log axis cannot show
+        a1.legend()
+        http_names = [n for n in names if serving[n].get("req_per_s")]
+        a2.barh(http_names, [serving[n]["req_per_s"] for n in http_names])
+        a2.set(xlabel=f"requests/s, {CLIENTS} clients", title="Throughput over HTTP")
+        fig.tight_layout()
+        fig.savefig(out / "serving.png", dpi=100)
+        plt.close(fig)
 
-    e2e = results["end_to_end"]
-    rows = sorted(int(r) for r in e2e)
-    fig, (b1, b2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    b1.plot(rows, [e2e[str(r)]["wall_s"] for r in rows], "o-", label="python -m pipeline run")
-    b1.set(xscale="log", yscale="log", xlabel="rows", ylabel="seconds", title="End to end")
-    for stage in STAGES:
-        b1.plot(rows, [e2e[str(r)]["stages_s"][stage] for r in rows], ".--", label=stage, alpha=0.7)
-    b1.legend(fontsize=8)
-    feats = results["features"]
-    frows = sorted(int(r) for r in feats)
-    b2.plot(frows, [feats[str(r)]["features_rows_per_s"] for r in frows], "o-", label="features stage")
-    b2.plot(frows, [feats[str(r)]["pyarrow_rows_per_s"] for r in frows], "s-", label="bare pyarrow pass")
-    b2.set(xscale="log", xlabel="rows", ylabel="rows/s", title="Features throughput")
-    b2.legend()
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.5))
+    e2e, feats, loading = results.get("end_to_end", {}), results.get("features", {}), results.get("loading", {})
+    if e2e:
+        rows = sorted(int(r) for r in e2e)
+        axes[0].plot(rows, [e2e[str(r)]["wall_s"] for r in rows], "o-", label="python -m pipeline run")
+        for stage in STAGES:
+            axes[0].plot(rows, [e2e[str(r)]["stages_s"][stage] for r in rows], ".--", label=stage, alpha=0.7)
+        axes[0].set(xscale="log", yscale="log", xlabel="rows", ylabel="seconds", title="End to end")
+        axes[0].legend(fontsize=8)
+    if feats:
+        frows = sorted(int(r) for r in feats)
+        axes[1].plot(frows, [feats[str(r)]["features_rows_per_s"] for r in frows], "o-", label="features stage")
+        axes[1].plot(frows, [feats[str(r)]["pyarrow_rows_per_s"] for r in frows], "s-", label="bare pyarrow pass")
+        twin = axes[1].twinx()
+        twin.plot(frows, [feats[str(r)]["features_peak_mib"] for r in frows], "^:", color="grey",
+                  label="stage peak MiB")
+        twin.set(ylabel="peak MiB", ylim=(0, None))
+        axes[1].set(xscale="log", xlabel="rows", ylabel="rows/s", title="Features throughput and memory")
+        axes[1].legend(loc="upper left", fontsize=8)
+        twin.legend(loc="lower right", fontsize=8)
+    if "ratio" in loading:
+        names = ["feast_materialize", "project_loader"]
+        axes[2].bar(names, [loading[n]["rows_per_s"] for n in names], color=["tab:grey", "tab:blue"])
+        for i, n in enumerate(names):
+            axes[2].annotate(f"{loading[n]['seconds']} s, {loading[n]['peak_mib']:.0f} MiB",
+                             (i, loading[n]["rows_per_s"]), ha="center", va="bottom", fontsize=9)
+        axes[2].set(ylabel="rows/s", title=f"Loading Redis, {loading['project_loader']['rows']} rows "
+                                           f"({loading['ratio']:.1f}x)")
     fig.tight_layout()
     fig.savefig(out / "scaling.png", dpi=100)
+    plt.close(fig)
 
 
 def markdown(results: dict) -> str:
-    lines = [f"Machine: {results['machine']}", "", "| serving | p50 ms | p99 ms | req/s (8 clients) |",
-             "|---|---|---|---|"]
-    for name, r in results["serving"].items():
-        lines.append(f"| {name} | {r['p50_ms']} | {r['p99_ms']} | {r.get('req_per_s', '')} |")
-    lines += ["", "| features rows | stage rows/s | stage peak MiB | pyarrow rows/s | pyarrow peak MiB | ratio |",
-              "|---|---|---|---|---|---|"]
-    for rows, r in results["features"].items():
-        lines.append(f"| {rows} | {r['features_rows_per_s']} | {r['features_peak_mib']} | "
-                     f"{r['pyarrow_rows_per_s']} | {r['pyarrow_peak_mib']} | {r['ratio_to_pyarrow']} |")
-    lines += ["", "| end-to-end rows | wall s | peak MiB | " + " | ".join(STAGES) + " |",
-              "|---|---|---|" + "---|" * len(STAGES)]
-    for rows, r in results["end_to_end"].items():
-        lines.append(f"| {rows} | {r['wall_s']} | {r['peak_mib']} | "
-                     + " | ".join(str(r["stages_s"][s]) for s in STAGES) + " |")
+    lines = [f"Machine: {results['machine']}", ""]
+    if results.get("targets"):
+        lines += ["| target | wanted | measured | met |", "|---|---|---|---|"]
+        lines += [f"| {t['target']} | {t['wanted']} | {t['measured']} | {'yes' if t['met'] else '**no**'} |"
+                  for t in results["targets"]]
+        lines.append("")
+    if results.get("serving"):
+        method = results["serving"].get("method", {})
+        lines += [f"Serving: {method.get('client', '')}, median of {method.get('rounds', '')} interleaved "
+                  f"rounds of {method.get('seconds_per_run', '')} s per server; Redis at {method.get('redis', '')}.",
+                  "", f"| serving | p50 ms | p99 ms | req/s ({CLIENTS} clients) |", "|---|---|---|---|"]
+        for name, r in _servers(results["serving"]).items():
+            lines.append(f"| {name} | {r['p50_ms']} | {r['p99_ms']} | {r.get('req_per_s') or ''} |")
+        lines.append("")
+    if results.get("loading"):
+        lines += ["| loading Redis | rows | entities | seconds | rows/s | peak MiB |", "|---|---|---|---|---|---|"]
+        for name in ("feast_materialize", "project_loader"):
+            r = results["loading"][name]
+            lines.append(f"| {name} | {r['rows']} | {r['entities']} | {r['seconds']} | {r['rows_per_s']} | "
+                         f"{r['peak_mib']} |")
+        lines.append("")
+    if results.get("features"):
+        lines += ["| features rows | stage rows/s | stage peak MiB | pyarrow rows/s | pyarrow peak MiB | ratio |",
+                  "|---|---|---|---|---|---|"]
+        for rows, r in results["features"].items():
+            lines.append(f"| {rows} | {r['features_rows_per_s']} | {r['features_peak_mib']} | "
+                         f"{r['pyarrow_rows_per_s']} | {r['pyarrow_peak_mib']} | {r['ratio_to_pyarrow']} |")
+        lines.append("")
+    if results.get("end_to_end"):
+        lines += ["| end-to-end rows | wall s | peak MiB | " + " | ".join(STAGES) + " |",
+                  "|---|---|---|" + "---|" * len(STAGES)]
+        for rows, r in results["end_to_end"].items():
+            lines.append(f"| {rows} | {r['wall_s']} | {r['peak_mib']} | "
+                         + " | ".join(str(r["stages_s"][s]) for s in STAGES) + " |")
     return "\n".join(lines) + "\n"
+
+
+SECTIONS = ("features", "loading", "serving", "end_to_end")
+
+
+def redis_address(container) -> tuple[str, int]:
+    """The Redis container's own address on Docker's bridge when this host can
+    reach it (no userland proxy in the path, as between pods or compose
+    services), else its port published on 127.0.0.1."""
+    import socket
+
+    container.get_wrapped_container().reload()
+    ip = container.get_wrapped_container().attrs["NetworkSettings"].get("IPAddress")
+    if ip:
+        try:
+            socket.create_connection((ip, 6379), timeout=1).close()
+            return ip, 6379
+        except OSError:
+            pass
+    return "127.0.0.1", int(container.get_exposed_port(6379))
+
+
+def targets(results: dict) -> list[tuple[str, str, str, bool]]:
+    """(target, wanted, measured, met) for every target of issue 6 that this run measured."""
+    rows = []
+    serving, loading = results.get("serving", {}), results.get("loading", {})
+    if "ratios" in serving:
+        r = serving["ratios"]
+        rows += [("/predict req/s over mlflow models serve", ">= 8", f"{r['predict_req_per_s_over_mlflow']:.1f}x",
+                  r["predict_req_per_s_over_mlflow"] >= 8),
+                 ("/predict p50 over the floor app's p50", "<= 1.5", f"{r['predict_p50_over_floor_p50']:.2f}x",
+                  r["predict_p50_over_floor_p50"] <= 1.5),
+                 ("/predict p99, one client", "< 1.5 ms", f"{serving[PREDICT]['p99_ms']:.2f} ms",
+                  serving[PREDICT]["p99_ms"] < 1.5)]
+    if "ratio" in loading:
+        rows += [(f"loader rows/s over feast materialize ({loading['project_loader']['rows']} rows)", ">= 5",
+                  f"{loading['ratio']:.1f}x", loading["ratio"] >= 5),
+                 ("loader peak memory", "< 1024 MiB", f"{loading['project_loader']['peak_mib']:.0f} MiB",
+                  loading["project_loader"]["peak_mib"] < 1024)]
+    for n, f in results.get("features", {}).items():
+        rows.append((f"features rows/s over bare pyarrow ({n} rows)", ">= 0.5", f"{f['ratio_to_pyarrow']:.2f}",
+                     f["ratio_to_pyarrow"] >= 0.5))
+    feats = results.get("features", {})
+    if len(feats) > 1:
+        peaks = [f["features_peak_mib"] for f in feats.values()]
+        rows.append(("features peak memory, smallest to largest size", "flat",
+                     f"{min(peaks):.0f} to {max(peaks):.0f} MiB", max(peaks) <= 1.25 * min(peaks)))
+    if "1000000" in results.get("end_to_end", {}):
+        wall = results["end_to_end"]["1000000"]["wall_s"]
+        rows.append(("python -m pipeline run, 10^6 rows", "< 60 s", f"{wall:.1f} s", wall < 60))
+    return rows
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks the suite still works")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny sizes, written to .reports/bench-smoke: checks the suite still works")
+    parser.add_argument("--out", help="results folder (default benchmarks/results)")
+    parser.add_argument("--only", action="append", choices=SECTIONS,
+                        help="measure only these sections (repeatable); the others keep their last results")
     args = parser.parse_args()
-    out = Path(args.out)
+    out = Path(args.out or (ROOT / ".reports" / "bench-smoke" if args.smoke else ROOT / "benchmarks" / "results"))
     out.mkdir(parents=True, exist_ok=True)
+    sections = args.only or list(SECTIONS)
     work = Path(tempfile.mkdtemp(prefix="mlops-bench-"))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLOPS_", "MLFLOW_"))}
-    results: dict = {"machine": f"{platform.node()}: {os.cpu_count()} cores, "
-                                f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB, "
-                                f"Python {platform.python_version()}, {time.strftime('%Y-%m-%d')}",
-                     "smoke": args.smoke}
-    sys.path.insert(0, str(ROOT))
-    os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")
-    os.environ.setdefault("TESTCONTAINERS_HOST_OVERRIDE", "127.0.0.1")
-    os.environ.setdefault("TESTCONTAINERS_CONNECTION_MODE", "docker_host")
-    import secrets
+    previous = out / "results.json"
+    results: dict = json.loads(previous.read_text()) if args.only and previous.is_file() else {}
+    results.update({"machine": f"{platform.node()}: {os.cpu_count()} cores, "
+                               f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB, "
+                               f"Python {platform.python_version()}, {time.strftime('%Y-%m-%d')}",
+                    "smoke": args.smoke})
+    feature_sizes = [10_000] if args.smoke else [100_000, 1_000_000, 10_000_000]
+    load_rows = 10_000 if args.smoke else 1_000_000
+    if "features" in sections or "loading" in sections:
+        results["features"] = results.get("features", {}) if "features" not in sections else {}
+        sizes = feature_sizes if "features" in sections else [load_rows]
+        bench_features(sizes, work, env, results["features"] if "features" in sections else {})
 
-    from testcontainers.community.redis import RedisContainer
+    if "serving" in sections or "loading" in sections:
+        os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")
+        os.environ.setdefault("TESTCONTAINERS_HOST_OVERRIDE", "127.0.0.1")
+        os.environ.setdefault("TESTCONTAINERS_CONNECTION_MODE", "docker_host")
+        import secrets
 
-    password = secrets.token_hex(16)
-    redis_c = RedisContainer(os.environ.get("MLOPS_REDIS_IMAGE", "redis:7-bookworm"), password=password)
-    redis_c.ports = {"6379/tcp": ("127.0.0.1", None)}
-    with redis_c:
-        redis_port = int(redis_c.get_exposed_port(6379))
-        url = f"redis://:{password}@127.0.0.1:{redis_port}/0"
-        rows = 2000 if args.smoke else 10_000
-        settings = Settings(shared_dir=work / "serving", redis_url=url, rows=rows, mlflow_tracking_uri=None)
-        log(f"serving: pipeline run with {rows} rows into Redis")
-        started = time.monotonic()
-        run_stages(settings, STAGES)
-        feast = json.loads((settings.runs_dir / "feast" / "latest.json").read_text())
-        results["loading"] = {"feast_materialize": {
-            "entities": rows // 5, "seconds": feast["seconds"],
-            "rows_per_s": round(rows / 5 / max(feast["seconds"], 1e-9))}}
-        log(f"pipeline in {time.monotonic() - started:.1f}s")
-        results["serving"] = {}
-        bench_serving(settings, redis_port, password, args.smoke, results["serving"])
-    results["features"] = {}
-    bench_features([10_000] if args.smoke else [100_000, 1_000_000], work, env, results["features"])
-    results["end_to_end"] = {}
-    bench_end_to_end([2_000, 10_000] if args.smoke else [10_000, 100_000, 1_000_000], work, env,
-                     results["end_to_end"])
+        from testcontainers.community.redis import RedisContainer
+
+        password = secrets.token_hex(16)
+        redis_c = RedisContainer(os.environ.get("MLOPS_REDIS_IMAGE", "redis:7-bookworm"), password=password)
+        redis_c.ports = {"6379/tcp": ("127.0.0.1", None)}
+        with redis_c:
+            host, port = redis_address(redis_c)
+            url_of = lambda db: f"redis://:{password}@{host}:{port}/{db}"  # noqa: E731
+            if "loading" in sections:
+                results["loading"] = {}
+                bench_loading(work / f"features-{load_rows}" / "data" / "features" / "features.parquet",
+                              load_rows, url_of, work, env, 1 if args.smoke else 3, results["loading"])
+            if "serving" in sections:
+                rows = 2000 if args.smoke else 10_000
+                settings = Settings(shared_dir=work / "serving", redis_url=url_of(0), rows=rows,
+                                    mlflow_tracking_uri=None)
+                log(f"serving: pipeline run with {rows} rows into Redis")
+                run_stages(settings, STAGES)
+                results["serving"] = {}
+                bench_serving(settings, host, port, password, args.smoke, results["serving"])
+    if "end_to_end" in sections:
+        results["end_to_end"] = {}
+        bench_end_to_end([2_000, 10_000] if args.smoke else [10_000, 100_000, 1_000_000], work, env,
+                         results["end_to_end"])
+    results["targets"] = [dict(zip(("target", "wanted", "measured", "met"), t)) for t in targets(results)]
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "results.md").write_text(markdown(results))
     plots(results, out)

@@ -26,7 +26,7 @@ HELP = {
     "feast": "apply the Feast feature repository and materialize into the online store",
     "train": "train linear regression on Feast historical features; log and register in MLflow",
     "promote": "move the registry alias to the new version if it is not worse",
-    "serve": "serve /predict, /metrics, /healthz, /readyz with gunicorn",
+    "serve": "serve /predict, /metrics, /healthz, /readyz with granian",
     "run": "run every stage but serve, in order, then print a summary",
     "summary": "print the summary of the last run from the run records",
     "init": "create the shared folder's layout (compose and Kubernetes run it first)",
@@ -65,7 +65,7 @@ def parser() -> argparse.ArgumentParser:
         if name == "serve":
             p.add_argument("--host", help="bind address (MLOPS_HOST, default 127.0.0.1)")
             p.add_argument("--port", type=int, help="port (MLOPS_PORT, default 8000)")
-            p.add_argument("--workers", type=int, help="gunicorn worker processes (MLOPS_WORKERS, default 2)")
+            p.add_argument("--workers", type=int, help="server worker processes (MLOPS_WORKERS, default 2)")
     return top
 
 
@@ -86,10 +86,10 @@ def configure_logging(quiet: bool) -> None:
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, stream=sys.stdout,
                         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", force=True)
     for noisy in ("feast", "dvc", "mlflow", "alembic", "urllib3", "matplotlib", "numexpr",
-                  "botocore", "gunicorn.error"):
+                  "botocore", "_granian", "granian.access"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if not quiet:
-        logging.getLogger("gunicorn.error").setLevel(logging.INFO)
+        logging.getLogger("_granian").setLevel(logging.INFO)
     # Library warnings (SQLAlchemy deprecations inside MLflow, and so on) are not
     # the user's to act on; route them to logging, shown only with PYTHONWARNINGS.
     logging.captureWarnings(True)

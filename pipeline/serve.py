@@ -14,10 +14,10 @@ The model follows the registry alias: a background thread checks it every
 passed its checks, so no request fails during the swap; a version that fails
 to load is logged, counted on ``/metrics`` and the previous model keeps serving.
 
-Deployed, the app runs under gunicorn (``python -m pipeline serve``): pre-forked
-workers use both cores despite the GIL, a crashed worker is replaced, SIGTERM
-drains in-flight requests (what Kubernetes and compose send), and it is the
-WSGI server most operators already know.
+Deployed, the app runs under granian (``python -m pipeline serve``): worker
+processes use both cores despite the GIL, HTTP is parsed in Rust, a crashed
+worker is replaced, and SIGTERM drains in-flight requests (what Kubernetes and
+compose send).
 """
 
 from __future__ import annotations
@@ -195,6 +195,11 @@ class OnlineFeatures:
     With Redis, straight from Redis in Feast's layout (``RedisOnlineReader``:
     one HMGET, bounded socket timeouts, no retries); with Feast's SQLite store,
     through Feast's SDK.
+
+    Once a lookup finds the store unreachable, lookups fail fast (503, no
+    wait) for ``online_backoff_seconds``; then the next one tries the store
+    again. So a hung Redis costs one socket timeout per back-off, not one per
+    request, and requests do not queue behind each other's timeouts.
     """
 
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
@@ -202,6 +207,8 @@ class OnlineFeatures:
         self.metrics = metrics
         self.store = None
         self._redis = None
+        self._down_until = 0.0  # monotonic time until which lookups fail fast
+        self._last_error: BaseException | None = None
         if settings.redis_url:
             from pipeline.redis_layout import RedisOnlineReader, connect
 
@@ -225,10 +232,15 @@ class OnlineFeatures:
     def lookup(self, entity_ids: list[int]) -> tuple[np.ndarray, list[dict[str, float]]]:
         """Features of each entity, as a matrix in model order and as dicts."""
         started = time.perf_counter()
+        if started < self._down_until:
+            self.metrics.lookup_errors.inc()
+            raise OnlineStoreUnavailable(self._last_error or ConnectionError("store unreachable"))
         try:
             rows = self._read(entity_ids)
         except Exception as exc:
             if _is_unreachable(exc):
+                self._last_error = exc
+                self._down_until = time.perf_counter() + self.settings.online_backoff_seconds
                 self.metrics.lookup_errors.inc()
                 raise OnlineStoreUnavailable(exc) from exc
             raise
@@ -461,40 +473,45 @@ def create_app(settings: Settings, *, multiprocess_dir: str | None = None,
     return PredictionService(settings, online, watcher, metrics, sample)
 
 
+# Settings the CLI may take from flags; worker processes rebuild Settings from
+# the environment, so run_server hands these on as MLOPS_* variables.
+_HANDED_ON = ("shared_dir", "redis_url", "wait_seconds", "host", "port", "workers", "threads")
+
+
+def app_from_environment() -> PredictionService:
+    """The app factory each server worker calls: settings from MLOPS_* variables."""
+    import os
+
+    return create_app(Settings(), multiprocess_dir=os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+
+
 def run_server(settings: Settings, multiprocess_dir: str | None = None) -> None:
-    """Serve with gunicorn: ``settings.workers`` pre-forked workers, threads each.
+    """Serve with granian: ``settings.workers`` worker processes, ``settings.threads``
+    threads each running the WSGI app.
 
-    With several workers, ``multiprocess_dir`` must be prometheus-client's
-    ``PROMETHEUS_MULTIPROC_DIR``, set before prometheus-client was first
-    imported (the CLI does this), so ``/metrics`` adds up every worker.
+    granian parses HTTP in Rust, so a request costs the Python workers only the
+    app itself: in the benchmark (benchmarks/results) that more than halves
+    the CPU per request against gunicorn's Python HTTP parsing. It respawns a
+    worker that dies, and drains in-flight requests on SIGTERM (what
+    Kubernetes and compose send). With several workers, ``multiprocess_dir``
+    must be prometheus-client's ``PROMETHEUS_MULTIPROC_DIR``, set before
+    prometheus-client was first imported (the CLI does this), so ``/metrics``
+    adds up every worker.
     """
-    import tempfile
+    import os
 
-    from gunicorn.app.base import BaseApplication
+    from granian.constants import Interfaces
+    from granian.server import Server
 
-    class Server(BaseApplication):
-        def load_config(self) -> None:
-            self.cfg.set("bind", f"{settings.host}:{settings.port}")
-            self.cfg.set("workers", settings.workers)
-            self.cfg.set("threads", settings.threads)
-            self.cfg.set("worker_class", "gthread" if settings.threads > 1 else "sync")
-            self.cfg.set("timeout", 60)
-            self.cfg.set("graceful_timeout", 20)
-            self.cfg.set("keepalive", 5)
-            self.cfg.set("control_socket_disable", True)
-            self.cfg.set("worker_tmp_dir", tempfile.gettempdir())
-            self.cfg.set("child_exit", _mark_dead)
-
-        def load(self):
-            return create_app(settings, multiprocess_dir=multiprocess_dir)
-
+    for name in _HANDED_ON:
+        value = getattr(settings, name)
+        if value is not None:
+            os.environ[f"MLOPS_{name.upper()}"] = str(value)
     log.info("serve: http://%s:%d/predict (%d worker(s) x %d thread(s))", settings.host,
              settings.port, settings.workers, settings.threads)
-    Server().run()
-
-
-def _mark_dead(server, worker) -> None:
-    from prometheus_client import multiprocess, values
-
-    if values.ValueClass is not values.MutexValue:  # multiprocess mode
-        multiprocess.mark_process_dead(worker.pid)
+    Server(
+        target=f"{__name__}:app_from_environment", factory=True, interface=Interfaces.WSGI,
+        address=settings.host, port=settings.port, workers=settings.workers,
+        blocking_threads=settings.threads, websockets=False, respawn_failed_workers=True,
+        workers_kill_timeout=20, log_access=False,
+    ).serve()

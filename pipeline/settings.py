@@ -18,8 +18,9 @@ local simulator, compose.yaml and the Helm chart's ConfigMap.
 | ``MLOPS_WAIT_SECONDS`` | ``0`` | how long a stage waits for its upstream's run record |
 | ``MLOPS_RUN_ID`` | unset | rollout id: stages wait for upstream records of the same id |
 | ``MLOPS_ONLINE_TIMEOUT_SECONDS`` | ``0.05`` | Redis socket timeout, no retries |
+| ``MLOPS_ONLINE_BACKOFF_SECONDS`` | ``0.25`` | after Redis failed, answer 503 at once for this long |
 | ``MLOPS_MODEL_POLL_SECONDS`` | ``5`` | how often serving checks the alias |
-| ``MLOPS_HOST`` / ``MLOPS_PORT`` / ``MLOPS_WORKERS`` | ``127.0.0.1`` / ``8000`` / ``2`` | serving |
+| ``MLOPS_HOST`` / ``MLOPS_PORT`` / ``MLOPS_WORKERS`` / ``MLOPS_THREADS`` | ``127.0.0.1`` / ``8000`` / ``2`` / ``2`` | serving: bind address, worker processes, threads each |
 """
 
 from __future__ import annotations
@@ -55,13 +56,14 @@ class Settings(BaseSettings):
     wait_seconds: float = Field(default=0.0, ge=0)
     lock_timeout_seconds: float = Field(default=600.0, ge=0)
     online_timeout_seconds: float = Field(default=0.05, gt=0)
+    online_backoff_seconds: float = Field(default=0.25, ge=0)
     model_poll_seconds: float = Field(default=5.0, gt=0)
     max_body_bytes: int = Field(default=64 * 1024, ge=1024)
     max_batch: int = Field(default=1000, ge=1)
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     workers: int = Field(default=2, ge=1)
-    threads: int = Field(default=4, ge=1)
+    threads: int = Field(default=2, ge=1)
     git_commit: str | None = None
     run_id: str | None = None
 

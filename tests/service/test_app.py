@@ -156,3 +156,20 @@ def test_unreachable_online_store_is_a_fast_503(sqlite_pipeline, silent_redis):
     assert client.get("/readyz").status_code == 503
     assert client.get("/healthz").status_code == 200
     assert "mlops_online_lookup_errors_total 3.0" in client.get("/metrics").get_data(as_text=True)
+
+
+def test_a_hung_store_costs_one_timeout_per_back_off_not_one_per_request(sqlite_pipeline, silent_redis):
+    settings = make_settings(sqlite_pipeline.shared, redis_url=silent_redis, online_timeout_seconds=0.2,
+                             online_backoff_seconds=0.6)
+    client = Client(create_app(settings, watch=False))
+    took = []
+    for _ in range(5):
+        started = time.monotonic()
+        assert client.get("/predict").status_code == 503
+        took.append(time.monotonic() - started)
+    assert took[0] >= 0.2  # the first lookup waits for the socket timeout...
+    assert max(took[1:]) < 0.1  # ...the next ones, inside the back-off, answer at once
+    time.sleep(0.6)
+    started = time.monotonic()
+    assert client.get("/predict").status_code == 503
+    assert time.monotonic() - started >= 0.2  # after the back-off, the store is tried again
