@@ -20,7 +20,7 @@ local simulator, compose.yaml and the Helm chart's ConfigMap.
 | ``MLOPS_ONLINE_TIMEOUT_SECONDS`` | ``0.05`` | Redis socket timeout, no retries |
 | ``MLOPS_ONLINE_BACKOFF_SECONDS`` | ``0.25`` | after Redis failed, answer 503 at once for this long |
 | ``MLOPS_MODEL_POLL_SECONDS`` | ``5`` | how often serving checks the alias |
-| ``MLOPS_HOST`` / ``MLOPS_PORT`` / ``MLOPS_WORKERS`` / ``MLOPS_THREADS`` | ``127.0.0.1`` / ``8000`` / ``2`` / ``2`` | serving: bind address, worker processes, threads each |
+| ``MLOPS_HOST`` / ``MLOPS_PORT`` / ``MLOPS_WORKERS`` / ``MLOPS_THREADS`` | ``127.0.0.1`` / ``8000`` / ``2`` / ``1`` | serving: bind address, worker processes, threads each |
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     workers: int = Field(default=2, ge=1)
-    threads: int = Field(default=2, ge=1)
+    threads: int = Field(default=1, ge=1)
     git_commit: str | None = None
     run_id: str | None = None
 
