@@ -20,7 +20,7 @@ FROM ${BASE_IMAGE}
 LABEL org.opencontainers.image.title="mlops-shared-volume" \
       org.opencontainers.image.description="DVC, Feast, MLflow and a served model on one shared volume"
 ARG UID=10001
-# A non-root user owns /shared (gunicorn, PID 1, handles SIGTERM and reaps its workers),
+# A non-root user owns /shared (granian, PID 1, handles SIGTERM and reaps its workers),
 # so a fresh named volume (or PVC with fsGroup) mounted there is writable.
 RUN groupadd --gid "${UID}" app \
  && useradd --uid "${UID}" --gid "${UID}" --home-dir /tmp --no-create-home --shell /usr/sbin/nologin app \

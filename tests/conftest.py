@@ -125,7 +125,7 @@ def wait_http(url: str, timeout: float = 90.0, proc: subprocess.Popen | None = N
 
 @contextlib.contextmanager
 def running_server(env: dict[str, str], workers: int = 2) -> Iterator[str]:
-    """``python -m pipeline serve`` (gunicorn) on a free loopback port, ready; yields its URL."""
+    """``python -m pipeline serve`` (granian) on a free loopback port, ready; yields its URL."""
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", "serve", "--port", str(port),
                              "--workers", str(workers)], env=env, cwd=ROOT,

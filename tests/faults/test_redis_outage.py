@@ -1,5 +1,5 @@
 """Redis stops (SIGSTOP), comes back, is killed, restarts, all while /predict is
-under load from gunicorn over real sockets: answers turn into 503 JSON within
+under load from granian over real sockets: answers turn into 503 JSON within
 100 ms, /readyz fails, /healthz stays up, and service recovers by itself."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""schemathesis against the live server (gunicorn over a socket): every
+"""schemathesis against the live server (granian over a socket): every
 operation of /openapi.json, positive and negative examples, bounded in number.
 No 5xx, every response matching the schema."""
 

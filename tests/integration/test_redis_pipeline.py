@@ -1,5 +1,5 @@
 """The whole DAG as a user runs it (``python -m pipeline``), against a real Redis
-in a container, then ``/predict`` over a real socket from gunicorn, checked
+in a container, then ``/predict`` over a real socket from granian, checked
 against MLflow's own client, Feast's own SDK and DVC's own CLI."""
 
 from __future__ import annotations
