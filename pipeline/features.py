@@ -53,9 +53,9 @@ def check_header(columns: list[str], source: str) -> None:
         )
 
 
-# Most values are screened by their bytes alone (fast, in numpy) and cast in
-# one go; the few others are cast on their own, so Arrow's own parser decides
-# what they are (it reads inf/nan spellings too, which the finite check names).
+# Most values are screened by their bytes alone (fast, in numpy) and cast by
+# Arrow in one go; the few others (a sign and exponent, "inf", "n/a") are
+# parsed one by one, and inf/nan spellings are then named by the finite check.
 # Byte ranges of plain values: "+,-./0-9" for numbers (a stray "," or "/"
 # fails the cast and is found then), "0-9" for entity keys.
 NUMBER_BYTES = (ord("+"), ord("9"))
