@@ -54,7 +54,7 @@ def check_header(columns: list[str], source: str) -> None:
 
 
 # Most values are screened by their bytes alone (fast, in numpy) and cast by
-# Arrow in one go; the few others (a sign and exponent, "inf", "n/a") are
+# Arrow in one go; the few others (an exponent, "inf", "n/a") are
 # parsed one by one, and inf/nan spellings are then named by the finite check.
 # Byte ranges of plain values: "+,-./0-9" for numbers (a stray "," or "/"
 # fails the cast and is found then), "0-9" for entity keys.
@@ -115,8 +115,8 @@ def _parse(text: pa.Array, allowed: tuple[int, int], to: pa.DataType) -> tuple[n
     """Values of ``text`` cast to ``to``, and where they parsed, as numpy arrays.
 
     Plain values (only bytes in ``allowed``) are cast by Arrow in one go. For
-    entity keys anything else is not a key; for numbers the few others (a
-    sign, an exponent, "inf", "n/a") are parsed one by one.
+    entity keys anything else is not a key; for numbers the few others (an
+    exponent, "inf", "n/a") are parsed one by one.
     """
     plain = _only_bytes(text, allowed)
     odd = np.flatnonzero(~plain)

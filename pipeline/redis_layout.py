@@ -73,7 +73,7 @@ class FeastRedisLayout:
         # then the project name; a double value is a tag byte and 8 such bytes.
         probe = self.feast_key(0)
         tail = len(project.encode())
-        self._head, self._tail = probe[:-8 - tail], probe[-tail:]
+        self.key_head, self.key_tail = probe[:-8 - tail], probe[-tail:]
         self.double_tag = Value(double_val=0.0).SerializeToString()[:1]
         self._check()
 
@@ -86,7 +86,7 @@ class FeastRedisLayout:
     def keys(self, entity_ids: np.ndarray) -> list[bytes]:
         """Redis keys of many entities at once, byte for byte what Feast builds."""
         packed = np.ascontiguousarray(entity_ids, dtype="<i8").tobytes()
-        head, tail = self._head, self._tail
+        head, tail = self.key_head, self.key_tail
         return [head + packed[i:i + 8] + tail for i in range(0, len(packed), 8)]
 
     def doubles(self, values: np.ndarray) -> list[bytes]:
@@ -204,7 +204,7 @@ def _hset_commands(layout: FeastRedisLayout, ids: np.ndarray, micros: np.ndarray
     head = b"*%d\r\n$4\r\nHSET\r\n$%d\r\n" % (2 + 2 * (1 + n_features), key_len)
     key_part = np.empty((n, len(head) + key_len + 2), dtype=np.uint8)
     key_part[:] = np.frombuffer(head + layout.keys(np.zeros(1, dtype=np.int64))[0] + b"\r\n", dtype=np.uint8)
-    at = len(head) + len(layout._head)
+    at = len(head) + len(layout.key_head)
     key_part[:, at:at + 8] = np.ascontiguousarray(ids, dtype="<i8").view(np.uint8).reshape(n, 8)
     # per feature: $4 CRLF <field> CRLF $9 CRLF <tag><double> CRLF = 25 bytes
     values = np.empty((n, n_features, 25), dtype=np.uint8)
