@@ -2,7 +2,7 @@
 
     python benchmarks/bench.py [--smoke] [--out benchmarks/results]
 
-1. Online serving: /predict (gunicorn, Redis online store) against raw redis-py
+1. Online serving: /predict (granian, Redis online store) against raw redis-py
    HMGET of the same Feast keys (the floor of a lookup), Feast's SDK
    get_online_features in-process, a minimal gunicorn WSGI app doing one HMGET
    and a dot product (the floor of any Python /predict), and `mlflow models

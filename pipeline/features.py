@@ -45,6 +45,7 @@ LABELS_SCHEMA = pa.schema([
 def check_header(columns: list[str], source: str) -> None:
     missing = [c for c in schema.RAW_COLUMNS if c not in columns]
     extra = [c for c in columns if c not in schema.RAW_COLUMNS]
+    extra += sorted({c for c in columns if c in schema.RAW_COLUMNS and columns.count(c) > 1})
     if missing or extra:
         raise SchemaError(
             f"{source}: columns do not match the schema in pipeline/schema.py "
@@ -55,13 +56,15 @@ def check_header(columns: list[str], source: str) -> None:
 
 # Most values are screened by their bytes alone (fast, in numpy) and cast by
 # Arrow in one go; the few others (an exponent, "inf", "n/a") are
-# parsed one by one, and inf/nan spellings are then named by the finite check.
+# parsed one by one ("inf" is then named by the finite check, "nan" is not a number).
 # Byte ranges of plain values: "+,-./0-9" for numbers (a stray "," or "/"
 # fails the cast and is found then), "0-9" for entity keys.
 NUMBER_BYTES = (ord("+"), ord("9"))
 DIGIT_BYTES = (ord("0"), ord("9"))
 HAS_OFFSET = r"[+-]\d{2}:?\d{2}$"
 UTC_US = pa.timestamp("us", tz="UTC")
+# pandas' nanosecond timestamps (Feast's retrieval and training use them) hold these, in us.
+STAMP_MIN_US, STAMP_MAX_US = -(2**63 // 1000) + 1, 2**63 // 1000 - 1
 # Below this many values a failed cast is retried value by value.
 SMALL_CAST = 256
 
@@ -106,17 +109,27 @@ def _only_bytes(text: pa.Array, allowed: tuple[int, int]) -> np.ndarray:
 
 def _float_or_nan(text: str) -> float:
     try:
-        return float(text) if "_" not in text else np.nan  # Python would take "1_000"
+        # Python's float() would also take "1_000" and non-ASCII digits
+        return float(text) if "_" not in text and text.isascii() else np.nan
     except ValueError:
         return np.nan
+
+
+def _whole_or_none(text: str) -> int | None:
+    """A non-negative int64 written as digits with an optional zero fraction, else None."""
+    digits, _, fraction = text.partition(".")
+    if digits.isascii() and digits.isdigit() and fraction.strip("0") == "" \
+            and int(digits) <= schema.ENTITY_ID_MAX:
+        return int(digits)
+    return None
 
 
 def _parse(text: pa.Array, allowed: tuple[int, int], to: pa.DataType) -> tuple[np.ndarray, np.ndarray]:
     """Values of ``text`` cast to ``to``, and where they parsed, as numpy arrays.
 
-    Plain values (only bytes in ``allowed``) are cast by Arrow in one go. For
-    entity keys anything else is not a key; for numbers the few others (an
-    exponent, "inf", "n/a") are parsed one by one.
+    Plain values (only bytes in ``allowed``) are cast by Arrow in one go; the
+    few others (an exponent, "inf", "n/a"; a key written "1001.0") are parsed
+    one by one.
     """
     plain = _only_bytes(text, allowed)
     odd = np.flatnonzero(~plain)
@@ -126,9 +139,30 @@ def _parse(text: pa.Array, allowed: tuple[int, int], to: pa.DataType) -> tuple[n
     if len(odd) and pa.types.is_floating(to):
         values[odd] = [_float_or_nan(value) for value in text.take(odd).to_pylist()]
         parsed[odd] = ~np.isnan(values[odd])
+    elif len(odd):  # entity keys: "1001.0" (pandas writes integer columns with gaps so) is 1001
+        keys = [_whole_or_none(value) for value in text.take(odd).to_pylist()]
+        parsed[odd] = [key is not None for key in keys]
+        values[odd] = [key or 0 for key in keys]
     if main.null_count:  # plain-looking values Arrow would not take ("1-2", an int64 overflow)
         parsed &= main.is_valid().to_numpy(zero_copy_only=False)
     return values, parsed
+
+
+def _stamps(text: pa.Array, tz: str | None) -> pa.Array:
+    """Cast to microseconds; values Arrow refuses at that unit (7 to 9 fractional
+    digits) are tried at nanoseconds and truncated."""
+    stamps = _cast_or_null(text, pa.timestamp("us", tz=tz))
+    if not stamps.null_count:
+        return stamps
+    retry = np.flatnonzero(stamps.is_null().to_numpy(zero_copy_only=False))
+    finer = _cast_or_null(text.take(retry), pa.timestamp("ns", tz=tz)).cast(pa.timestamp("us", tz=tz), safe=False)
+    if not finer.null_count < len(retry):
+        return stamps
+    micros = stamps.cast(pa.int64()).fill_null(0).to_numpy(zero_copy_only=False, writable=True)
+    valid = stamps.is_valid().to_numpy(zero_copy_only=False)
+    micros[retry] = finer.cast(pa.int64()).fill_null(0).to_numpy(zero_copy_only=False)
+    valid[retry] = finer.is_valid().to_numpy(zero_copy_only=False)
+    return pa.array(micros, type=pa.int64(), mask=~valid).cast(pa.timestamp("us", tz=tz))
 
 
 def _timestamps(text: pa.Array) -> pa.Array:
@@ -138,10 +172,10 @@ def _timestamps(text: pa.Array) -> pa.Array:
     if len(rest):
         zoned[rest] = pc.match_substring_regex(text.take(rest), HAS_OFFSET).to_numpy(zero_copy_only=False)
     if zoned.all():
-        return _cast_or_null(text, UTC_US)
+        return _stamps(text, "UTC")
     mask = pa.array(zoned)
-    with_zone = _cast_or_null(pc.if_else(mask, text, "1970-01-01T00:00:00Z"), UTC_US)
-    naive = _cast_or_null(pc.if_else(mask, "1970-01-01T00:00:00", text), pa.timestamp("us"))
+    with_zone = _stamps(pc.if_else(mask, text, "1970-01-01T00:00:00Z"), "UTC")
+    naive = _stamps(pc.if_else(mask, "1970-01-01T00:00:00", text), None)
     return pc.if_else(mask, with_zone, pc.cast(naive, UTC_US))
 
 
@@ -155,7 +189,8 @@ def _empty(text: pa.Array) -> np.ndarray:
 
 def _check_column(raw: pa.Table, name: str) -> tuple[pa.Array, Checks]:
     """One column typed, and its checks in order: (rows failing, reason)."""
-    text = pc.ascii_trim_whitespace(pc.cast(raw.column(name).combine_chunks(), pa.string()))
+    column = pc.fill_null(pc.cast(raw.column(name).combine_chunks(), pa.string()), "")
+    text = pc.ascii_trim_whitespace(column)
     if name == schema.JOIN_KEY:
         keys, parsed = _parse(text, DIGIT_BYTES, pa.int64())
         return pa.array(keys, type=pa.int64()), [
@@ -163,9 +198,12 @@ def _check_column(raw: pa.Table, name: str) -> tuple[pa.Array, Checks]:
             (~parsed | (keys < 0), f"{name}: not a non-negative integer")]
     if name == schema.TIMESTAMP:
         stamps = _timestamps(text)
+        micros = stamps.cast(pa.int64()).fill_null(0).to_numpy(zero_copy_only=False)
         return stamps, [(_empty(text), f"{name}: missing"),
                         (stamps.is_null().to_numpy(zero_copy_only=False),
-                         f"{name}: not an ISO 8601 timestamp")]
+                         f"{name}: not an ISO 8601 timestamp"),
+                        ((micros < STAMP_MIN_US) | (micros > STAMP_MAX_US),
+                         f"{name}: out of range [1677-09-22, 2262-04-11] (what pandas and Feast hold)")]
     feature = _NUMERIC[name]
     numbers, parsed = _parse(text, NUMBER_BYTES, pa.float64())
     numbers[~parsed] = np.nan
@@ -211,24 +249,44 @@ def _tables(good: pa.Table) -> tuple[pa.Table, pa.Table]:
     return features.cast(FEATURES_SCHEMA), labels.cast(LABELS_SCHEMA)
 
 
-def _text_reader(part: Path, block_bytes: int) -> pa_csv.CSVStreamingReader:
-    """A streaming reader that keeps every schema column as text, untouched."""
-    return pa_csv.open_csv(
-        part,
-        read_options=pa_csv.ReadOptions(block_size=block_bytes),
-        convert_options=pa_csv.ConvertOptions(
-            column_types=dict.fromkeys(schema.RAW_COLUMNS, pa.string()),
-            strings_can_be_null=False, quoted_strings_can_be_null=False),
-    )
+def _text_reader(part: Path, block_bytes: int, misshapen: list[pa.Table]) -> pa_csv.CSVStreamingReader:
+    """A streaming reader that keeps every schema column as text, untouched.
+
+    A row with the wrong number of fields is not an error for the file: it
+    goes to ``misshapen`` (its whole text in the reason) and reading goes on.
+    """
+    def misshapen_row(row) -> str:
+        text = row.text if len(row.text) <= 2000 else row.text[:2000] + "..."
+        misshapen.append(pa.table({
+            "source": [part.name], **{name: [""] for name in schema.RAW_COLUMNS},
+            "reason": [f"row: expected {row.expected_columns} fields, got {row.actual_columns}: {text}"]}))
+        return "skip"
+
+    try:
+        return pa_csv.open_csv(
+            part,
+            read_options=pa_csv.ReadOptions(block_size=block_bytes),
+            parse_options=pa_csv.ParseOptions(invalid_row_handler=misshapen_row),
+            convert_options=pa_csv.ConvertOptions(
+                column_types=dict.fromkeys(schema.RAW_COLUMNS, pa.string()),
+                strings_can_be_null=False, quoted_strings_can_be_null=False),
+        )
+    except pa.ArrowInvalid as exc:
+        raise SchemaError(f"{part.name}: not a CSV file with a header row ({exc}); "
+                          "fix the file or run `dvc checkout` to restore the versioned one") from None
 
 
-def _blocks(parts: list[Path], block_bytes: int) -> Iterator[tuple[Path, pa.RecordBatch]]:
+def _blocks(parts: list[Path], block_bytes: int,
+            misshapen: list[pa.Table]) -> Iterator[tuple[Path, pa.RecordBatch]]:
     """Record batches of every part, in order, each part's header checked first."""
     for part in parts:
-        reader = _text_reader(part, block_bytes)
+        reader = _text_reader(part, block_bytes, misshapen)
         check_header(reader.schema.names, part.name)
-        for batch in reader:
-            yield part, batch
+        try:
+            yield from ((part, batch) for batch in reader)
+        except pa.ArrowInvalid as exc:
+            raise SchemaError(f"{part.name}: cannot be read as CSV ({exc}); fix the file or run "
+                              "`dvc checkout` to restore the versioned one") from None
 
 
 def transform(parts: list[Path], features_out: Path, labels_out: Path, rejected_out: Path,
@@ -252,9 +310,17 @@ def transform(parts: list[Path], features_out: Path, labels_out: Path, rejected_
             pq.ParquetWriter(labels_out, LABELS_SCHEMA, **parquet) as lwriter, \
             pa_csv.CSVWriter(rejected_out, rejected_schema,
                              write_options=pa_csv.WriteOptions(quoting_style="needed")) as rwriter:
-        for part, batch in _blocks(parts, block_bytes):
+        misshapen: list[pa.Table] = []
+        for part, batch in _blocks(parts, block_bytes, misshapen):
             good, rejected = validate_chunk(pa.Table.from_batches([batch]))
-            total += batch.num_rows
+            total += batch.num_rows + len(misshapen)
+            if misshapen:
+                rejected = pa.concat_tables([rejected.add_column(0, "source", pa.array(
+                    [part.name] * rejected.num_rows, type=pa.string())), *misshapen])
+                misshapen.clear()
+            else:
+                rejected = rejected.add_column(0, "source", pa.array([part.name] * rejected.num_rows,
+                                                                     type=pa.string()))
             if good.num_rows:
                 features, labels = _tables(good)
                 fwriter.write_table(features)
@@ -265,8 +331,7 @@ def transform(parts: list[Path], features_out: Path, labels_out: Path, rejected_
                 t_min = lo if t_min is None else min(t_min, lo)
                 t_max = hi if t_max is None else max(t_max, hi)
             if rejected.num_rows:
-                source = pa.array([part.name] * rejected.num_rows, type=pa.string())
-                rwriter.write_table(rejected.add_column(0, "source", source).cast(rejected_schema))
+                rwriter.write_table(rejected.cast(rejected_schema))
                 rejected_rows += rejected.num_rows
                 for why in rejected.column("reason").to_pylist():
                     column = why.split(":", 1)[0]

@@ -29,6 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import redis
 
 from pipeline import schema
 from pipeline.settings import FEAST_PROJECT, Settings
@@ -149,11 +150,27 @@ class RedisOnlineReader:
 
     def _roundtrip(self, keys: list[bytes]) -> list[list[bytes | None]]:
         conn = getattr(self._local, "conn", None)
+        reused = conn is not None
         if conn is None:
             conn = self._local.conn = self.client.connection_pool.make_connection()
+        command = [b"".join(self._command(key) for key in keys)]
         try:
-            conn.send_packed_command([b"".join(self._command(key) for key in keys)], check_health=False)
+            conn.send_packed_command(command, check_health=False)
             return [conn.read_response() for _ in keys]
+        except redis.exceptions.ConnectionError:
+            conn.disconnect()
+            if not reused:
+                self._local.conn = None
+                raise
+            # An idle connection the server (its `timeout`, a restart, a proxy)
+            # closed: one retry on a fresh connection; HMGET is safe to repeat.
+            try:
+                conn.send_packed_command(command, check_health=False)
+                return [conn.read_response() for _ in keys]
+            except BaseException:
+                conn.disconnect()
+                self._local.conn = None
+                raise
         except BaseException:
             conn.disconnect()  # unknown state (timeout, half-read replies): start afresh next time
             self._local.conn = None
@@ -249,7 +266,8 @@ def load_latest(client, features_path: Path, project: str = FEAST_PROJECT,
             batch = batch.filter(pa.array(take))
             matrix = np.column_stack([batch.column(name).to_numpy() for name in schema.FEATURE_NAMES])
             commands = _hset_commands(layout, batch.column(schema.JOIN_KEY).to_numpy(),
-                                      batch.column(schema.TIMESTAMP).cast(pa.int64()).to_numpy(), matrix)
+                                      batch.column(schema.TIMESTAMP).cast(pa.timestamp("us", tz="UTC"))
+                                      .cast(pa.int64()).to_numpy(), matrix)
             conn.send_packed_command([b"".join(commands)], check_health=False)
             for _ in commands:
                 conn.read_response()  # an error reply raises here

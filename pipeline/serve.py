@@ -503,15 +503,18 @@ def run_server(settings: Settings, multiprocess_dir: str | None = None) -> None:
     from granian.constants import Interfaces
     from granian.server import Server
 
+    from granian.log import LogLevels
+
     for name in _HANDED_ON:
         value = getattr(settings, name)
-        if value is not None:
-            os.environ[f"MLOPS_{name.upper()}"] = str(value)
+        os.environ[f"MLOPS_{name.upper()}"] = "" if value is None else str(value)  # "" is unset
     log.info("serve: http://%s:%d/predict (%d worker(s) x %d thread(s))", settings.host,
              settings.port, settings.workers, settings.threads)
+    quiet = logging.getLogger().getEffectiveLevel() > logging.INFO  # `-q`
     Server(
         target=f"{__name__}:app_from_environment", factory=True, interface=Interfaces.WSGI,
         address=settings.host, port=settings.port, workers=settings.workers,
         blocking_threads=settings.threads, websockets=False, respawn_failed_workers=True,
         workers_kill_timeout=20, log_access=False,
+        log_level=LogLevels.warning if quiet else LogLevels.info,
     ).serve()

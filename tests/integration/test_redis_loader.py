@@ -104,3 +104,18 @@ def test_a_changed_feast_encoding_is_refused_with_what_to_do(monkeypatch):
     monkeypatch.setattr(helpers, "_redis_key", lambda project, key, **kw: real(project, key, **kw) + b"!")
     with pytest.raises(LayoutChanged, match="pin the Feast version"):
         FeastRedisLayout()
+
+
+def test_the_reader_survives_redis_closing_its_idle_connection(features, redis_url):
+    """Redis's `timeout`, a restart or a proxy closes idle connections; the next
+    lookup must not be a 503 while Redis is fine."""
+    from pipeline.redis_layout import RedisOnlineReader
+
+    settings = make_settings(features["shared"], redis_url=db_url(redis_url, 6))
+    load_latest(connect(settings, 10), features["path"])
+    reader = RedisOnlineReader(connect(settings, 1))
+    entity = int(features["frame"][schema.JOIN_KEY].iloc[0])
+    before = reader.read([entity])
+    admin = connect(settings, 10)
+    assert admin.client_kill_filter(_type="normal", skipme=True) >= 1  # the reader's connection
+    assert reader.read([entity]) == before and before[0] is not None

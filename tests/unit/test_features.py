@@ -35,6 +35,10 @@ def raw_row(**changes) -> dict:
     # the right shape but not a value: found by Arrow's cast, not by the shape screen
     ({schema.JOIN_KEY: "9223372036854775808"}, f"{schema.JOIN_KEY}: not a non-negative integer"),
     ({schema.TIMESTAMP: "2026-13-02T03:04:05Z"}, f"{schema.TIMESTAMP}: not an ISO 8601 timestamp"),
+    # a real date that pandas, Feast's retrieval and training cannot hold
+    ({schema.TIMESTAMP: "0001-01-02T03:04:05Z"},
+     f"{schema.TIMESTAMP}: out of range [1677-09-22, 2262-04-11] (what pandas and Feast hold)"),
+    ({"age": "\u0661\u0668"}, "age: not a number"),  # Arabic-Indic digits: not ASCII, not a number here
     # the first failing column, in schema order, names the row
     ({"age": "", "satisfaction": "9"}, "age: missing"),
 ])
@@ -61,7 +65,9 @@ def test_spellings_of_the_same_values_give_the_same_typed_row():
     spellings = [raw_row(age=" 40 ", monthly_spend="+9.95e1"),
                  raw_row(**{schema.TIMESTAMP: "2026-01-02 04:04:05+01:00"}),
                  raw_row(**{schema.TIMESTAMP: "2026-01-02T03:04:05"}),  # no offset: taken as UTC
-                 raw_row(**{schema.JOIN_KEY: "0001001"})]
+                 raw_row(**{schema.JOIN_KEY: "0001001"}),
+                 raw_row(**{schema.JOIN_KEY: "1001.0"}),  # how pandas writes an int column with gaps
+                 raw_row(**{schema.TIMESTAMP: "2026-01-02T03:04:05.000000000Z"})]  # nanoseconds
     good, rejected = validate_chunk(pa.Table.from_pylist([raw_row(), *spellings]))
     assert rejected.num_rows == 0
     rows = good.to_pylist()
@@ -103,3 +109,22 @@ def test_transform_streams_to_the_same_result_whatever_the_block_size(tmp_path):
     pd.testing.assert_frame_equal(small[0], large[0])
     pd.testing.assert_frame_equal(small[1], large[1])
     assert len(small[1]) == injected
+
+
+def test_a_row_with_the_wrong_number_of_fields_is_quarantined_not_fatal(tmp_path):
+    header = ",".join(schema.RAW_COLUMNS)
+    good = ",".join(raw_row().values())
+    part = tmp_path / "part-00000.csv"
+    part.write_text(f"{header}\n{good}\n1002,2026-01-02T03:04:05Z,40\n{good}\n")
+    stats = transform([part], tmp_path / "f.parquet", tmp_path / "l.parquet", tmp_path / "r.csv")
+    assert (stats["rows_in"], stats["rows_out"], stats["rows_quarantined"]) == (3, 2, 1)
+    rejected = pd.read_csv(tmp_path / "r.csv", dtype=str, keep_default_na=False)
+    assert rejected["reason"].tolist() == ["row: expected 11 fields, got 3: 1002,2026-01-02T03:04:05Z,40"]
+    assert rejected["source"].tolist() == ["part-00000.csv"]
+
+
+def test_a_file_that_is_not_csv_names_the_file_and_the_fix(tmp_path):
+    part = tmp_path / "part-00003.csv"
+    part.write_text("")
+    with pytest.raises(SchemaError, match="part-00003.csv.*dvc checkout"):
+        transform([part], tmp_path / "f.parquet", tmp_path / "l.parquet", tmp_path / "r.csv")
