@@ -134,7 +134,7 @@ def _parse(text: pa.Array, allowed: tuple[int, int], to: pa.DataType) -> tuple[n
     plain = _only_bytes(text, allowed)
     odd = np.flatnonzero(~plain)
     main = _cast_or_null(text if not len(odd) else pc.if_else(pa.array(plain), text, "0"), to)
-    values = main.fill_null(0).to_numpy(zero_copy_only=False, writable=True)
+    values = (main.fill_null(0) if main.null_count else main).to_numpy(zero_copy_only=False, writable=True)
     parsed = plain.copy()
     if len(odd) and pa.types.is_floating(to):
         values[odd] = [_float_or_nan(value) for value in text.take(odd).to_pylist()]
@@ -189,7 +189,9 @@ def _empty(text: pa.Array) -> np.ndarray:
 
 def _check_column(raw: pa.Table, name: str) -> tuple[pa.Array, Checks]:
     """One column typed, and its checks in order: (rows failing, reason)."""
-    column = pc.fill_null(pc.cast(raw.column(name).combine_chunks(), pa.string()), "")
+    column = pc.cast(raw.column(name).combine_chunks(), pa.string())
+    if column.null_count:  # fill_null costs a copy even without nulls: only when needed
+        column = pc.fill_null(column, "")
     text = pc.ascii_trim_whitespace(column)
     if name == schema.JOIN_KEY:
         keys, parsed = _parse(text, DIGIT_BYTES, pa.int64())
@@ -198,7 +200,8 @@ def _check_column(raw: pa.Table, name: str) -> tuple[pa.Array, Checks]:
             (~parsed | (keys < 0), f"{name}: not a non-negative integer")]
     if name == schema.TIMESTAMP:
         stamps = _timestamps(text)
-        micros = stamps.cast(pa.int64()).fill_null(0).to_numpy(zero_copy_only=False)
+        micros = stamps.cast(pa.int64())
+        micros = (micros.fill_null(0) if micros.null_count else micros).to_numpy(zero_copy_only=False)
         return stamps, [(_empty(text), f"{name}: missing"),
                         (stamps.is_null().to_numpy(zero_copy_only=False),
                          f"{name}: not an ISO 8601 timestamp"),
