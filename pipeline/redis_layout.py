@@ -44,8 +44,6 @@ LOAD_BATCH_ROWS = 20_000
 def connect(settings: Settings, timeout_seconds: float):
     """A redis-py client for the online store: bounded socket timeouts, no retries,
     so an unreachable Redis is an error within ``timeout_seconds``."""
-    import redis
-
     host, port, db, password = settings.redis_parts()
     return redis.Redis(host=host, port=port, db=db, password=password, socket_timeout=timeout_seconds,
                        socket_connect_timeout=timeout_seconds, retry=None)
@@ -115,6 +113,14 @@ class FeastRedisLayout:
                 "constraints.txt or update FeastRedisLayout")
 
 
+def _closed_while_idle(conn) -> bool:
+    """An idle connection with something to read (or an EOF) is no longer usable."""
+    try:
+        return conn.can_read(timeout=0)
+    except (redis.exceptions.ConnectionError, OSError):
+        return True
+
+
 class RedisOnlineReader:
     """The feature view read straight from Redis, in Feast's own layout.
 
@@ -150,27 +156,16 @@ class RedisOnlineReader:
 
     def _roundtrip(self, keys: list[bytes]) -> list[list[bytes | None]]:
         conn = getattr(self._local, "conn", None)
-        reused = conn is not None
         if conn is None:
             conn = self._local.conn = self.client.connection_pool.make_connection()
-        command = [b"".join(self._command(key) for key in keys)]
-        try:
-            conn.send_packed_command(command, check_health=False)
-            return [conn.read_response() for _ in keys]
-        except redis.exceptions.ConnectionError:
+        elif _closed_while_idle(conn):
+            # The server closed it (its `timeout`, a restart, a proxy). Reconnect
+            # before sending, as redis-py's pool does, so a request never pays
+            # for a dead connection nor retries after a send.
             conn.disconnect()
-            if not reused:
-                self._local.conn = None
-                raise
-            # An idle connection the server (its `timeout`, a restart, a proxy)
-            # closed: one retry on a fresh connection; HMGET is safe to repeat.
-            try:
-                conn.send_packed_command(command, check_health=False)
-                return [conn.read_response() for _ in keys]
-            except BaseException:
-                conn.disconnect()
-                self._local.conn = None
-                raise
+        try:
+            conn.send_packed_command([b"".join(self._command(key) for key in keys)], check_health=False)
+            return [conn.read_response() for _ in keys]
         except BaseException:
             conn.disconnect()  # unknown state (timeout, half-read replies): start afresh next time
             self._local.conn = None
