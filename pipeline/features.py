@@ -317,13 +317,11 @@ def transform(parts: list[Path], features_out: Path, labels_out: Path, rejected_
         for part, batch in _blocks(parts, block_bytes, misshapen):
             good, rejected = validate_chunk(pa.Table.from_batches([batch]))
             total += batch.num_rows + len(misshapen)
+            rejected = rejected.add_column(0, "source", pa.array([part.name] * rejected.num_rows,
+                                                                 type=pa.string()))
             if misshapen:
-                rejected = pa.concat_tables([rejected.add_column(0, "source", pa.array(
-                    [part.name] * rejected.num_rows, type=pa.string())), *misshapen])
+                rejected = pa.concat_tables([rejected, *misshapen])
                 misshapen.clear()
-            else:
-                rejected = rejected.add_column(0, "source", pa.array([part.name] * rejected.num_rows,
-                                                                     type=pa.string()))
             if good.num_rows:
                 features, labels = _tables(good)
                 fwriter.write_table(features)

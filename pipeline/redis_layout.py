@@ -148,9 +148,6 @@ class RedisOnlineReader:
         self._tags = self.layout.double_tag * n
         self._local = threading.local()
 
-    def key(self, entity_id: int) -> bytes:
-        return self.layout.keys(np.array([entity_id], dtype=np.int64))[0]
-
     def _command(self, key: bytes) -> bytes:
         return b"%s$%d\r\n%s\r\n%s" % (self._command_head, len(key), key, self._command_tail)
 
@@ -212,10 +209,10 @@ def _hset_commands(layout: FeastRedisLayout, ids: np.ndarray, micros: np.ndarray
     only the timestamp proto is made row by row.
     """
     n, n_features = matrix.shape
-    key_len = len(layout.keys(ids[:1])[0]) if n else 0
+    key_len = len(layout.key_head) + 8 + len(layout.key_tail)
     head = b"*%d\r\n$4\r\nHSET\r\n$%d\r\n" % (2 + 2 * (1 + n_features), key_len)
     key_part = np.empty((n, len(head) + key_len + 2), dtype=np.uint8)
-    key_part[:] = np.frombuffer(head + layout.keys(np.zeros(1, dtype=np.int64))[0] + b"\r\n", dtype=np.uint8)
+    key_part[:] = np.frombuffer(head + layout.key_head + bytes(8) + layout.key_tail + b"\r\n", dtype=np.uint8)
     at = len(head) + len(layout.key_head)
     key_part[:, at:at + 8] = np.ascontiguousarray(ids, dtype="<i8").view(np.uint8).reshape(n, 8)
     # per feature: $4 CRLF <field> CRLF $9 CRLF <tag><double> CRLF = 25 bytes
