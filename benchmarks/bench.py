@@ -42,7 +42,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from pipeline import schema  # noqa: E402
-from pipeline.cli import STAGES, run_stages  # noqa: E402
+from pipeline.cli import run_stages  # noqa: E402
+from pipeline.dag import STAGE_NAMES as STAGES  # noqa: E402
 from pipeline.settings import Settings  # noqa: E402
 
 
@@ -209,7 +210,7 @@ def bench_serving(settings: Settings, redis_host: str, redis_port: int, password
     from feast.protos.feast.types.EntityKey_pb2 import EntityKey
     from feast.protos.feast.types.Value_pb2 import Value
 
-    from pipeline.featurestore import online_features, open_store
+    from pipeline.feast import online_features, open_store
 
     count, seconds = (300, 3) if quick else (5000, 20)
     import redis
@@ -312,7 +313,7 @@ import json, resource, sys, time
 import pyarrow.compute as pc, pyarrow.parquet as pq
 from pathlib import Path
 from pipeline import schema
-from pipeline.featurestore import definitions, open_store
+from pipeline.feast import definitions, open_store
 from pipeline.redis_layout import connect, load_latest
 from pipeline.settings import Settings
 how, features, shared, url = sys.argv[1:5]

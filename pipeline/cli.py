@@ -14,30 +14,19 @@ from collections.abc import Callable, Sequence
 
 from pydantic import ValidationError
 
+from pipeline.dag import PIPELINE, STAGE_NAMES, spec
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.settings import Settings
 
 log = logging.getLogger("pipeline")
 
-STAGES = ("ingest", "features", "feast", "train", "promote")
-HELP = {
-    "ingest": "generate seeded synthetic CSVs under <shared>/data/raw and version them with DVC",
-    "features": "check raw data against DVC, validate, quarantine bad rows, write Parquet features",
-    "feast": "apply the Feast feature repository and materialize into the online store",
-    "train": "train linear regression on Feast historical features; log and register in MLflow",
-    "promote": "move the registry alias to the new version if it is not worse",
-    "serve": "serve /predict, /metrics, /healthz, /readyz with granian",
-    "run": "run every stage but serve, in order, then print a summary",
-    "summary": "print the summary of the last run from the run records",
+# The commands that are not stages; the stages' help comes from their declaration.
+COMMANDS = {
     "init": "create the shared folder's layout (compose and Kubernetes run it first)",
+    "run": "run every stage, in order, then print a summary",
+    "serve": "serve /predict, /metrics, /healthz, /readyz with granian",
+    "summary": "print the summary of the last run from the run records",
 }
-
-
-def _stage_body(name: str) -> Callable[[Settings], object]:
-    import importlib
-
-    module = {"feast": "featurestore"}.get(name, name)
-    return importlib.import_module(f"pipeline.{module}").run
 
 
 def parser() -> argparse.ArgumentParser:
@@ -59,9 +48,12 @@ def parser() -> argparse.ArgumentParser:
         epilog="Settings come from MLOPS_* environment variables (and MLFLOW_TRACKING_URI); "
                "the README lists them. Flags override the common ones.")
     sub = top.add_subparsers(dest="command", required=True, metavar="<stage>")
-    for name in ("init", *STAGES, "run", "serve", "summary"):
-        parents = [common] + ([data] if name in ("ingest", "train", "run") else [])
-        p = sub.add_parser(name, parents=parents, help=HELP[name], description=HELP[name])
+    helps = {"init": COMMANDS["init"], **{s.name: s.summary for s in PIPELINE},
+             **{k: v for k, v in COMMANDS.items() if k != "init"}}
+    for name, text in helps.items():
+        data_flags = name == "run" or (name in STAGE_NAMES and spec(name).data_flags)
+        parents = [common] + ([data] if data_flags else [])
+        p = sub.add_parser(name, parents=parents, help=text, description=text)
         if name == "serve":
             p.add_argument("--host", help="bind address (MLOPS_HOST, default 127.0.0.1)")
             p.add_argument("--port", type=int, help="port (MLOPS_PORT, default 8000)")
@@ -104,11 +96,11 @@ def run_stages(settings: Settings, names: Sequence[str]) -> None:
     from pipeline.stage import execute
 
     if len(names) == 1:
-        execute(names[0], settings, _stage_body(names[0]))
+        execute(names[0], settings)
         return
     with pipeline_lock(settings.shared, f"run ({', '.join(names)})", settings.lock_timeout_seconds):
         for name in names:
-            execute(name, settings, _stage_body(name), locked=True)
+            execute(name, settings, locked=True)
 
 
 def serve(settings: Settings) -> None:
@@ -140,10 +132,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             for folder in settings.layout():
                 folder.mkdir(parents=True, exist_ok=True)
             log.info("init: shared folder %s is laid out", settings.shared)
-        elif args.command in STAGES:
+        elif args.command in STAGE_NAMES:
             run_stages(settings, [args.command])
         elif args.command == "run":
-            run_stages(settings, STAGES)
+            run_stages(settings, STAGE_NAMES)
             from pipeline.summary import render
 
             print(render(settings))

@@ -20,9 +20,8 @@ import pyarrow.parquet as pq
 
 from pipeline import schema, versioning
 from pipeline.errors import RawDataChanged, SchemaError
-from pipeline.io import atomic_path, file_md5, remove_stale_temps, wait_for_record
-from pipeline.settings import Settings
-from pipeline.stage import StageResult
+from pipeline.io import atomic_path, file_md5, remove_stale_temps
+from pipeline.stage import StageContext, StageResult
 
 log = logging.getLogger(__name__)
 
@@ -347,8 +346,8 @@ def transform(parts: list[Path], features_out: Path, labels_out: Path, rejected_
     }
 
 
-def run(settings: Settings) -> StageResult:
-    ingest = wait_for_record(settings.runs_dir, "features", "ingest", settings.wait_seconds, settings.run_id)
+def run(ctx: StageContext) -> StageResult:
+    settings, ingest = ctx.settings, ctx.upstream["ingest"]
     changed = versioning.changed_files(settings.shared)
     if changed is None:
         raise RawDataChanged([versioning.RAW_TARGET + " (never versioned)"],
@@ -357,7 +356,7 @@ def run(settings: Settings) -> StageResult:
         raise RawDataChanged(changed, versioning.dvc_file(settings.shared))
     raw_hash = versioning.recorded_hash(settings.shared)
     inputs = {"raw_dvc_hash": raw_hash, "schema_version": schema.SCHEMA_VERSION}
-    result = StageResult.start("features", settings, inputs)
+    result = ctx.start(inputs)
     outputs_intact = (
         result.previous is not None
         and settings.features_path.is_file() and settings.labels_path.is_file()

@@ -16,8 +16,7 @@ import pandas as pd
 
 from pipeline import schema, versioning
 from pipeline.io import atomic_path, remove_stale_temps
-from pipeline.settings import Settings
-from pipeline.stage import StageResult
+from pipeline.stage import StageContext, StageResult
 
 log = logging.getLogger(__name__)
 
@@ -126,11 +125,12 @@ def part_name(index: int) -> str:
     return f"part-{index:05d}.csv"
 
 
-def run(settings: Settings, bad_fraction: float = DEFAULT_BAD_FRACTION) -> StageResult:
+def run(ctx: StageContext, bad_fraction: float = DEFAULT_BAD_FRACTION) -> StageResult:
+    settings = ctx.settings
     rows, seed = settings.rows, settings.seed
     inputs = {"rows": rows, "seed": seed, "bad_fraction": bad_fraction,
               "schema_version": schema.SCHEMA_VERSION}
-    result = StageResult.start("ingest", settings, inputs)
+    result = ctx.start(inputs)
     if result.unchanged() and versioning.changed_files(settings.shared) == []:
         return result.skip("raw data for these rows and seed is already versioned",
                            result.previous.outputs)

@@ -9,10 +9,8 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict, dataclass
 
-from pipeline.io import wait_for_record
 from pipeline.registry import alias_version, mlflow_session, set_alias, version_rmse
-from pipeline.settings import Settings
-from pipeline.stage import StageResult
+from pipeline.stage import StageContext, StageResult
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +44,12 @@ def decide(candidate_version: int, candidate_rmse: float, current_version: int |
                        f"(version {current_version}) beyond the {tolerance:.0%} tolerance")
 
 
-def run(settings: Settings) -> StageResult:
-    train = wait_for_record(settings.runs_dir, "promote", "train", settings.wait_seconds, settings.run_id)
+def run(ctx: StageContext) -> StageResult:
+    settings, train = ctx.settings, ctx.upstream["train"]
     candidate = int(train.outputs["model_version"])
     inputs = {"model_name": settings.model_name, "alias": settings.model_alias,
               "candidate_version": candidate, "tolerance": settings.promote_tolerance}
-    result = StageResult.start("promote", settings, inputs)
+    result = ctx.start(inputs)
     with mlflow_session(settings) as client:
         candidate_mv = client.get_model_version(settings.model_name, str(candidate))
         current_mv = alias_version(client, settings.model_name, settings.model_alias)

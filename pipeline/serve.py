@@ -215,14 +215,14 @@ class OnlineFeatures:
             self._redis = connect(settings, settings.online_timeout_seconds)
             self._reader = RedisOnlineReader(self._redis)
         else:
-            from pipeline.featurestore import open_store
+            from pipeline.feast import open_store
 
             self.store = open_store(settings)
 
     def _read(self, entity_ids: list[int]) -> list[list[float] | None]:
         if self.store is None:
             return self._reader.read(entity_ids)
-        from pipeline.featurestore import online_features
+        from pipeline.feast import online_features
 
         values = online_features(self.store, entity_ids)
         columns = [values[name] for name in schema.FEATURE_NAMES]

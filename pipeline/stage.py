@@ -1,4 +1,10 @@
-"""What every stage shares: its input fingerprint, skip-or-do, its run record."""
+"""What every stage shares: its input fingerprint, skip-or-do, its run record.
+
+:func:`execute` runs one declared stage (:mod:`pipeline.dag`): it waits for
+the upstream records the declaration names, takes the shared-folder lock,
+hands the stage body a :class:`StageContext` holding those records, and
+writes the body's run record. A stage body never touches the runs folder.
+"""
 
 from __future__ import annotations
 
@@ -9,20 +15,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipeline.dag import StageSpec, spec
 from pipeline.io import (RunRecord, fingerprint, pipeline_lock, read_record, utcnow, wait_for_record,
                          write_record)
 from pipeline.settings import Settings
 
 log = logging.getLogger(__name__)
-
-# Whose run records each stage reads: it waits for them before taking the lock.
-UPSTREAM: dict[str, tuple[str, ...]] = {
-    "ingest": (),
-    "features": ("ingest",),
-    "feast": ("features", "ingest"),
-    "train": ("feast", "features", "ingest"),
-    "promote": ("train",),
-}
 
 
 @dataclass
@@ -40,10 +38,6 @@ class StageResult:
     message: str = ""
     run_id: str = ""
 
-    @classmethod
-    def start(cls, stage: str, settings: Settings, inputs: dict[str, Any]) -> StageResult:
-        return cls(stage, inputs, fingerprint(inputs), read_record(settings.runs_dir, stage),
-                   run_id=settings.run_id or "")
 
     def unchanged(self) -> bool:
         """True when the last run of this stage succeeded on the same inputs."""
@@ -66,26 +60,64 @@ class StageResult:
         )
 
 
-def execute(name: str, settings: Settings, body: Callable[[Settings], StageResult],
+@dataclass(frozen=True)
+class StageContext:
+    """What a stage body gets: its declaration, the settings, its upstream records."""
+
+    spec: StageSpec
+    settings: Settings
+    upstream: dict[str, RunRecord]
+
+    def start(self, inputs: dict[str, Any]) -> StageResult:
+        """Begin this stage's run on ``inputs`` (fingerprinted, beside its last record)."""
+        return StageResult(self.spec.name, inputs, fingerprint(inputs),
+                           read_record(self.settings.runs_dir, self.spec.name),
+                           run_id=self.settings.run_id or "")
+
+
+def body_of(name: str) -> Callable[[StageContext], StageResult]:
+    """The stage body: ``run`` of the module named like the stage."""
+    import importlib
+
+    return importlib.import_module(spec(name).module).run
+
+
+def upstream_records(stage: StageSpec, settings: Settings, wait: bool) -> dict[str, RunRecord]:
+    """The latest record of every stage ``stage`` needs; waits for them when ``wait``."""
+    return {name: wait_for_record(settings.runs_dir, stage.name, name,
+                                  settings.wait_seconds if wait else 0.0, settings.run_id)
+            for name in stage.needs}
+
+
+def execute(name: str, settings: Settings, body: Callable[[StageContext], StageResult] | None = None,
             locked: bool = False) -> RunRecord:
-    """Run one stage under the shared-folder lock and write its run record.
+    """Run one declared stage under the shared-folder lock and write its run record.
 
     ``locked``: the caller already holds the lock (``python -m pipeline run``
     holds it for the whole sequence, so no other run interleaves its stages).
+    ``body`` defaults to the stage module's ``run``.
 
-    The record is written only when the stage finished, so it doubles as the
-    "upstream is done" marker: a failed or killed stage leaves the previous
-    record in place and downstream stages keep seeing a consistent state.
+    Upstream records are awaited outside the lock (so upstream can take it),
+    then read again under it: the body sees the records as they are while it
+    runs. The record is written only when the stage finished, so it doubles
+    as the "upstream is done" marker: a failed or killed stage leaves the
+    previous record in place and downstream stages keep seeing a consistent
+    state.
     """
+    stage = spec(name)
+    body = body or body_of(name)
     if not locked:
-        for upstream in UPSTREAM.get(name, ()):  # outside the lock, so upstream can take it
-            wait_for_record(settings.runs_dir, name, upstream, settings.wait_seconds, settings.run_id)
+        upstream_records(stage, settings, wait=True)
     with contextlib.ExitStack() as stack:
         if not locked:
             stack.enter_context(pipeline_lock(settings.shared, f"stage {name}",
                                               settings.lock_timeout_seconds))
         log.info("%s: starting", name)
-        result = body(settings)
+        result = body(StageContext(stage, settings, upstream_records(stage, settings, wait=False)))
+        missing = [key for key in stage.promises if key not in result.outputs]
+        if missing:
+            raise RuntimeError(f"stage {name} did not record {missing}, which pipeline/dag.py "
+                               "promises to the stages after it")
         record = result.record()
         write_record(settings.runs_dir, record)
     log.info("%s: %s (%.1fs)", name, record.message, record.seconds)

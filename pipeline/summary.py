@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from pipeline import schema
+from pipeline.dag import STAGE_NAMES
 from pipeline.io import read_record
 from pipeline.settings import Settings
 
-STAGE_ORDER = ("ingest", "features", "feast", "train", "promote")
-
 
 def render(settings: Settings) -> str:
-    records = {name: read_record(settings.runs_dir, name) for name in STAGE_ORDER}
+    records = {name: read_record(settings.runs_dir, name) for name in STAGE_NAMES}
     lines = [f"Pipeline summary ({settings.shared})", ""]
     lines += [f"  {name:<9} {rec.status:<8} {rec.seconds:7.1f}s  {rec.message}" if rec
               else f"  {name:<9} not run" for name, rec in records.items()]

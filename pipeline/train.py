@@ -19,11 +19,11 @@ import numpy as np
 import pandas as pd
 
 from pipeline import schema
-from pipeline.featurestore import open_store
-from pipeline.io import atomic_path, wait_for_record
+from pipeline.feast import open_store
+from pipeline.io import atomic_path
 from pipeline.registry import find_version_by_fingerprint, mlflow_session, register_model_version
 from pipeline.settings import Settings
-from pipeline.stage import StageResult
+from pipeline.stage import StageContext, StageResult
 
 log = logging.getLogger(__name__)
 
@@ -121,10 +121,9 @@ def training_frame(settings: Settings) -> pd.DataFrame:
     return frame.sort_values([schema.TIMESTAMP, schema.JOIN_KEY], kind="stable").reset_index(drop=True)
 
 
-def run(settings: Settings) -> StageResult:
-    feast = wait_for_record(settings.runs_dir, "train", "feast", settings.wait_seconds, settings.run_id)
-    features = wait_for_record(settings.runs_dir, "train", "features", settings.wait_seconds, settings.run_id)
-    ingest = wait_for_record(settings.runs_dir, "train", "ingest", settings.wait_seconds, settings.run_id)
+def run(ctx: StageContext) -> StageResult:
+    settings = ctx.settings
+    feast, features, ingest = (ctx.upstream[name] for name in ("feast", "features", "ingest"))
     inputs = {
         "features_md5": features.outputs["features_md5"],
         "labels_md5": features.outputs["labels_md5"],
@@ -134,7 +133,7 @@ def run(settings: Settings) -> StageResult:
         "schema_version": schema.SCHEMA_VERSION,
         "model_name": settings.model_name,
     }
-    result = StageResult.start("train", settings, inputs)
+    result = ctx.start(inputs)
     with mlflow_session(settings) as client:
         existing = find_version_by_fingerprint(client, settings.model_name, result.fingerprint)
         if existing is not None:

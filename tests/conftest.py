@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cli import STAGES, run_stages
+from pipeline.cli import run_stages
+from pipeline.dag import STAGE_NAMES as STAGES
 from pipeline.settings import Settings
 
 REDIS_IMAGE = os.environ.get("MLOPS_REDIS_IMAGE", "redis:7-bookworm")

@@ -10,7 +10,7 @@ import subprocess
 import pytest
 import yaml
 
-from pipeline.cli import STAGES
+from pipeline.dag import STAGE_NAMES as STAGES
 from tests.conftest import ROOT
 
 COMPOSE = ROOT / "compose.yaml"

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cli import STAGES, run_stages
+from pipeline.cli import run_stages
+from pipeline.dag import STAGE_NAMES as STAGES
 from pipeline.io import read_record
 from tests.conftest import ROOT, docker_available, free_port, make_settings
 

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from pipeline.cli import STAGES
+from pipeline.dag import STAGE_NAMES as STAGES
 from pipeline.io import read_record
 from tests.conftest import ROOT, clean_env, pipeline_cli
 from tests.faults.checks import assert_consistent

@@ -12,7 +12,8 @@ import urllib.request
 
 import pytest
 
-from pipeline.cli import STAGES, run_stages
+from pipeline.cli import run_stages
+from pipeline.dag import STAGE_NAMES as STAGES
 from tests.conftest import clean_env, free_port, make_settings, redis_container, running_server
 
 pytestmark = [pytest.mark.faults, pytest.mark.docker]

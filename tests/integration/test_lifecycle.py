@@ -13,7 +13,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 from werkzeug.test import Client
 
-from pipeline.cli import STAGES, run_stages
+from pipeline.cli import run_stages
+from pipeline.dag import STAGE_NAMES as STAGES
 from pipeline.registry import mlflow_session, register_model_version
 from pipeline.serve import create_app
 from pipeline.train import MODEL_CODE

@@ -14,7 +14,7 @@ import pytest
 import redis
 
 from pipeline import schema
-from pipeline.featurestore import definitions, online_features, open_store
+from pipeline.feast import definitions, online_features, open_store
 from pipeline.redis_layout import FeastRedisLayout, LayoutChanged, connect, latest_rows, load_latest
 from tests.conftest import clean_env, make_settings, pipeline_cli
 

@@ -151,7 +151,7 @@ def test_the_fast_redis_reader_reads_exactly_what_feast_sdk_reads(run):
     as Feast's own get_online_features, for every entity, unknown ones included."""
     import redis
 
-    from pipeline.featurestore import online_features, open_store
+    from pipeline.feast import online_features, open_store
     from pipeline.redis_layout import RedisOnlineReader
 
     settings = run["settings"]

@@ -1,6 +1,6 @@
 import pytest
 
-from pipeline.featurestore import online_store_config
+from pipeline.feast import online_store_config
 from pipeline.settings import Settings
 
 

@@ -23,9 +23,9 @@ from feast.types import Float64
 
 from pipeline import schema
 from pipeline.errors import OnlineStoreUnavailable
-from pipeline.io import atomic_write_bytes, file_md5, wait_for_record
+from pipeline.io import atomic_write_bytes, file_md5
 from pipeline.settings import FEAST_PROJECT, Settings
-from pipeline.stage import StageResult
+from pipeline.stage import StageContext, StageResult
 
 log = logging.getLogger(__name__)
 
@@ -124,9 +124,8 @@ def online_features(store: FeatureStore, entity_ids: list[int]) -> dict[str, lis
     return store.get_online_features(features=schema.feature_refs(), entity_rows=rows).to_dict()
 
 
-def run(settings: Settings) -> StageResult:
-    features = wait_for_record(settings.runs_dir, "feast", "features", settings.wait_seconds, settings.run_id)
-    ingest = wait_for_record(settings.runs_dir, "feast", "ingest", settings.wait_seconds, settings.run_id)
+def run(ctx: StageContext) -> StageResult:
+    settings, features, ingest = ctx.settings, ctx.upstream["features"], ctx.upstream["ingest"]
     sample = int(ingest.outputs["sample_entity"])
     online = online_store_config(settings, password_placeholder=True)
     inputs = {
@@ -135,7 +134,7 @@ def run(settings: Settings) -> StageResult:
         "schema_version": schema.SCHEMA_VERSION,
         "online_store": online,
     }
-    result = StageResult.start("feast", settings, inputs)
+    result = ctx.start(inputs)
     store = open_store(settings)
     if result.unchanged() and file_md5(settings.features_path) == inputs["features_md5"]:
         values = online_features(store, [sample])
