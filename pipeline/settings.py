@@ -2,25 +2,12 @@
 
 Built once at the entry point (``pipeline.cli.main``) and passed down; nothing
 below the CLI reads ``os.environ``. The same variable names are used by the
-local simulator, compose.yaml and the Helm chart's ConfigMap.
+local simulator, compose.yaml and the Helm chart's ConfigMap; tests fail when
+either sets an ``MLOPS_*`` name this class does not know.
 
-| variable | default | meaning |
-|---|---|---|
-| ``MLOPS_SHARED_DIR`` | ``./.shared`` | root of the shared volume (the PVC) |
-| ``MLOPS_REDIS_URL`` | unset | ``redis://[:password@]host:port/db``; unset: Feast's SQLite online store |
-| ``MLOPS_REDIS_PASSWORD`` | unset | Redis password (from a secret); overrides the URL's |
-| ``MLOPS_REDIS_PASSWORD_FILE`` | unset | file holding the Redis password (a compose or Kubernetes secret) |
-| ``MLFLOW_TRACKING_URI`` | ``sqlite:///<shared>/mlflow/mlflow.db`` | MLflow tracking server or store |
-| ``MLOPS_MODEL_NAME`` | ``mlops-linear`` | registered model name |
-| ``MLOPS_MODEL_ALIAS`` | ``production`` | registry alias that serving follows |
-| ``MLOPS_ROWS`` / ``MLOPS_SEED`` | ``10000`` / ``42`` | synthetic data size and seed |
-| ``MLOPS_PROMOTE_TOLERANCE`` | ``0.05`` | relative holdout-RMSE slack allowed when promoting |
-| ``MLOPS_WAIT_SECONDS`` | ``0`` | how long a stage waits for its upstream's run record |
-| ``MLOPS_RUN_ID`` | unset | rollout id: stages wait for upstream records of the same id |
-| ``MLOPS_ONLINE_TIMEOUT_SECONDS`` | ``0.05`` | Redis socket timeout, no retries |
-| ``MLOPS_ONLINE_BACKOFF_SECONDS`` | ``0.25`` | after Redis failed, answer 503 at once for this long |
-| ``MLOPS_MODEL_POLL_SECONDS`` | ``5`` | how often serving checks the alias |
-| ``MLOPS_HOST`` / ``MLOPS_PORT`` / ``MLOPS_WORKERS`` / ``MLOPS_THREADS`` | ``127.0.0.1`` / ``8000`` / ``2`` / ``1`` | serving: bind address, worker processes, threads each |
+Every field carries its description: ``docs/configuration.md`` is generated
+from them (``python -m pipeline.settings > docs/configuration.md``) and a test
+fails when the two differ.
 """
 
 from __future__ import annotations
@@ -39,33 +26,40 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="MLOPS_", extra="ignore", frozen=True)
 
-    shared_dir: Path = Path(".shared")
-    redis_url: str | None = None
-    redis_password: str | None = None
-    redis_password_file: Path | None = None
+    shared_dir: Path = Field(Path(".shared"), description="root of the shared volume (the PVC)")
+    redis_url: str | None = Field(None, description="Redis online store, `redis://[:password@]host:port/db`; "
+                                                    "unset: Feast's SQLite online store on the volume")
+    redis_password: str | None = Field(None, description="Redis password (from a secret); overrides the URL's")
+    redis_password_file: Path | None = Field(None, description="file holding the Redis password (a compose or "
+                                                               "Kubernetes secret)")
     mlflow_tracking_uri: str | None = Field(
-        default=None, validation_alias=AliasChoices("MLFLOW_TRACKING_URI")
-    )
-    experiment_name: str = "mlops-shared-volume"
-    model_name: str = "mlops-linear"
-    model_alias: str = "production"
-    rows: int = Field(default=10_000, ge=10)
-    seed: int = Field(default=42, ge=0)
-    holdout_fraction: float = Field(default=0.2, gt=0, lt=1)
-    promote_tolerance: float = Field(default=0.05, ge=0)
-    wait_seconds: float = Field(default=0.0, ge=0)
-    lock_timeout_seconds: float = Field(default=600.0, ge=0)
-    online_timeout_seconds: float = Field(default=0.05, gt=0)
-    online_backoff_seconds: float = Field(default=0.25, ge=0)
-    model_poll_seconds: float = Field(default=5.0, gt=0)
-    max_body_bytes: int = Field(default=64 * 1024, ge=1024)
-    max_batch: int = Field(default=1000, ge=1)
-    host: str = "127.0.0.1"
-    port: int = Field(default=8000, ge=0, le=65535)
-    workers: int = Field(default=2, ge=1)
-    threads: int = Field(default=1, ge=1)
-    git_commit: str | None = None
-    run_id: str | None = None
+        default=None, validation_alias=AliasChoices("MLFLOW_TRACKING_URI"),
+        description="MLflow tracking server or store; unset: `sqlite:///<shared>/mlflow/mlflow.db`")
+    experiment_name: str = Field("mlops-shared-volume", description="MLflow experiment of the training runs")
+    model_name: str = Field("mlops-linear", description="registered model name")
+    model_alias: str = Field("production", description="registry alias that promote moves and serve follows")
+    rows: int = Field(10_000, ge=10, description="synthetic rows ingest generates")
+    seed: int = Field(42, ge=0, description="seed of the generator and of the train/holdout split")
+    holdout_fraction: float = Field(0.2, gt=0, lt=1, description="share of rows held out to score a model")
+    promote_tolerance: float = Field(0.05, ge=0, description="relative holdout-RMSE slack a new version may "
+                                                             "have over the current one and still be promoted")
+    wait_seconds: float = Field(0.0, ge=0, description="how long a stage waits for its upstream's run record")
+    lock_timeout_seconds: float = Field(600.0, ge=0, description="how long a stage waits for another run to "
+                                                                 "release the shared folder's lock")
+    online_timeout_seconds: float = Field(0.05, gt=0, description="Redis socket timeout of a lookup, no retries")
+    online_backoff_seconds: float = Field(0.25, ge=0, description="after Redis was found unreachable, answer "
+                                                                  "503 at once for this long")
+    model_poll_seconds: float = Field(5.0, gt=0, description="how often serving checks the registry alias")
+    max_body_bytes: int = Field(64 * 1024, ge=1024, description="largest POST /predict body accepted")
+    max_batch: int = Field(1000, ge=1, description="most entities in one batch request")
+    host: str = Field("127.0.0.1", description="serving: bind address")
+    port: int = Field(8000, ge=0, le=65535, description="serving: port")
+    workers: int = Field(2, ge=1, description="serving: worker processes")
+    threads: int = Field(1, ge=1, description="serving: threads per worker process")
+    git_commit: str | None = Field(None, description="lineage tag on the MLflow run; unset: `git rev-parse "
+                                                     "HEAD` where there is a checkout")
+    run_id: str | None = Field(None, description="rollout id (the chart sets it): stages wait for upstream "
+                                                 "records of the same id")
 
     @field_validator("redis_url", "redis_password", "redis_password_file", "mlflow_tracking_uri",
                      "git_commit", "run_id", mode="before")
@@ -162,3 +156,34 @@ class Settings(BaseSettings):
         if password is None and parts.password:
             password = unquote(parts.password)
         return parts.hostname or "localhost", parts.port or 6379, db, password
+
+
+def env_name(field: str) -> str:
+    """The environment variable a settings field is read from."""
+    info = Settings.model_fields[field]
+    if isinstance(info.validation_alias, AliasChoices):
+        return str(info.validation_alias.choices[0])
+    return f"{Settings.model_config['env_prefix']}{field.upper()}"
+
+
+def known_variables() -> set[str]:
+    return {env_name(name) for name in Settings.model_fields}
+
+
+def configuration_table() -> str:
+    """docs/configuration.md: every setting, its variable, default and meaning."""
+    lines = ["# Configuration", "",
+             "Every setting is an environment variable, the same name in all three runtimes (the "
+             "simulator, compose.yaml, the chart's ConfigMap). Flags of `python -m pipeline` override "
+             "the common ones (`--help`).", "",
+             "Generated from `pipeline/settings.py` by `python -m pipeline.settings > "
+             "docs/configuration.md`; a test fails when this page and the code differ.", "",
+             "| variable | default | meaning |", "|---|---|---|"]
+    for name, info in Settings.model_fields.items():
+        default = "unset" if info.default is None else f"`{info.default}`"
+        lines.append(f"| `{env_name(name)}` | {default} | {info.description} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(configuration_table(), end="")
