@@ -15,7 +15,7 @@ import pytest
 from pipeline.cli import run_stages
 from pipeline.dag import STAGE_NAMES as STAGES
 from pipeline.io import read_record
-from tests.conftest import ROOT, docker_available, free_port, make_settings
+from tests.support import ROOT, docker_available, free_port, make_settings
 
 pytestmark = [pytest.mark.e2e, pytest.mark.docker]
 

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 
 import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline.io import file_md5, read_record
-from tests.conftest import ROOT, clean_env, make_settings
+from tests.support import ROOT, clean_env, make_settings, wait_until
 from tests.faults.checks import assert_consistent
 
 pytestmark = pytest.mark.faults
@@ -30,7 +29,7 @@ def dvc_status(shared) -> str:
     return proc.stdout
 
 
-def test_two_runs_at_once_take_turns_and_leave_one_consistent_state(tmp_path, figures):
+def test_two_runs_at_once_take_turns_and_leave_one_consistent_state(tmp_path):
     env = clean_env(MLOPS_SHARED_DIR=str(tmp_path))
     first, second = start(env, "--rows", "6000"), start(env, "--rows", "9000")
     outs = [p.communicate(timeout=600) for p in (first, second)]
@@ -50,16 +49,13 @@ def test_two_runs_at_once_take_turns_and_leave_one_consistent_state(tmp_path, fi
     client = MlflowClient(settings.tracking_uri, registry_uri=settings.tracking_uri)
     versions = client.search_model_versions("name = 'mlops-linear'")
     assert sorted(int(v.version) for v in versions) == [1, 2]  # one per data set, none torn
-    figures["concurrent runs: both finished, one waited"] = True
 
 
 def test_a_run_that_cannot_get_the_lock_in_time_refuses_and_changes_nothing(tmp_path):
     env = clean_env(MLOPS_SHARED_DIR=str(tmp_path))
     holder = start(env, "--rows", "20000")
     lock = tmp_path / ".pipeline.lock"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not (lock.exists() and "run (" in lock.read_text()):
-        time.sleep(0.05)
+    wait_until(lambda: lock.exists() and "run (" in lock.read_text(), 60, "the first run holds the lock")
     impatient = subprocess.run([sys.executable, "-m", "pipeline", "ingest", "--rows", "500"],
                                env={**env, "MLOPS_LOCK_TIMEOUT_SECONDS": "1"}, cwd=ROOT,
                                capture_output=True, text=True, timeout=120)

@@ -14,7 +14,7 @@ import pytest
 
 from pipeline.dag import STAGE_NAMES as STAGES
 from pipeline.io import read_record
-from tests.conftest import ROOT, clean_env, pipeline_cli
+from tests.support import ROOT, clean_env, pipeline_cli
 from tests.faults.checks import assert_consistent
 
 pytestmark = pytest.mark.faults
@@ -51,7 +51,10 @@ def kill_during(stage: str, env: dict, offset: float, lock) -> bool:
         except FileNotFoundError:
             pass
         time.sleep(0.005)
-    time.sleep(offset)
+    # the kill point: ``offset`` s into the stage body, unless the stage ends first
+    kill_at = time.monotonic() + offset
+    while proc.poll() is None and time.monotonic() < kill_at:
+        time.sleep(0.005)
     hit = proc.poll() is None
     if hit:
         os.kill(proc.pid, signal.SIGKILL)

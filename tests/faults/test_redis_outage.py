@@ -14,7 +14,8 @@ import pytest
 
 from pipeline.cli import run_stages
 from pipeline.dag import STAGE_NAMES as STAGES
-from tests.conftest import clean_env, free_port, make_settings, redis_container, running_server
+from tests.conftest import redis_container
+from tests.support import clean_env, free_port, make_settings, running_server, wait_until
 
 pytestmark = [pytest.mark.faults, pytest.mark.docker]
 CLIENTS, MAX_REQUESTS, MAX_SECONDS = 4, 40_000, 90
@@ -56,13 +57,20 @@ class Load:
     def between(self, start: float, end: float) -> list:
         return [r for r in self.log if start <= r[0] < end]
 
+    def answers(self, after: float, status: int) -> list:
+        return [r for r in self.log if r[0] >= after and r[2] == status]
+
     def first(self, after: float, status: int) -> float:
-        for _ in range(int(30 / 0.05)):
-            hits = [r[0] + r[1] for r in self.log if r[0] >= after and r[2] == status]
-            if hits:
-                return min(hits) - after
-            time.sleep(0.05)
-        raise AssertionError(f"no {status} answer within 30 s")
+        """Seconds from ``after`` to the first ``status`` answer (waits up to 30 s)."""
+        hits = wait_until(lambda: self.answers(after, status), 30, f"a {status} answer")
+        return min(r[0] + r[1] for r in hits) - after
+
+    def keep_answering(self, after: float, status: int, count: int, seconds: float = 0.0) -> None:
+        """Wait until ``count`` answers with ``status`` came after ``after``, the last
+        of them started at least ``seconds`` after it (the phase lasted that long)."""
+        wait_until(lambda: (len(hits := self.answers(after, status)) >= count
+                            and hits[-1][0] >= after + seconds), 60,
+                   f"{count} answers {status} spanning {seconds} s")
 
 
 def test_redis_outage_under_load(tmp_path, figures):
@@ -76,26 +84,28 @@ def test_redis_outage_under_load(tmp_path, figures):
         redis_proc = container.get_wrapped_container()
         with running_server(env) as base:
             with Load(f"{base}/predict") as load:
-                time.sleep(1.5)
+                load.keep_answering(0, 200, 100)  # warmed up: every client is served
                 stopped = time.monotonic()
                 redis_proc.kill(signal="SIGSTOP")
                 detect = load.first(stopped, 503)
-                time.sleep(2.0)
+                # a 2 s outage spans several back-off windows, so the store is re-probed
+                # (each probe bounded by its socket timeout) while answers stay fast
+                load.keep_answering(stopped, 503, 20, seconds=2.0)
                 ready, _ = call(f"{base}/readyz")
                 alive, _ = call(f"{base}/healthz")
                 resumed = time.monotonic()
                 redis_proc.kill(signal="SIGCONT")
                 recover_cont = load.first(resumed, 200)
 
-                time.sleep(1.0)
+                load.keep_answering(resumed, 200, 100)
                 killed = time.monotonic()
                 redis_proc.kill(signal="SIGKILL")
                 load.first(killed, 503)
-                time.sleep(1.0)
+                load.keep_answering(killed, 503, 20, seconds=1.0)
                 restarted = time.monotonic()
                 redis_proc.start()
                 recover_restart = load.first(restarted, 200)
-                time.sleep(1.0)
+                load.keep_answering(restarted + recover_restart + 0.2, 200, 100)
 
             outage = [r for r in load.between(stopped + 0.01, resumed) if r[2] != 200]
             before = load.between(0, stopped)

@@ -18,7 +18,7 @@ from pipeline.dag import STAGE_NAMES as STAGES
 from pipeline.registry import mlflow_session, register_model_version
 from pipeline.serve import create_app
 from pipeline.train import MODEL_CODE
-from tests.conftest import clean_env, make_settings, pipeline_cli
+from tests.support import clean_env, make_settings, pipeline_cli, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -94,10 +94,11 @@ def test_alias_move_swaps_the_model_without_failing_a_request(trained):
 
     thread = threading.Thread(target=hammer)
     thread.start()
-    time.sleep(0.3)
+    wait_until(lambda: len(seen) >= 50, 30, "requests served by version 1 before the move")
     MlflowClient(trained.tracking_uri, registry_uri=trained.tracking_uri).set_registered_model_alias("mlops-linear", "production", str(v2))
     assert app.watcher.refresh() is True
-    time.sleep(0.3)
+    moved = len(seen)
+    wait_until(lambda: len(seen) >= moved + 50 or not thread.is_alive(), 30, "requests served after the move")
     stop.set()
     thread.join(35)
     assert {status for status, _ in seen} == {200}
