@@ -55,6 +55,18 @@ class SchemaError(PipelineError):
     exit_code = 4
 
 
+class OnlineStoreIncomplete(PipelineError):
+    """The feast stage wrote the online store, but an entity it must hold is missing."""
+
+    exit_code = 6
+
+    def __init__(self, how: str, entity: int) -> None:
+        super().__init__(
+            f"feast: {how}, but entity {entity} is not in the online store; another writer may have "
+            "emptied it meanwhile (a Redis restart or FLUSHDB): re-run `python -m pipeline feast`"
+        )
+
+
 class LockBusy(PipelineError):
     exit_code = 5
 

@@ -22,7 +22,7 @@ from feast.infra.registry.file import FileRegistryStore
 from feast.types import Float64
 
 from pipeline import schema
-from pipeline.errors import OnlineStoreUnavailable
+from pipeline.errors import ConfigError, OnlineStoreIncomplete, OnlineStoreUnavailable
 from pipeline.io import atomic_write_bytes, file_md5
 from pipeline.settings import FEAST_PROJECT, Settings
 from pipeline.stage import StageContext, StageResult
@@ -81,8 +81,8 @@ def online_store_config(settings: Settings, password_placeholder: bool = False) 
              f"socket_connect_timeout={timeout}", "retry=null"]
     if password:
         if "," in password:
-            raise ValueError("the Redis password must not contain ',' (Feast's connection "
-                             "string separator); choose another password")
+            raise ConfigError("the Redis password must not contain ',' (Feast's connection "
+                              "string separator); choose another password")
         parts.append("password=${MLOPS_REDIS_PASSWORD}" if password_placeholder
                      else f"password={password}")
     return {"type": "redis", "connection_string": ",".join(parts)}
@@ -171,7 +171,7 @@ def run(ctx: StageContext) -> StageResult:
         how = f"materialized into {online['type']}"
     values = online_features(store, [sample])
     if values[schema.FEATURE_NAMES[0]][0] is None:
-        raise RuntimeError(f"{how}, but entity {sample} is not in the online store")
+        raise OnlineStoreIncomplete(how, sample)
     outputs = {
         "project": FEAST_PROJECT,
         "registry": str(settings.feast_dir / "registry.db"),

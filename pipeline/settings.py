@@ -18,6 +18,8 @@ from urllib.parse import unquote, urlsplit
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from pipeline.errors import ConfigError
+
 FEAST_PROJECT = "mlops"
 
 
@@ -72,10 +74,16 @@ class Settings(BaseSettings):
     def _check_redis_url(cls, value: str | None) -> str | None:
         if value is not None:
             parts = urlsplit(value)
-            if parts.scheme != "redis" or not parts.hostname:
+            try:
+                port_ok = parts.port is None or parts.port > 0
+            except ValueError:
+                port_ok = False
+            db = parts.path.strip("/")
+            if parts.scheme != "redis" or not parts.hostname or not port_ok or not (db == "" or db.isdigit()):
+                # the URL may hold a password: show only its shape
                 raise ValueError(
-                    f"MLOPS_REDIS_URL={value!r} is not a redis://host:port/db URL; "
-                    "unset it to use Feast's SQLite online store"
+                    f"MLOPS_REDIS_URL ({mask_url(value)}) is not a redis://host:port/db URL with a numeric "
+                    "port and database; fix it, or unset it to use Feast's SQLite online store"
                 )
         return value
 
@@ -143,7 +151,7 @@ class Settings(BaseSettings):
     def redis_parts(self) -> tuple[str, int, int, str | None]:
         """``(host, port, db, password)`` of the Redis online store."""
         if not self.redis_url:
-            raise ValueError("no Redis online store configured (MLOPS_REDIS_URL is unset)")
+            raise ConfigError("no Redis online store configured (MLOPS_REDIS_URL is unset)")
         parts = urlsplit(self.redis_url)
         db = int(parts.path.strip("/") or 0)
         password = self.redis_password
@@ -151,11 +159,20 @@ class Settings(BaseSettings):
             try:
                 password = self.redis_password_file.read_text().strip() or None
             except OSError as exc:
-                raise ValueError(f"cannot read MLOPS_REDIS_PASSWORD_FILE {self.redis_password_file}: "
+                raise ConfigError(f"cannot read MLOPS_REDIS_PASSWORD_FILE {self.redis_password_file}: "
                                  f"{exc.strerror}; mount the secret there or unset the variable") from None
         if password is None and parts.password:
             password = unquote(parts.password)
         return parts.hostname or "localhost", parts.port or 6379, db, password
+
+
+def mask_url(url: str) -> str:
+    """``url`` with any password replaced by ``***``, for logs and messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host_port = parts.netloc.rpartition("@")[2]
+    return parts._replace(netloc=f"{parts.username or ''}:***@{host_port}").geturl()
 
 
 def env_name(field: str) -> str:

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline import schema
+from pipeline.errors import SchemaError
 from pipeline.feast import open_store
 from pipeline.io import atomic_path
 from pipeline.registry import find_version_by_fingerprint, mlflow_session, register_model_version
@@ -48,7 +49,8 @@ def split(n: int, holdout_fraction: float, seed: int) -> tuple[np.ndarray, np.nd
     order = np.random.default_rng(seed).permutation(n)
     n_holdout = max(1, int(round(n * holdout_fraction)))
     if n - n_holdout < 2:
-        raise ValueError(f"{n} rows are too few to hold out {holdout_fraction:.0%} and still train")
+        raise SchemaError(f"train: {n} usable rows are too few to hold out {holdout_fraction:.0%} and still "
+                          "train; ingest more rows (--rows) or lower MLOPS_HOLDOUT_FRACTION")
     return np.sort(order[n_holdout:]), np.sort(order[:n_holdout])
 
 

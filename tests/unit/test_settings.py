@@ -1,7 +1,8 @@
 import pytest
 
 from pipeline.feast import online_store_config
-from pipeline.settings import Settings
+from pipeline.errors import ConfigError
+from pipeline.settings import Settings, mask_url
 
 
 def test_defaults_put_everything_under_the_shared_folder(tmp_path):
@@ -42,11 +43,35 @@ def test_a_bad_redis_url_says_what_to_do():
         Settings(redis_url="localhost:6379")
 
 
+@pytest.mark.parametrize("url", ["redis://:s3cret-pw@redis:6379/zero", "redis://:s3cret-pw@redis:port/0",
+                                 "http://:s3cret-pw@redis:6379/0"])
+def test_a_malformed_redis_url_is_one_line_that_hides_the_password(url):
+    with pytest.raises(ValueError, match="numeric port and database") as caught:
+        Settings(redis_url=url)
+    message = caught.value.errors()[0]["msg"]  # what the CLI prints (pydantic's repr adds the input)
+    assert "s3cret-pw" not in message and "***" in message
+
+
+def test_the_cli_turns_a_bad_setting_into_one_line_and_exit_code_2(monkeypatch, capsys, tmp_path):
+    from pipeline.cli import main
+
+    monkeypatch.setenv("MLOPS_REDIS_URL", "redis://:s3cret-pw@redis:6379/zero")
+    assert main(["summary", "--shared-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: invalid settings") and "s3cret-pw" not in err
+
+
+def test_mask_url_hides_only_the_password():
+    assert mask_url("redis://:pw@host:6380/1") == "redis://:***@host:6380/1"
+    assert mask_url("rediss://user:pw@[::1]:6380/0") == "rediss://user:***@[::1]:6380/0"
+    assert mask_url("redis://host:6379/0") == "redis://host:6379/0"
+
+
 def test_password_from_a_secret_file(tmp_path):
     secret = tmp_path / "redis_password"
     secret.write_text("from-file\n")
     s = Settings(redis_url="redis://:in-url@redis:6379/0", redis_password_file=secret)
     assert s.redis_parts()[3] == "from-file"
     missing = Settings(redis_url="redis://redis:6379/0", redis_password_file=tmp_path / "nope")
-    with pytest.raises(ValueError, match="mount the secret there"):
+    with pytest.raises(ConfigError, match="mount the secret there"):
         missing.redis_parts()

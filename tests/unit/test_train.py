@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 
+from pipeline.errors import SchemaError
 from pipeline.train import fit_least_squares, regression_metrics, split
 
 
@@ -43,5 +44,5 @@ def test_split_is_seeded_disjoint_and_complete():
     assert set(train).isdisjoint(holdout) and set(train) | set(holdout) == set(range(100))
     assert (train == again_train).all() and (holdout == again_holdout).all()
     assert not (train == other_train).all()
-    with pytest.raises(ValueError):
+    with pytest.raises(SchemaError, match="too few"):
         split(2, 0.5, seed=0)
