@@ -21,6 +21,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException, RestException
 from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 
 from pipeline import schema
 from pipeline.errors import TrackingUnavailable
@@ -48,7 +49,9 @@ def mlflow_session(settings: Settings) -> Iterator[MlflowClient]:
         try:
             client.create_registered_model(
                 settings.model_name,
-                description="Linear regression trained by mlops-shared-volume on Feast features.")
+                description=f"Linear regression predicting {schema.TARGET} of a {schema.ENTITY} from its "
+                            f"Feast features ({', '.join(schema.FEATURE_NAMES)}); trained by "
+                            "mlops-shared-volume.")
         except MlflowException as exc:
             if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
@@ -152,17 +155,150 @@ def register_model_version(client: MlflowClient, settings: Settings, *, params: 
             pip_requirements=[f"mlflow=={mlflow.__version__}", f"numpy=={np.__version__}",
                               f"pandas=={pd.__version__}"],
         )
-        log.info("train: logged run %s, registering %s", run.info.run_id, settings.model_name)
-        version = mlflow.register_model(
-            info.model_uri, settings.model_name,
+        # The registered model exists (mlflow_session made it), so the version is
+        # created straight away: mlflow.register_model would try to create the
+        # model again and print "already exists" on every brand-new store.
+        version = client.create_model_version(
+            settings.model_name, source=info.model_uri, run_id=run.info.run_id, model_id=info.model_id,
             tags={FINGERPRINT_TAG: fingerprint,
                   "mlops.holdout_rmse": repr(metrics["holdout_rmse"]),
                   "mlops.metrics": json.dumps({k: v for k, v in metrics.items()
                                                 if k.startswith(("holdout_", "train_"))}),
                   **lineage},
         )
+        # What register_model also does: the logged model links to its version in the UI.
+        client.set_logged_model_tags(info.model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(
+            [{"name": version.name, "version": version.version}])})
+        log.info("train: logged run %s, registered %s version %s", run.info.run_id, version.name,
+                 version.version)
     return version
 
 
 def set_alias(client: MlflowClient, name: str, alias: str, version: int) -> None:
     client.set_registered_model_alias(name, alias, str(version))
+
+
+# ------------------------------------------------------- serving the aliased model
+# What `serve` needs from the registry: load a version and check it, and follow
+# the alias. (Kept below the rest of the module: its imports belong at the top.)
+from collections.abc import Callable  # noqa: E402
+
+
+class LoadedModel:
+    """A registered version, loaded and checked; ``predict`` takes rows in schema order."""
+
+    __slots__ = ("name", "version", "alias", "python_model")
+
+    def __init__(self, name: str, version: int, alias: str, python_model: Any) -> None:
+        self.name, self.version, self.alias = name, version, alias
+        self.python_model = python_model  # pipeline/mlflow_model.py's LinearModel, as MLflow loaded it
+
+    def predict(self, features: np.ndarray) -> np.ndarray:
+        return self.python_model.predict_array(features)
+
+
+def check_model(name: str, version: int, alias: str, inner: Any) -> LoadedModel:
+    """Refuse a model that does not take the schema's features or answers a zero row
+    with something other than one finite number."""
+    names = list(getattr(inner, "feature_names", []))
+    if names != list(schema.FEATURE_NAMES):
+        raise ValueError(f"version {version} expects features {names}, the store serves "
+                         f"{list(schema.FEATURE_NAMES)}")
+    probe = inner.predict_array(np.zeros((1, len(names))))
+    if probe.shape != (1,) or not np.isfinite(probe).all():
+        raise ValueError(f"version {version} gives {probe!r} for a zero row")
+    return LoadedModel(name, version, alias, inner)
+
+
+def load_model_version(name: str, version: int, alias: str, tracking_uri: str) -> LoadedModel:
+    """Download a registered version's artifacts, load it through MLflow and check it."""
+    import tempfile
+
+    # Resolve the artifacts through this registry explicitly, not MLflow's globals.
+    client = open_client(tracking_uri)
+    source = client.get_model_version_download_uri(name, str(version))
+    with tempfile.TemporaryDirectory(prefix="mlops-model-") as tmp:
+        local = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tmp,
+                                                    tracking_uri=tracking_uri)
+        loaded = mlflow.pyfunc.load_model(local)
+    return check_model(name, version, alias, loaded.unwrap_python_model())
+
+
+class ModelWatcher:
+    """Follows the registry alias; swaps models only once the new one loaded.
+
+    ``resolve()`` gives the version the alias points at (None: no alias yet),
+    ``loader`` loads one, ``on_load(outcome, version)`` hears of every attempt
+    ("ok" or "failed"). ``wait(stop, seconds)`` is the poll's pause: it returns
+    True once ``stop`` is set; tests give one driven by their own clock.
+    """
+
+    def __init__(self, settings: Settings, *, resolve: Callable[[], int | None] | None = None,
+                 loader: Callable[[str, int, str, str], LoadedModel] = load_model_version,
+                 on_load: Callable[[str, int], None] | None = None,
+                 wait: Callable[[Any, float], bool] | None = None) -> None:
+        import threading
+
+        self.settings = settings
+        self.resolve = resolve or self._alias_target
+        self.loader = loader
+        self._on_load = on_load or (lambda outcome, version: None)
+        self._wait = wait or (lambda stop, seconds: stop.wait(seconds))
+        self.current: LoadedModel | None = None
+        self.failed_version: int | None = None
+        self.last_error: str | None = None
+        self._refresh_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._client: MlflowClient | None = None  # made once it can be, reused by every poll
+
+    def _alias_target(self) -> int | None:
+        if self._client is None:
+            self._client = open_client(self.settings.tracking_uri)
+        mv = alias_version(self._client, self.settings.model_name, self.settings.model_alias)
+        return int(mv.version) if mv else None
+
+    def refresh(self) -> bool:
+        """Check the alias once; returns True when a new model was swapped in."""
+        with self._refresh_lock:
+            target = self.resolve()
+            if target is None or (self.current and self.current.version == target) \
+                    or target == self.failed_version:
+                return False
+            s = self.settings
+            try:
+                model = self.loader(s.model_name, target, s.model_alias, s.tracking_uri)
+            except Exception as exc:  # keep serving the previous model, say why
+                self.failed_version, self.last_error = target, f"{type(exc).__name__}: {exc}"
+                self._on_load("failed", target)
+                log.error("serve: version %s of %s failed to load, still serving %s: %s", target,
+                          s.model_name, self.current.version if self.current else "nothing",
+                          self.last_error)
+                return False
+            previous = self.current
+            self.current = model  # one reference assignment: requests see old or new, whole
+            self.failed_version, self.last_error = None, None
+            self._on_load("ok", target)
+            log.info("serve: now serving %s version %d (was %s)", model.name, target,
+                     previous.version if previous else "nothing")
+            return True
+
+    def _loop(self) -> None:
+        while not self._wait(self._stop, self.settings.model_poll_seconds):
+            try:
+                self.refresh()
+            except Exception as exc:  # registry unreachable: keep the current model
+                log.warning("serve: could not check the model alias: %s", exc)
+
+    def start(self) -> None:
+        import threading
+
+        try:
+            self.refresh()
+        except Exception as exc:
+            log.warning("serve: could not check the model alias at start: %s", exc)
+        self._thread = threading.Thread(target=self._loop, name="model-watcher", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()

@@ -24,7 +24,8 @@ def render(settings: Settings) -> str:
     if train:
         m = train.outputs["metrics"]
         lines += [f"  model             {train.outputs['model_name']} version "
-                  f"{train.outputs['model_version']}",
+                  f"{train.outputs['model_version']}: predicts {schema.TARGET} of a {schema.ENTITY} "
+                  f"from {len(schema.FEATURE_NAMES)} features",
                   f"  holdout           RMSE {m['holdout_rmse']:.3f}  MAE {m['holdout_mae']:.3f}  "
                   f"R² {m['holdout_r2']:.4f}"]
         if "fit_plot" in train.outputs:

@@ -77,26 +77,46 @@ def coefficient_errors(fit: Fit, truth: dict) -> dict[str, float]:
     return errors
 
 
-def plot_fit(y: np.ndarray, predicted: np.ndarray, fit: Fit, truth: dict):
-    """Residuals against fitted values, and fitted against true coefficients."""
+def standard_errors(x: np.ndarray, y: np.ndarray, fit: Fit) -> np.ndarray:
+    """OLS standard errors of ``(intercept, *coefficients)``: sigma^2 (X'X)^-1 through QR."""
+    design = np.column_stack([np.ones(len(x)), x])
+    residual = y - fit.predict(x)
+    dof = max(len(y) - design.shape[1], 1)
+    r_inv = np.linalg.inv(np.linalg.qr(design, mode="r"))
+    return np.sqrt(float(residual @ residual) / dof * (r_inv ** 2).sum(axis=1))
+
+
+def plot_fit(y: np.ndarray, predicted: np.ndarray, fit: Fit, truth: dict, errors: np.ndarray):
+    """Residuals against fitted values, and each coefficient's error against the
+    generator's truth with its 95 % interval (the coefficients differ in scale
+    by orders of magnitude, so their raw values would hide the small ones)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))
     residual = y - predicted
     ax1.scatter(predicted, residual, s=4, alpha=0.4)
     ax1.axhline(0, color="black", lw=1)
     ax1.set(xlabel=f"predicted {schema.TARGET}", ylabel="residual (actual - predicted)",
             title=f"Holdout residuals (n={len(y)})")
-    names = list(schema.FEATURE_NAMES)
+    names = ["intercept", *schema.FEATURE_NAMES]
+    fitted = np.array([fit.intercept, *fit.coefficients])
+    true = np.array([truth["intercept"], *(truth["coefficients"][n] for n in schema.FEATURE_NAMES)])
+    z = (fitted - true) / errors
     xs = np.arange(len(names))
-    ax2.bar(xs - 0.2, [truth["coefficients"][n] for n in names], 0.4, label="true")
-    ax2.bar(xs + 0.2, fit.coefficients, 0.4, label="fitted")
+    ax2.axhspan(-1.96, 1.96, color="tab:green", alpha=0.12, label="95 % band")
+    ax2.axhline(0, color="black", lw=1)
+    ax2.scatter(xs, z, zorder=3)
+    for x, zi, f, e in zip(xs, z, fitted, errors):
+        ax2.annotate(f"{f:.3g} ± {e:.2g}", (x, zi), textcoords="offset points", xytext=(0, 7), fontsize=7,
+                     ha="center")
     ax2.set_xticks(xs, names, rotation=35, ha="right")
-    ax2.set(title="Coefficients: fitted vs generator truth")
-    ax2.legend()
+    ax2.set_ylim(min(-3.0, z.min() - 1), max(3.0, z.max() + 1))
+    ax2.set(ylabel="(fitted - true) / standard error",
+            title="Coefficients against the generator's truth (labels: fitted ± SE)")
+    ax2.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     return fig
 
@@ -163,7 +183,8 @@ def run(ctx: StageContext) -> StageResult:
         with tempfile.TemporaryDirectory() as tmp:
             weights_path = Path(tmp) / "weights.json"
             weights_path.write_text(json.dumps(fit.weights(list(schema.FEATURE_NAMES)), indent=2))
-            fig = plot_fit(y[holdout_idx], holdout_pred, fit, truth)
+            fig = plot_fit(y[holdout_idx], holdout_pred, fit, truth,
+                           standard_errors(x[train_idx], y[train_idx], fit))
             plot_path = settings.runs_dir / "train" / "fit.png"
             with atomic_path(plot_path) as tmp_png:
                 fig.savefig(tmp_png, format="png", dpi=110)
