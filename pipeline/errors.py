@@ -46,7 +46,8 @@ class RawDataChanged(PipelineError):
         names = ", ".join(files)
         super().__init__(
             f"raw data does not match its DVC record {dvc_file.name}: {names} changed after "
-            f"versioning. Restore it with `dvc checkout` in {dvc_file.parent.parent.parent}, "
+            f"versioning. Restore it with `cd {dvc_file.parent.parent} && dvc checkout --force "
+            f"{dvc_file.parent.name}/{dvc_file.name}` (discards the change; dvc is in the project's environment), "
             "or re-run `python -m pipeline ingest` to generate and version it again"
         )
 

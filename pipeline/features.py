@@ -274,8 +274,43 @@ def _text_reader(part: Path, block_bytes: int, misshapen: list[pa.Table]) -> pa_
                 strings_can_be_null=False, quoted_strings_can_be_null=False),
         )
     except pa.ArrowInvalid as exc:
-        raise SchemaError(f"{part.name}: not a CSV file with a header row ({exc}); "
-                          "fix the file or run `dvc checkout` to restore the versioned one") from None
+        raise _unreadable(part, exc, "not a CSV file with a header row") from None
+
+
+def first_non_utf8(part: Path, chunk: int = 8 << 20) -> tuple[int, int] | None:
+    """``(line, byte)`` of the first byte that is not UTF-8 text in ``part``, or None."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    line, offset = 1, 0
+    with open(part, "rb") as fh:
+        while True:
+            block = fh.read(chunk)
+            try:
+                decoder.decode(block, final=not block)
+            except UnicodeDecodeError as exc:
+                # the error's offset is within what this call was handed: the decoder's
+                # carried-over bytes (at most 3) plus this block
+                pending = len(exc.object) - len(block)
+                at = max(exc.start - pending, 0)
+                return line + block[:at].count(b"\n"), block[at] if at < len(block) else exc.object[exc.start]
+            if not block:
+                return None
+            line += block.count(b"\n")
+            offset += len(block)
+
+
+def _unreadable(part: Path, exc: Exception, what: str) -> SchemaError:
+    """The one line for a raw file pyarrow cannot read: where, and what to do."""
+    if "UTF8" in str(exc) or "UTF-8" in str(exc):
+        found = first_non_utf8(part)
+        if found:
+            line, byte = found
+            return SchemaError(f"{part.name}: line {line} is not UTF-8 text (byte 0x{byte:02x}); save the "
+                               "file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`), or run `dvc checkout` to "
+                               "restore the versioned one")
+    return SchemaError(f"{part.name}: {what} ({exc}); fix the file or run `dvc checkout` to restore the "
+                       "versioned one")
 
 
 def _blocks(parts: list[Path], block_bytes: int,
@@ -287,8 +322,7 @@ def _blocks(parts: list[Path], block_bytes: int,
         try:
             yield from ((part, batch) for batch in reader)
         except pa.ArrowInvalid as exc:
-            raise SchemaError(f"{part.name}: cannot be read as CSV ({exc}); fix the file or run "
-                              "`dvc checkout` to restore the versioned one") from None
+            raise _unreadable(part, exc, "cannot be read as CSV") from None
 
 
 def transform(parts: list[Path], features_out: Path, labels_out: Path, rejected_out: Path,
@@ -374,6 +408,9 @@ def run(ctx: StageContext) -> StageResult:
     with atomic_path(settings.features_path) as f_tmp, atomic_path(settings.labels_path) as l_tmp, \
             atomic_path(rejected_path) as r_tmp:
         stats = transform(parts, f_tmp, l_tmp, r_tmp)
+    if stats["rows_in"] == 0:
+        raise SchemaError(f"features: the raw data holds no rows, only header lines ({', '.join(p.name for p in parts)} "
+                          f"in {settings.raw_dir}); ingest data with rows")
     if stats["rows_out"] == 0:
         raise SchemaError("features: every row was quarantined; see "
                           f"{rejected_path} for the reasons and fix the raw data")

@@ -128,3 +128,14 @@ def test_a_file_that_is_not_csv_names_the_file_and_the_fix(tmp_path):
     part.write_text("")
     with pytest.raises(SchemaError, match="part-00003.csv.*dvc checkout"):
         transform([part], tmp_path / "f.parquet", tmp_path / "l.parquet", tmp_path / "r.csv")
+
+
+@pytest.mark.parametrize("chunk", [3, 7, 1 << 20])
+def test_first_non_utf8_finds_the_line_across_read_boundaries(tmp_path, chunk):
+    from pipeline.features import first_non_utf8
+
+    path = tmp_path / "part.csv"
+    path.write_bytes("a,b\nçà,1\n€uro,2\n".encode() + b"x,\xe9\n" + b"y,3\n")
+    assert first_non_utf8(path, chunk) == (4, 0xE9)
+    path.write_bytes("a,b\nçà,1\n€uro,2\n".encode())
+    assert first_non_utf8(path, chunk) is None
