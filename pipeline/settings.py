@@ -129,7 +129,7 @@ class Settings(BaseSettings):
         return self.shared / "dvc-store"
 
     def layout(self) -> list[Path]:
-        """The folders of the shared volume contract (DESIGN.md)."""
+        """The folders of the shared volume contract (docs/architecture.md)."""
         return [self.raw_dir, self.features_dir, self.quarantine_dir, self.feast_dir,
                 self.mlflow_dir, self.runs_dir, self.dvc_remote_dir]
 
