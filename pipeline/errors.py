@@ -2,10 +2,15 @@
 
 The CLI prints ``str(error)`` on one line and exits with ``exit_code``; the web
 layer turns a :class:`PipelineError` into JSON with ``http_status``.
+
+Exit codes: 1 other, 2 configuration, 3 upstream missing, 4 bad data, 5 lock
+busy, 6 tracking or online store, 7 no model, 8 shared folder is not a folder,
+9 shared folder not writable, 10 disk full.
 """
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 
 
@@ -127,3 +132,49 @@ class UnknownEntity(PipelineError):
             f"no features in the online store for {key} {shown}{more}; "
             "ask for an entity that was ingested (GET /predict answers for a sample one)"
         )
+
+
+class SharedNotAFolder(PipelineError):
+    exit_code = 8
+
+
+class SharedNotWritable(PipelineError):
+    exit_code = 9
+
+
+class DiskFull(PipelineError):
+    exit_code = 10
+
+
+def _chain(exc: BaseException):
+    seen: BaseException | None = exc
+    while seen is not None:
+        yield seen
+        seen = seen.__cause__ or seen.__context__
+
+
+def storage_error(exc: BaseException, shared: Path) -> PipelineError | None:
+    """The one-line error for a storage failure anywhere in ``exc``'s chain (an
+    ``OSError`` from our code, pyarrow, DVC or SQLite through MLflow and Feast),
+    or None when it is not one. Writes are atomic, so nothing is torn: the
+    messages say so, and that re-running finishes the job."""
+    for cause in _chain(exc):
+        code = getattr(cause, "errno", None)
+        text = str(cause)
+        where = getattr(cause, "filename", None) or shared
+        if code == errno.ENOSPC or "No space left on device" in text or "database or disk is full" in text:
+            return DiskFull(f"no space left on the device holding {shared}; free space or grow the volume, "
+                            "then re-run the same command (finished files are intact, the unfinished one "
+                            "was discarded)")
+        if code in (errno.EROFS, errno.EACCES, errno.EPERM) or "Read-only file system" in text \
+                or "attempt to write a readonly database" in text:
+            return SharedNotWritable(f"cannot write {where} ({getattr(cause, 'strerror', None) or text}); "
+                                     f"make {shared} writable for this user (uid of the pods: 10001), "
+                                     "or point MLOPS_SHARED_DIR at a folder that is")
+        if code in (errno.ENOTDIR, errno.EEXIST) and shared.exists() and not shared.is_dir():
+            return SharedNotAFolder(f"the shared folder {shared} is a file, not a folder; point "
+                                    "MLOPS_SHARED_DIR at a folder (it is created if missing)")
+    if shared.exists() and not shared.is_dir():
+        return SharedNotAFolder(f"the shared folder {shared} is a file, not a folder; point "
+                                "MLOPS_SHARED_DIR at a folder (it is created if missing)")
+    return None

@@ -79,6 +79,8 @@ def online_store_config(settings: Settings, password_placeholder: bool = False) 
     timeout = settings.online_timeout_seconds
     parts = [f"{host}:{port}", f"db={db}", f"socket_timeout={timeout}",
              f"socket_connect_timeout={timeout}", "retry=null"]
+    # Feast hands these to redis-py as they are (values parsed as JSON: true -> True)
+    parts += [f"{key}={'true' if value is True else value}" for key, value in settings.redis_tls_options().items()]
     if password:
         if "," in password:
             raise ConfigError("the Redis password must not contain ',' (Feast's connection "

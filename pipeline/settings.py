@@ -29,11 +29,14 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MLOPS_", extra="ignore", frozen=True)
 
     shared_dir: Path = Field(Path(".shared"), description="root of the shared volume (the PVC)")
-    redis_url: str | None = Field(None, description="Redis online store, `redis://[:password@]host:port/db`; "
-                                                    "unset: Feast's SQLite online store on the volume")
+    redis_url: str | None = Field(None, description="Redis online store, `redis://[:password@]host:port/db` "
+                                                    "(`rediss://` for TLS); unset: Feast's SQLite online store "
+                                                    "on the volume")
     redis_password: str | None = Field(None, description="Redis password (from a secret); overrides the URL's")
     redis_password_file: Path | None = Field(None, description="file holding the Redis password (a compose or "
                                                                "Kubernetes secret)")
+    redis_ca_file: Path | None = Field(None, description="CA certificate that signed a `rediss://` (TLS) "
+                                                         "server's; unset: the system's CAs")
     mlflow_tracking_uri: str | None = Field(
         default=None, validation_alias=AliasChoices("MLFLOW_TRACKING_URI"),
         description="MLflow tracking server or store; unset: `sqlite:///<shared>/mlflow/mlflow.db`")
@@ -63,7 +66,7 @@ class Settings(BaseSettings):
     run_id: str | None = Field(None, description="rollout id (the chart sets it): stages wait for upstream "
                                                  "records of the same id")
 
-    @field_validator("redis_url", "redis_password", "redis_password_file", "mlflow_tracking_uri",
+    @field_validator("redis_url", "redis_password", "redis_password_file", "redis_ca_file", "mlflow_tracking_uri",
                      "git_commit", "run_id", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: str | None) -> str | None:
@@ -79,10 +82,11 @@ class Settings(BaseSettings):
             except ValueError:
                 port_ok = False
             db = parts.path.strip("/")
-            if parts.scheme != "redis" or not parts.hostname or not port_ok or not (db == "" or db.isdigit()):
+            if parts.scheme not in ("redis", "rediss") or not parts.hostname or not port_ok or not (db == "" or db.isdigit()):
                 # the URL may hold a password: show only its shape
                 raise ValueError(
-                    f"MLOPS_REDIS_URL ({mask_url(value)}) is not a redis://host:port/db URL with a numeric "
+                    f"MLOPS_REDIS_URL ({mask_url(value)}) is not a redis:// or rediss:// (TLS) host:port/db URL "
+                    "with a numeric "
                     "port and database; fix it, or unset it to use Feast's SQLite online store"
                 )
         return value
@@ -148,6 +152,16 @@ class Settings(BaseSettings):
         return (self.mlflow_dir / "artifacts").as_uri()
 
     # ----------------------------------------------------------------- redis
+    @property
+    def redis_tls(self) -> bool:
+        return bool(self.redis_url) and self.redis_url.startswith("rediss://")
+
+    def redis_tls_options(self) -> dict[str, object]:
+        """redis-py's keyword arguments for TLS (``rediss://``): none for plain Redis."""
+        if not self.redis_tls:
+            return {}
+        return {"ssl": True, **({"ssl_ca_certs": str(self.redis_ca_file)} if self.redis_ca_file else {})}
+
     def redis_parts(self) -> tuple[str, int, int, str | None]:
         """``(host, port, db, password)`` of the Redis online store."""
         if not self.redis_url:
