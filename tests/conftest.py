@@ -70,6 +70,15 @@ def redis_url() -> Iterator[str]:
         yield support.redis_url(container, password)
 
 
+@pytest.fixture
+def durable_redis() -> Iterator[tuple[object, str]]:
+    """``(container, password)``: a Redis whose data outlives a restart of its
+    container, on a fixed loopback port (so a restart keeps the port)."""
+    container, password = redis_container(host_port=free_port(), durable=True)
+    with container:
+        yield container, password
+
+
 # --------------------------------------------------------------- figures
 # Fault and fuzz tests record what they measured (kill points survived, inputs
 # tried, outage detection and recovery times); the session prints them and

@@ -11,6 +11,7 @@ port published on the loopback interface, never at a container's own address.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import secrets
 import socket
@@ -60,6 +61,17 @@ def pipeline_cli(args: list[str], env: dict[str, str], timeout: float = 600,
         raise AssertionError(f"pipeline {args} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n"
                              f"{proc.stderr[-3000:]}")
     return proc
+
+
+def load_script(name: str):
+    """A module of scripts/ (not a package on sys.path), loaded from its path."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the class is made
+    spec.loader.exec_module(module)
+    return module
 
 
 # --------------------------------------------------------------- waiting

@@ -5,7 +5,6 @@ against the chart they deploy. The README says so plainly."""
 from __future__ import annotations
 
 import json
-import sys
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
@@ -13,9 +12,9 @@ import pytest
 import yaml
 
 from tests.deploy.chart import ROOT, by_kind, render, values_file
+from tests.support import load_script
 
-sys.path.insert(0, str(ROOT / "scripts"))
-import minikube  # noqa: E402
+minikube = load_script("minikube")
 
 
 class Recorder:
@@ -151,3 +150,25 @@ def test_check_predict_retries_a_bounded_number_of_times():
         server.shutdown()
     with pytest.raises(RuntimeError, match="did not answer after 2 attempts"):
         minikube.check_predict("http://127.0.0.1:9/predict", attempts=2, delay=0.01)
+
+
+def test_deploy_arguments_are_parsed_in_any_order():
+    opts = minikube.deploy_options(["--set", "pipeline.rows=5000", "--pvc", "--set", "a.b=c"], "abc",
+                                   git_commit="abc")
+    assert not opts.host_path and opts.image_tag == "abc"
+    assert opts.helm_set == ["pipeline.rows=5000", "a.b=c", "pipeline.gitCommit=abc"]
+    assert minikube.deploy_options([], "dev").host_path is True
+
+
+@pytest.mark.parametrize("argv", [["--set"], ["--pvc", "--sett", "a=b"]])
+def test_bad_deploy_arguments_say_what_is_wrong_in_one_line(argv):
+    with pytest.raises(minikube.UsageError) as err:
+        minikube.deploy_options(argv, "dev")
+    assert "nox -s deploy_minikube" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_repo_url_given_last_without_a_value_is_a_clear_error():
+    assert minikube.argo_repo_url(["--repo-url", "https://git.example/f.git"]) == "https://git.example/f.git"
+    assert minikube.argo_repo_url([], "https://from.env/f.git") == "https://from.env/f.git"
+    with pytest.raises(minikube.UsageError, match="--repo-url: expected one argument"):
+        minikube.argo_repo_url(["--repo-url"])

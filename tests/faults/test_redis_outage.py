@@ -14,8 +14,7 @@ import pytest
 
 from pipeline.cli import run_stages
 from pipeline.dag import STAGE_NAMES as STAGES
-from tests.conftest import redis_container
-from tests.support import clean_env, free_port, make_settings, running_server, wait_until
+from tests.support import clean_env, make_settings, redis_url, running_server, wait_until
 
 pytestmark = [pytest.mark.faults, pytest.mark.docker]
 CLIENTS, MAX_REQUESTS, MAX_SECONDS = 4, 40_000, 90
@@ -73,57 +72,55 @@ class Load:
                    f"{count} answers {status} spanning {seconds} s")
 
 
-def test_redis_outage_under_load(tmp_path, figures):
-    port = free_port()
-    container, password = redis_container(host_port=port, durable=True)
-    with container:
-        url = f"redis://:{password}@127.0.0.1:{port}/0"
-        settings = make_settings(tmp_path, redis_url=url)
-        run_stages(settings, STAGES)
-        env = clean_env(MLOPS_SHARED_DIR=str(tmp_path), MLOPS_REDIS_URL=url)
-        redis_proc = container.get_wrapped_container()
-        with running_server(env) as base:
-            with Load(f"{base}/predict") as load:
-                load.keep_answering(0, 200, 100)  # warmed up: every client is served
-                stopped = time.monotonic()
-                redis_proc.kill(signal="SIGSTOP")
-                detect = load.first(stopped, 503)
-                # a 2 s outage spans several back-off windows, so the store is re-probed
-                # (each probe bounded by its socket timeout) while answers stay fast
-                load.keep_answering(stopped, 503, 20, seconds=2.0)
-                ready, _ = call(f"{base}/readyz")
-                alive, _ = call(f"{base}/healthz")
-                resumed = time.monotonic()
-                redis_proc.kill(signal="SIGCONT")
-                recover_cont = load.first(resumed, 200)
+def test_redis_outage_under_load(tmp_path, figures, durable_redis):
+    container, password = durable_redis
+    url = redis_url(container, password)
+    settings = make_settings(tmp_path, redis_url=url)
+    run_stages(settings, STAGES)
+    env = clean_env(MLOPS_SHARED_DIR=str(tmp_path), MLOPS_REDIS_URL=url)
+    redis_proc = container.get_wrapped_container()
+    with running_server(env) as base:
+        with Load(f"{base}/predict") as load:
+            load.keep_answering(0, 200, 100)  # warmed up: every client is served
+            stopped = time.monotonic()
+            redis_proc.kill(signal="SIGSTOP")
+            detect = load.first(stopped, 503)
+            # a 2 s outage spans several back-off windows, so the store is re-probed
+            # (each probe bounded by its socket timeout) while answers stay fast
+            load.keep_answering(stopped, 503, 20, seconds=2.0)
+            ready, _ = call(f"{base}/readyz")
+            alive, _ = call(f"{base}/healthz")
+            resumed = time.monotonic()
+            redis_proc.kill(signal="SIGCONT")
+            recover_cont = load.first(resumed, 200)
 
-                load.keep_answering(resumed, 200, 100)
-                killed = time.monotonic()
-                redis_proc.kill(signal="SIGKILL")
-                load.first(killed, 503)
-                load.keep_answering(killed, 503, 20, seconds=1.0)
-                restarted = time.monotonic()
-                redis_proc.start()
-                recover_restart = load.first(restarted, 200)
-                load.keep_answering(restarted + recover_restart + 0.2, 200, 100)
+            load.keep_answering(resumed, 200, 100)
+            killed = time.monotonic()
+            redis_proc.kill(signal="SIGKILL")
+            load.first(killed, 503)
+            load.keep_answering(killed, 503, 20, seconds=1.0)
+            restarted = time.monotonic()
+            redis_proc.start()
+            recover_restart = load.first(restarted, 200)
+            load.keep_answering(restarted + recover_restart + 0.2, 200, 100)
 
-            outage = [r for r in load.between(stopped + 0.01, resumed) if r[2] != 200]
-            before = load.between(0, stopped)
-            assert before and all(r[2] == 200 for r in before)
-            assert len(outage) >= 20
-            assert {r[2] for r in outage} == {503}
-            assert all("online store unreachable" in r[3]["message"] for r in outage)
-            slowest = max(r[1] for r in outage)
-            assert slowest < 0.1, f"a 503 took {slowest * 1000:.0f} ms"
-            assert ready == 503 and alive == 200
-            assert recover_cont < 5 and recover_restart < 10
-            after = [r for r in load.log if r[0] > restarted + recover_restart + 0.2]
-            assert after and all(r[2] == 200 for r in after)  # the data outlived the restart
-            outage_ms = sorted(r[1] * 1000 for r in outage)
-            figures["redis outage: requests answered while Redis was stopped"] = len(outage)
-            figures["redis outage: 503 latency p50 / max (ms)"] = (
-                round(outage_ms[len(outage_ms) // 2], 1), round(outage_ms[-1], 1))
-            figures["redis outage: first 503 after SIGSTOP (s)"] = round(detect, 3)
-            figures["redis outage: first 200 after SIGCONT (s)"] = round(recover_cont, 3)
-            figures["redis outage: first 200 after kill + restart (s)"] = round(recover_restart, 3)
-            figures["redis outage: requests in the whole test"] = len(load.log)
+        outage = [r for r in load.between(stopped + 0.01, resumed) if r[2] != 200]
+        before = load.between(0, stopped)
+        assert before and all(r[2] == 200 for r in before)
+        assert len(outage) >= 20
+        assert {r[2] for r in outage} == {503}
+        assert all("online store unreachable" in r[3]["message"] for r in outage)
+        slowest = max(r[1] for r in outage)
+        assert slowest < 0.1, f"a 503 took {slowest * 1000:.0f} ms"
+        assert ready == 503 and alive == 200
+        assert recover_cont < 5 and recover_restart < 10
+        after = [r for r in load.log if r[0] > restarted + recover_restart + 0.2]
+        assert after and all(r[2] == 200 for r in after)  # the data outlived the restart
+        outage_ms = sorted(r[1] * 1000 for r in outage)
+        figures["redis outage: requests answered while Redis was stopped"] = len(outage)
+        figures["redis outage: 503 latency p50 / max (ms)"] = (
+            round(outage_ms[len(outage_ms) // 2], 1), round(outage_ms[-1], 1))
+        figures["redis outage: first 503 after SIGSTOP (s)"] = round(detect, 3)
+        figures["redis outage: first 200 after SIGCONT (s)"] = round(recover_cont, 3)
+        figures["redis outage: first 200 after kill + restart (s)"] = round(recover_restart, 3)
+        figures["redis outage: requests in the whole test"] = len(load.log)

@@ -1,0 +1,49 @@
+"""One load of the Redis online store, in a process of its own (its peak memory is
+the loader's): ``feast materialize`` or this project's loader, same file.
+
+    python -m benchmarks.load_child materialize|loader FEATURES.parquet SHARED REDIS_URL
+
+Prints seconds, peak MiB and the number of keys written, as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline import schema
+from pipeline.feast import definitions, open_store
+from pipeline.redis_layout import connect, load_latest
+from pipeline.settings import Settings
+
+HOW = ("materialize", "loader")
+
+
+def load(how: str, features: Path, shared: Path, url: str) -> dict:
+    settings = Settings(shared_dir=shared, redis_url=url, mlflow_tracking_uri=None)
+    store = open_store(settings)
+    store.apply(definitions(features))
+    client = connect(settings, 60)
+    client.flushdb()
+    span = pc.min_max(pq.read_table(features, columns=[schema.TIMESTAMP]).column(schema.TIMESTAMP))
+    started = time.monotonic()
+    if how == "materialize":
+        store.materialize(start_date=span["min"].as_py(), end_date=span["max"].as_py(),
+                          feature_views=[schema.FEATURE_VIEW])
+    else:
+        load_latest(client, features)
+    return {"seconds": time.monotonic() - started,
+            "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "keys": client.dbsize()}
+
+
+if __name__ == "__main__":
+    how, features, shared, url = sys.argv[1:5]
+    if how not in HOW:
+        raise SystemExit(f"usage: python -m benchmarks.load_child {'|'.join(HOW)} FEATURES SHARED REDIS_URL")
+    print(json.dumps(load(how, Path(features), Path(shared), url)))
