@@ -15,6 +15,8 @@ TARGET = "next_month_spend"
 FEATURE_VIEW = "customer_features"
 # Entity keys are int64 in Feast: the largest one a request may name.
 ENTITY_ID_MAX = 2**63 - 1
+# The longest string key a request may name (bytes of UTF-8).
+ENTITY_KEY_MAX_BYTES = 256
 # Bump when the generator or the feature transforms change meaning: stages
 # include it in their input fingerprints, so old outputs are not reused.
 SCHEMA_VERSION = 1
@@ -46,3 +48,35 @@ RAW_COLUMNS: tuple[str, ...] = (JOIN_KEY, TIMESTAMP, *FEATURE_NAMES, TARGET)
 def feature_refs() -> list[str]:
     """Feast feature references, ``view:feature``, in model input order."""
     return [f"{FEATURE_VIEW}:{name}" for name in FEATURE_NAMES]
+
+
+@dataclass(frozen=True)
+class Schema:
+    dataset: str  # the declaration's name
+    entity: str  # Feast entity name
+    join_key: str  # the entity key column
+    key_type: str  # "int" (int64) or "string"
+    timestamp: str  # the event-time column
+    target: str
+    features: tuple[Feature, ...]
+    feature_view: str
+    project: str  # Feast project
+    version: str  # changes whenever the declaration's meaning does: stages re-run
+    entity_description: str = ""
+
+    @property
+    def feature_names(self) -> tuple[str, ...]:
+        return tuple(f.name for f in self.features)
+
+    @property
+    def raw_columns(self) -> tuple[str, ...]:
+        """The columns of the raw CSV parts ingest writes, in order."""
+        return (self.join_key, self.timestamp, *self.feature_names, self.target)
+
+    @property
+    def int_keys(self) -> bool:
+        return self.key_type == "int"
+
+    def feature_refs(self) -> list[str]:
+        """Feast feature references, ``view:feature``, in model input order."""
+        return [f"{self.feature_view}:{name}" for name in self.feature_names]
