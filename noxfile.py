@@ -223,9 +223,9 @@ def registry_preflight(session: nox.Session, env: dict[str, str]) -> None:
         session.error(f"docker compose config failed: {config.stderr.strip()}")
     images = set()
     for service in json.loads(config.stdout)["services"].values():
+        # a service built here needs its base image; the others, their own image
         build = service.get("build")
-        images.update(build.get("args", {}).get(name) for name in ("BASE_IMAGE",)) if build else \
-            images.add(service.get("image"))
+        images.add(build.get("args", {}).get("BASE_IMAGE") if build else service.get("image"))
     for image in sorted(i for i in images if i):
         here = subprocess.run(["docker", "image", "inspect", image], capture_output=True).returncode == 0
         if not here and not _reachable(_registry_host(image)):
