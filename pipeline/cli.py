@@ -10,7 +10,9 @@ import argparse
 import logging
 import os
 import sys
+import threading
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from pydantic import ValidationError
 
@@ -103,22 +105,92 @@ def run_stages(settings: Settings, names: Sequence[str]) -> None:
             execute(name, settings, locked=True)
 
 
+# What the serve command hands granian's worker processes, as one serialized value in
+# one environment variable (workers are new processes: they inherit only the environment):
+# the settings it built, prometheus-client's folder, and where "ready" is said once.
+WORKER_HANDOVER = "_MLOPS_SERVE_WORKER"
+
+
+def worker_app():
+    """The app factory each granian worker calls, with what the serve command handed on."""
+    import json
+
+    from pipeline.serve import create_app
+
+    handed = json.loads(os.environ[WORKER_HANDOVER])
+    settings = Settings.model_validate(handed["settings"])
+    app = create_app(settings, multiprocess_dir=handed["multiprocess_dir"])
+    threading.Thread(target=announce_when_ready, args=(app, settings, handed["ready_marker"]),
+                     name="announce", daemon=True).start()
+    return app
+
+
+def announce_when_ready(app, settings: Settings, marker: str, *, limit_seconds: float = 600.0,
+                        every_seconds: float = 0.25) -> None:
+    """Log ``serving: curl http://HOST:PORT/predict`` once the app is ready (what
+    ``/readyz`` checks: a model loaded, the online store reachable), so "serving"
+    is never said before the server answers. Of all workers, the first one ready
+    says it (it creates ``marker``); a warning if not ready within ``limit_seconds``."""
+    import time
+
+    pause = threading.Event()  # never set: a pause that is not a bare sleep
+    deadline = time.monotonic() + limit_seconds
+    while time.monotonic() < deadline:
+        if app.is_ready():
+            try:
+                os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                return  # another worker said it
+            log.info("serving: curl http://%s:%d/predict", settings.host, settings.port)
+            return
+        pause.wait(every_seconds)
+    log.warning("serve: not ready after %.0fs; /readyz says why (curl http://%s:%d/readyz)",
+                limit_seconds, settings.host, settings.port)
+
+
 def serve(settings: Settings) -> None:
+    """Serve with granian: ``settings.workers`` worker processes, ``settings.threads``
+    threads each running the WSGI app.
+
+    granian parses HTTP in Rust, so a request costs the Python workers only the
+    app itself: in the benchmark (benchmarks/results) that more than halves
+    the CPU per request against gunicorn's Python HTTP parsing. It respawns a
+    worker that dies, and drains in-flight requests on SIGTERM (what
+    Kubernetes and compose send). With several workers, prometheus-client keeps
+    its values in files under ``PROMETHEUS_MULTIPROC_DIR``, so ``/metrics``
+    adds up every worker.
+    """
+    import json
     import shutil
     import tempfile
 
+    from granian.constants import Interfaces
+    from granian.log import LogLevels
+    from granian.server import Server
+
+    runtime = Path(tempfile.mkdtemp(prefix="mlops-serve-"))
     multiprocess_dir = None
     if settings.workers > 1:
-        # prometheus-client picks its storage when first imported: set this first.
-        multiprocess_dir = tempfile.mkdtemp(prefix="mlops-prometheus-")
+        # prometheus-client picks its storage when first imported (in each worker): set this first.
+        multiprocess_dir = str(runtime / "prometheus")
+        os.mkdir(multiprocess_dir)
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = multiprocess_dir
-    from pipeline.serve import run_server
-
+    os.environ[WORKER_HANDOVER] = json.dumps({
+        "settings": settings.model_dump(mode="json"), "multiprocess_dir": multiprocess_dir,
+        "ready_marker": str(runtime / "ready")})
+    log.info("serve: starting on http://%s:%d (%d worker(s) x %d thread(s))", settings.host,
+             settings.port, settings.workers, settings.threads)
+    quiet = logging.getLogger().getEffectiveLevel() > logging.INFO  # `-q`
     try:
-        run_server(settings, multiprocess_dir)
+        Server(
+            target=f"{__name__}:worker_app", factory=True, interface=Interfaces.WSGI,
+            address=settings.host, port=settings.port, workers=settings.workers,
+            blocking_threads=settings.threads, websockets=False, respawn_failed_workers=True,
+            workers_kill_timeout=20, log_access=False,
+            log_level=LogLevels.warning if quiet else LogLevels.info,
+        ).serve()
     finally:
-        if multiprocess_dir:
-            shutil.rmtree(multiprocess_dir, ignore_errors=True)
+        shutil.rmtree(runtime, ignore_errors=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

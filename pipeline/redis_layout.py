@@ -1,28 +1,30 @@
-"""Feast's Redis online-store layout, read and written without the SDK's per-row work.
+"""Feast's Redis online-store layout: the bytes, written and read without the SDK's per-row work.
 
 Feast (``entity_key_serialization_version: 3``) keeps one Redis hash per
 entity. Its key is ``serialize_entity_key(EntityKey) + project``; each feature
-is a field named ``murmur3("<view>:<feature>")`` (4 bytes) holding a
-``ValueProto``; the field ``_ts:<view>`` holds the event time as a protobuf
-``Timestamp``. :class:`FeastRedisLayout` learns the byte layout from Feast's
-own helpers when it is made and checks it against them, so a Feast release
-that changes the layout fails loudly here instead of writing keys Feast
-cannot read.
+is a field named ``murmur3("<view>:<feature>")`` holding a ``ValueProto``; the
+field ``_ts:<view>`` holds the event time as a protobuf ``Timestamp``.
 
-:class:`RedisOnlineReader` is what ``/predict`` uses: one HMGET per entity.
-:func:`load_latest` is what the feast stage uses instead of ``feast
-materialize`` on Redis: the latest row per entity from the features Parquet
-file, written in pipelined batches. Tests hold both to Feast: the reader to
-``get_online_features``, the loader to the bytes ``feast materialize`` writes.
+Each fact is written once here: :func:`bulk` / :func:`frame` pack the Redis
+protocol (RESP) for every command sent; :class:`FeastRedisLayout` holds the one
+key encoder, the one value encoder (:meth:`~FeastRedisLayout.encode_doubles`)
+and the one value decoder (:meth:`~FeastRedisLayout.decode`), and packs both
+commands that use them: the HMGET that ``/predict`` reads with
+(:mod:`pipeline.online`) and the HSET that :func:`load_latest` writes with (the
+feast stage, instead of ``feast materialize`` on Redis). When it is made it
+runs that very packing and decoding on probe values and compares them with
+Feast's own helpers and protos, so a Feast release that changes the layout
+fails loudly here instead of writing keys Feast cannot read. Tests hold the
+loader to the bytes ``feast materialize`` writes and the reader to
+``get_online_features``.
 """
 
 from __future__ import annotations
 
 import logging
 import struct
-import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +34,7 @@ import pyarrow.parquet as pq
 import redis
 
 from pipeline import schema
+from pipeline.errors import PipelineError
 from pipeline.settings import FEAST_PROJECT, Settings
 
 log = logging.getLogger(__name__)
@@ -49,12 +52,56 @@ def connect(settings: Settings, timeout_seconds: float):
                        socket_connect_timeout=timeout_seconds, retry=None)
 
 
-class LayoutChanged(RuntimeError):
-    """Feast's helpers no longer produce the layout this module writes."""
+class LayoutChanged(PipelineError):
+    """Feast's helpers no longer produce the layout this module writes.
+
+    Belongs in pipeline/errors.py with the other domain errors; defined here
+    until it moves there."""
+
+    exit_code = 1
 
 
+# ---------------------------------------------------------------- RESP
+def bulk(part: bytes) -> bytes:
+    """One RESP bulk string: ``$<length> CRLF <bytes> CRLF``."""
+    return b"$%d\r\n%s\r\n" % (len(part), part)
+
+
+def frame(parts: Sequence[bytes], count: int | None = None) -> tuple[bytes, list[int]]:
+    """A command as RESP (an array of bulk strings), and where each part's bytes start.
+
+    ``count`` is the array's length when more parts follow, appended later with
+    :func:`bulk`. The offsets let fixed-length parts (keys, values) be filled in
+    for many rows at once with numpy.
+    """
+    out, starts = [b"*%d\r\n" % (len(parts) if count is None else count)], []
+    at = len(out[0])
+    for part in parts:
+        head = b"$%d\r\n" % len(part)
+        starts.append(at + len(head))
+        out.append(head + part + b"\r\n")
+        at += len(out[-1])
+    return b"".join(out), starts
+
+
+def split_command(packed: bytes) -> list[bytes]:
+    """The parts of one RESP command: the inverse of :func:`frame`, for the start-up check."""
+    count, _, rest = packed.partition(b"\r\n")
+    parts = []
+    for _ in range(int(count[1:])):
+        length, _, rest = rest.partition(b"\r\n")
+        size = int(length[1:])
+        parts.append(rest[:size])
+        rest = rest[size + 2:]
+    if rest:
+        raise ValueError(f"{len(rest)} bytes after the command")
+    return parts
+
+
+# ------------------------------------------------------------- the layout
 class FeastRedisLayout:
-    """Keys, field names and value bytes of one feature view, as Feast writes them."""
+    """Keys, field names and value bytes of one feature view, as Feast writes them,
+    and the two commands that use them (HMGET to read, HSET to write)."""
 
     def __init__(self, project: str = FEAST_PROJECT, view: str = schema.FEATURE_VIEW,
                  features: tuple[str, ...] = schema.FEATURE_NAMES) -> None:
@@ -73,115 +120,122 @@ class FeastRedisLayout:
         probe = self.feast_key(0)
         tail = len(project.encode())
         self.key_head, self.key_tail = probe[:-8 - tail], probe[-tail:]
+        self.key_len = len(probe)
         self.double_tag = Value(double_val=0.0).SerializeToString()[:1]
+        self._width = len(self.double_tag) + 8  # bytes of one encoded double
+        n = len(self.fields)
+        self._doubles = struct.Struct("<" + "xd" * n)  # n x (tag byte, little-endian double)
+        self._tags = self.double_tag * n
+        # HMGET <key> <fields...>: the key is the only part that changes.
+        self._hmget_head = frame([b"HMGET"], count=n + 2)[0]
+        self._hmget_tail = b"".join(map(bulk, self.fields))
+        # HSET <key> <field> <value> ... _ts:<view> <time>: every part but the
+        # time has a fixed length, so the template is filled for all rows at once.
+        parts = [b"HSET", bytes(self.key_len)]
+        for field in self.fields:
+            parts += [field, bytes(self._width)]
+        parts.append(self.ts_field)
+        self._hset_template, starts = frame(parts, count=len(parts) + 1)
+        self._hset_key_at, self._hset_value_at = starts[1], starts[3:2 + 2 * n:2]
         self._check()
 
+    # keys -------------------------------------------------------------------
     def feast_key(self, entity_id: int) -> bytes:
         """The entity's Redis key, by Feast's own ``_redis_key`` (slow, exact)."""
         entity = self._entity_key(join_keys=[schema.JOIN_KEY],
                                   entity_values=[self.value_proto(int64_val=int(entity_id))])
         return self._redis_key(self.project, entity, entity_key_serialization_version=KEY_SERIALIZATION_VERSION)
 
+    def key_array(self, entity_ids: np.ndarray) -> np.ndarray:
+        """The Redis keys of many entities, one row of bytes each (the one key encoder)."""
+        ids = np.ascontiguousarray(entity_ids, dtype="<i8")
+        out = np.empty((len(ids), self.key_len), dtype=np.uint8)
+        out[:] = np.frombuffer(self.key_head + bytes(8) + self.key_tail, dtype=np.uint8)
+        at = len(self.key_head)
+        out[:, at:at + 8] = ids.view(np.uint8).reshape(len(ids), 8)
+        return out
+
     def keys(self, entity_ids: np.ndarray) -> list[bytes]:
         """Redis keys of many entities at once, byte for byte what Feast builds."""
-        packed = np.ascontiguousarray(entity_ids, dtype="<i8").tobytes()
-        head, tail = self.key_head, self.key_tail
-        return [head + packed[i:i + 8] + tail for i in range(0, len(packed), 8)]
+        packed, size = self.key_array(entity_ids).tobytes(), self.key_len
+        return [packed[i:i + size] for i in range(0, len(packed), size)]
 
-    def doubles(self, values: np.ndarray) -> list[bytes]:
-        """``ValueProto(double_val=v).SerializeToString()`` for each value."""
-        rows = np.empty(len(values), dtype=[("tag", "u1"), ("value", "<f8")])
+    # values -----------------------------------------------------------------
+    def encode_doubles(self, matrix: np.ndarray) -> np.ndarray:
+        """``ValueProto(double_val=v).SerializeToString()`` of every value, as a
+        ``matrix.shape + (9,)`` byte array (the one value encoder)."""
+        values = np.asarray(matrix, dtype=np.float64)
+        rows = np.empty(values.shape, dtype=[("tag", "u1"), ("value", "<f8")])
         rows["tag"], rows["value"] = self.double_tag[0], values
-        packed = rows.tobytes()
-        return [packed[i:i + 9] for i in range(0, len(packed), 9)]
+        return rows.view(np.uint8).reshape(*values.shape, self._width)
+
+    def decode(self, raw: Sequence[bytes | None]) -> list[float] | None:
+        """One entity's feature values from its HMGET reply; None when it has none
+        (the one value decoder). Straight from the bytes when they have the checked
+        layout, by protobuf otherwise (a value Feast wrote in another form)."""
+        if any(v is None for v in raw):
+            return None
+        joined = b"".join(raw)
+        if len(joined) == self._doubles.size and joined[::self._width] == self._tags:
+            return list(self._doubles.unpack(joined))
+        return [self.value_proto.FromString(v).double_val for v in raw]
 
     def timestamp(self, micros: int) -> bytes:
         """The ``_ts`` field value: a protobuf Timestamp of the event time."""
         seconds, rest = divmod(int(micros), 1_000_000)
         return self._timestamp(seconds=seconds, nanos=rest * 1000).SerializeToString()
 
+    # commands ---------------------------------------------------------------
+    def hmget(self, keys: Sequence[bytes]) -> bytes:
+        """RESP for one ``HMGET <key> <feature fields...>`` per key, pipelined."""
+        head, tail = self._hmget_head, self._hmget_tail
+        return b"".join(head + bulk(key) + tail for key in keys)
+
+    def hset(self, ids: np.ndarray, micros: np.ndarray, matrix: np.ndarray) -> list[bytes]:
+        """RESP for one ``HSET key <field> <value> ... _ts:<view> <time>`` per row."""
+        n, template = len(ids), self._hset_template
+        rows = np.empty((n, len(template)), dtype=np.uint8)
+        rows[:] = np.frombuffer(template, dtype=np.uint8)
+        rows[:, self._hset_key_at:self._hset_key_at + self.key_len] = self.key_array(ids)
+        values = self.encode_doubles(matrix)
+        for j, at in enumerate(self._hset_value_at):
+            rows[:, at:at + self._width] = values[:, j, :]
+        fixed, size = rows.tobytes(), len(template)
+        return [fixed[i * size:(i + 1) * size] + bulk(self.timestamp(micros[i])) for i in range(n)]
+
     def _check(self) -> None:
+        """Run the real HSET and HMGET packing and the real decoder on probe
+        values and compare them with what Feast's own helpers and protos give."""
+        from datetime import datetime, timedelta, timezone
+
         ids = np.array([0, 1, 1001, -7, 2**40 + 3, schema.ENTITY_ID_MAX], dtype=np.int64)
-        values = np.array([0.0, -0.0, 1.5, -1e300, float("inf"), float("nan")])
-        same_keys = self.keys(ids) == [self.feast_key(i) for i in ids]
-        same_values = self.doubles(values) == [self.value_proto(double_val=float(v)).SerializeToString()
-                                               for v in values]
-        if not (same_keys and same_values):
+        probes = [0.0, -0.0, 1.5, -1e300, float("inf"), float("nan"), 5e-324]
+        matrix = np.resize(np.array(probes), (len(ids), len(self.fields)))
+        micros = np.array([0, 1, 999_999, 1_700_000_000_123_456, 2**50, 86_400_000_000], dtype=np.int64)
+        feast_keys = [self.feast_key(i) for i in ids]
+        feast_values = [[self.value_proto(double_val=float(v)).SerializeToString() for v in row]
+                        for row in matrix]
+        feast_times = []
+        for m in micros:
+            stamp = self._timestamp()
+            stamp.FromDatetime(datetime(1970, 1, 1, tzinfo=timezone.utc) + timedelta(microseconds=int(m)))
+            feast_times.append(stamp.SerializeToString())
+        expected = [[b"HSET", key, *(p for pair in zip(self.fields, values) for p in pair), self.ts_field, ts]
+                    for key, values, ts in zip(feast_keys, feast_values, feast_times)]
+        written = [split_command(c) for c in self.hset(ids, micros, matrix)]
+        same_writes = written == expected
+        asked = self.hmget(self.keys(ids))
+        same_reads = asked == b"".join(frame([b"HMGET", key, *self.fields])[0] for key in feast_keys)
+        decoded = np.array([self.decode(values) for values in feast_values], dtype=np.float64)
+        same_values = decoded.tobytes() == matrix.tobytes()  # bit for bit: -0.0 and NaN too
+        if not (same_writes and same_reads and same_values):
             raise LayoutChanged(
                 "Feast's Redis key or value encoding is not the one pipeline/redis_layout.py writes "
-                f"(keys match: {same_keys}, values match: {same_values}); pin the Feast version in "
-                "constraints.txt or update FeastRedisLayout")
+                f"(HSET matches: {same_writes}, HMGET matches: {same_reads}, values decode: "
+                f"{same_values}); pin the Feast version in constraints.txt or update FeastRedisLayout")
 
 
-def _closed_while_idle(conn) -> bool:
-    """An idle connection with something to read (or an EOF) is no longer usable."""
-    try:
-        return conn.can_read(timeout=0)
-    except (redis.exceptions.ConnectionError, OSError):
-        return True
-
-
-class RedisOnlineReader:
-    """The feature view read straight from Redis, in Feast's own layout.
-
-    One HMGET per entity (pipelined for a batch), without the SDK's per-call
-    registry and response work: the floor of a lookup. Each thread keeps one
-    redis-py ``Connection`` and sends the command it packed itself, skipping
-    the client's per-command layers (pool checkout, retry and observability
-    hooks: about half of a lookup's CPU here); a connection that fails is
-    dropped, and the next lookup opens a fresh one. Doubles are decoded
-    straight from the ``ValueProto`` bytes when they have the layout
-    :class:`FeastRedisLayout` checked, by protobuf otherwise. A test holds the
-    reader equal to ``get_online_features``.
-    """
-
-    def __init__(self, client, project: str = FEAST_PROJECT) -> None:
-        self.client = client
-        self.layout = FeastRedisLayout(project)
-        self._fields = self.layout.fields
-        self._parse = self.layout.value_proto.FromString
-        n = len(self._fields)
-        # RESP for HMGET <key> <fields...>: the key is the only part that changes.
-        self._command_head = b"*%d\r\n$5\r\nHMGET\r\n" % (n + 2)
-        self._command_tail = b"".join(b"$%d\r\n%s\r\n" % (len(f), f) for f in self._fields)
-        self._doubles = struct.Struct("<" + "xd" * n)  # n x (tag byte, little-endian double)
-        self._tags = self.layout.double_tag * n
-        self._local = threading.local()
-
-    def _command(self, key: bytes) -> bytes:
-        return b"%s$%d\r\n%s\r\n%s" % (self._command_head, len(key), key, self._command_tail)
-
-    def _roundtrip(self, keys: list[bytes]) -> list[list[bytes | None]]:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = self._local.conn = self.client.connection_pool.make_connection()
-        elif _closed_while_idle(conn):
-            # The server closed it (its `timeout`, a restart, a proxy). Reconnect
-            # before sending, as redis-py's pool does, so a request never pays
-            # for a dead connection nor retries after a send.
-            conn.disconnect()
-        try:
-            conn.send_packed_command([b"".join(self._command(key) for key in keys)], check_health=False)
-            return [conn.read_response() for _ in keys]
-        except BaseException:
-            conn.disconnect()  # unknown state (timeout, half-read replies): start afresh next time
-            self._local.conn = None
-            raise
-
-    def _row(self, raw: list[bytes | None]) -> list[float] | None:
-        if any(v is None for v in raw):
-            return None
-        joined = b"".join(raw)
-        if len(joined) == self._doubles.size and joined[::9] == self._tags:
-            return list(self._doubles.unpack(joined))
-        return [self._parse(v).double_val for v in raw]
-
-    def read(self, entity_ids: list[int]) -> list[list[float] | None]:
-        """Feature values per entity, in schema order; None for an unknown entity."""
-        rows = self._roundtrip(self.layout.keys(np.array(entity_ids, dtype=np.int64)))
-        return [self._row(raw) for raw in rows]
-
-
+# ---------------------------------------------------------------- loading
 def latest_rows(features_path: Path) -> np.ndarray:
     """A mask over the file's rows: the latest event per entity (on a tie, the later row).
 
@@ -200,50 +254,16 @@ def latest_rows(features_path: Path) -> np.ndarray:
     return mask
 
 
-def _hset_commands(layout: FeastRedisLayout, ids: np.ndarray, micros: np.ndarray,
-                   matrix: np.ndarray) -> list[bytes]:
-    """One RESP ``HSET key _ts:<view> <ts> <field> <value> ...`` per row, packed here.
-
-    Everything but the timestamp has a fixed length (keys, the 4-byte field
-    names, 9-byte doubles), so it is laid out for all rows at once in numpy;
-    only the timestamp proto is made row by row.
-    """
-    n, n_features = matrix.shape
-    key_len = len(layout.key_head) + 8 + len(layout.key_tail)
-    head = b"*%d\r\n$4\r\nHSET\r\n$%d\r\n" % (2 + 2 * (1 + n_features), key_len)
-    key_part = np.empty((n, len(head) + key_len + 2), dtype=np.uint8)
-    key_part[:] = np.frombuffer(head + layout.key_head + bytes(8) + layout.key_tail + b"\r\n", dtype=np.uint8)
-    at = len(head) + len(layout.key_head)
-    key_part[:, at:at + 8] = np.ascontiguousarray(ids, dtype="<i8").view(np.uint8).reshape(n, 8)
-    # per feature: $4 CRLF <field> CRLF $9 CRLF <tag><double> CRLF = 25 bytes
-    values = np.empty((n, n_features, 25), dtype=np.uint8)
-    for j, field in enumerate(layout.fields):
-        values[:, j, :] = np.frombuffer(b"$4\r\n%s\r\n$9\r\n%s%s\r\n" % (field, layout.double_tag, bytes(8)),
-                                        dtype=np.uint8)
-    values[:, :, 15:23] = np.ascontiguousarray(matrix, dtype="<f8").view(np.uint8).reshape(n, n_features, 8)
-    keys, rest = key_part.tobytes(), values.tobytes()
-    k, r = key_part.shape[1], 25 * n_features
-    ts_field = b"$%d\r\n%s\r\n" % (len(layout.ts_field), layout.ts_field)
-    out = []
-    for i in range(n):
-        ts = layout.timestamp(micros[i])
-        out.append(b"%s%s$%d\r\n%s\r\n%s" % (keys[i * k:(i + 1) * k], ts_field, len(ts), ts,
-                                                 rest[i * r:(i + 1) * r]))
-    return out
-
-
 def load_latest(client, features_path: Path, project: str = FEAST_PROJECT,
                 progress: Callable[[int, int], None] | None = None) -> int:
     """Write the latest features of every entity into Redis in Feast's layout.
 
     What ``feast materialize`` writes for a window holding every row: one HSET
-    per entity, packed here and pipelined in batches on one redis-py
-    connection. Overwrites, so a re-run after an interruption finishes the
-    job. Returns the number of entities written.
+    per entity (:meth:`FeastRedisLayout.hset`), pipelined in batches on one
+    redis-py connection. Overwrites, so a re-run after an interruption
+    finishes the job. Returns the number of entities written.
     """
     layout = FeastRedisLayout(project)
-    if any(len(field) != 4 for field in layout.fields):
-        raise LayoutChanged("Feast's field names are no longer 4-byte murmur3 hashes")
     wanted = latest_rows(features_path)
     total, written, offset = int(wanted.sum()), 0, 0
     columns = [schema.JOIN_KEY, schema.TIMESTAMP, *schema.FEATURE_NAMES]
@@ -257,9 +277,9 @@ def load_latest(client, features_path: Path, project: str = FEAST_PROJECT,
                 continue
             batch = batch.filter(pa.array(take))
             matrix = np.column_stack([batch.column(name).to_numpy() for name in schema.FEATURE_NAMES])
-            commands = _hset_commands(layout, batch.column(schema.JOIN_KEY).to_numpy(),
-                                      batch.column(schema.TIMESTAMP).cast(pa.timestamp("us", tz="UTC"))
-                                      .cast(pa.int64()).to_numpy(), matrix)
+            commands = layout.hset(batch.column(schema.JOIN_KEY).to_numpy(),
+                                   batch.column(schema.TIMESTAMP).cast(pa.timestamp("us", tz="UTC"))
+                                   .cast(pa.int64()).to_numpy(), matrix)
             conn.send_packed_command([b"".join(commands)], check_health=False)
             for _ in commands:
                 conn.read_response()  # an error reply raises here
@@ -286,4 +306,3 @@ def log_progress(every_seconds: float = 2.0) -> Callable[[int, int], None]:
             log.info("feast: %d/%d entities written to Redis (%.0f/s)", done, total,
                      done / max(now - started, 1e-9))
     return report
-

@@ -109,7 +109,7 @@ def test_a_changed_feast_encoding_is_refused_with_what_to_do(monkeypatch):
 def test_the_reader_survives_redis_closing_its_idle_connection(features, redis_url):
     """Redis's `timeout`, a restart or a proxy closes idle connections; the next
     lookup must not be a 503 while Redis is fine."""
-    from pipeline.redis_layout import RedisOnlineReader
+    from pipeline.online import RedisOnlineReader
 
     settings = make_settings(features["shared"], redis_url=db_url(redis_url, 6))
     load_latest(connect(settings, 10), features["path"])

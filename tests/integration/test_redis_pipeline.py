@@ -152,7 +152,7 @@ def test_the_fast_redis_reader_reads_exactly_what_feast_sdk_reads(run):
     import redis
 
     from pipeline.feast import online_features, open_store
-    from pipeline.redis_layout import RedisOnlineReader
+    from pipeline.online import RedisOnlineReader
 
     settings = run["settings"]
     host, port, db, password = settings.redis_parts()

@@ -1,42 +1,28 @@
 """Every route and error path of the WSGI app, through werkzeug's test client,
-against a real pipeline run (Feast SQLite online store, MLflow SQLite store)."""
+over in-memory fakes of the online store and the registry (tests/service/fakes.py):
+the real app, back-off and model watcher, in milliseconds. The same app against
+a real pipeline run is tests/integration/test_serve_pipeline.py."""
 
 from __future__ import annotations
 
 import json
-import socket
-import time
 
-import numpy as np
-import pandas as pd
 import pytest
 from werkzeug.test import Client
 
 from pipeline import schema
-from pipeline.io import read_record
-from pipeline.serve import create_app
-from tests.conftest import make_settings
+from tests.support import make_settings
+from tests.service.fakes import SAMPLE, Fakes, TinyModel, documented_families, exposed_families
 
 
-@pytest.fixture(scope="module")
-def app(sqlite_pipeline):
-    return create_app(sqlite_pipeline, watch=False)
+@pytest.fixture
+def fakes(tmp_path):
+    return Fakes(make_settings(tmp_path))
 
 
-@pytest.fixture(scope="module")
-def client(app):
-    return Client(app)
-
-
-@pytest.fixture(scope="module")
-def expected(sqlite_pipeline):
-    """Predictions computed independently: latest Parquet row per entity x coefficients."""
-    feats = pd.read_parquet(sqlite_pipeline.features_path)
-    latest = feats.sort_values(schema.TIMESTAMP).groupby(schema.JOIN_KEY).last()[list(schema.FEATURE_NAMES)]
-    train = read_record(sqlite_pipeline.runs_dir, "train").outputs
-    coef = np.array([train["coefficients"][n] for n in schema.FEATURE_NAMES])
-    pred = train["intercept"] + latest.to_numpy() @ coef
-    return dict(zip(latest.index, pred)), latest
+@pytest.fixture
+def client(fakes):
+    return Client(fakes.app)
 
 
 def body(resp):
@@ -44,28 +30,29 @@ def body(resp):
     return json.loads(resp.get_data())
 
 
-def test_get_predict_without_arguments_answers_for_the_sample_entity(client, expected):
+def test_get_predict_without_arguments_answers_for_the_sample_entity(client, fakes):
     resp = client.get("/predict")
     assert resp.status_code == 200
     data = body(resp)
-    assert data[schema.JOIN_KEY] == 1000
-    assert data["prediction"] == pytest.approx(expected[0][1000], rel=1e-9)
+    assert data[schema.JOIN_KEY] == SAMPLE
+    assert data["prediction"] == pytest.approx(fakes.expected(SAMPLE), rel=1e-9)
     assert data["model"] == {"name": "mlops-linear", "version": 1, "alias": "production"}
-    assert data["features"] == pytest.approx(expected[1].loc[1000].to_dict())
+    assert data["features"] == dict(zip(schema.FEATURE_NAMES, fakes.reader.rows[SAMPLE]))
 
 
-def test_get_with_a_query_and_post_single_agree(client, expected):
+def test_get_with_a_query_and_post_single_agree(client, fakes):
     got = body(client.get(f"/predict?{schema.JOIN_KEY}=1007"))
     posted = body(client.post("/predict", json={schema.JOIN_KEY: 1007}))
-    assert got["prediction"] == posted["prediction"] == pytest.approx(expected[0][1007], rel=1e-9)
+    assert got["prediction"] == posted["prediction"] == pytest.approx(fakes.expected(1007), rel=1e-9)
 
 
-def test_batch_form_keeps_the_order(client, expected):
+def test_batch_form_keeps_the_order(client, fakes):
     ids = [1010, 1003, 1599]
     data = body(client.post("/predict", json={"instances": [{schema.JOIN_KEY: i} for i in ids]}))
     assert [p[schema.JOIN_KEY] for p in data["predictions"]] == ids
-    assert [p["prediction"] for p in data["predictions"]] == pytest.approx([expected[0][i] for i in ids])
+    assert [p["prediction"] for p in data["predictions"]] == pytest.approx([fakes.expected(i) for i in ids])
     assert data["model"]["version"] == 1
+    assert fakes.reader.reads == 1  # one lookup for the whole batch
 
 
 @pytest.mark.parametrize("request_kwargs, status, words", [
@@ -112,64 +99,109 @@ def test_probes(client):
     assert ready.status_code == 200 and body(ready)["model_version"] == 1
 
 
-def test_metrics_count_requests_by_route_and_status(client):
+def test_metrics_count_requests_by_route_and_status(client, fakes):
     client.get("/predict")
     client.post("/predict", json={schema.JOIN_KEY: 42})
     text = client.get("/metrics").get_data(as_text=True)
-    assert 'mlops_http_requests_total{method="GET",route="/predict",status="200"}' in text
-    assert 'mlops_http_requests_total{method="POST",route="/predict",status="404"}' in text
+    assert 'mlops_http_requests_total{method="GET",route="/predict",status="200"} 1.0' in text
+    assert 'mlops_http_requests_total{method="POST",route="/predict",status="404"} 1.0' in text
+    assert 'mlops_http_request_duration_seconds_count{route="/predict"} 2.0' in text
     assert "mlops_http_request_duration_seconds_bucket" in text
-    assert "mlops_online_lookup_duration_seconds_count" in text
+    assert f"mlops_online_lookup_duration_seconds_count {fakes.reader.reads:.1f}" in text
+    assert fakes.reader.reads == 2
+    assert "mlops_predictions_total 1.0" in text  # the 404 predicted nothing
     assert "mlops_model_version 1.0" in text
+    assert 'mlops_model_loads_total{outcome="ok"} 1.0' in text
+
+
+def test_metrics_are_exactly_the_documented_families(client):
+    client.get("/predict")
+    families = exposed_families(client.get("/metrics").get_data(as_text=True))
+    assert not {f for f in families if f.startswith("feast_")}
+    assert families == documented_families()
+    assert len(families) == 7
 
 
 def test_no_model_yet_is_a_503_that_says_what_to_run(tmp_path):
-    settings = make_settings(tmp_path)
-    settings.feast_dir.mkdir(parents=True)
-    app = create_app(settings, watch=False)
-    resp = Client(app).get("/predict")
+    fakes = Fakes(make_settings(tmp_path), alias=None)
+    client = Client(fakes.app)
+    resp = client.get("/predict")
     assert resp.status_code == 503 and "python -m pipeline run" in body(resp)["message"]
-    assert Client(app).get("/readyz").status_code == 503
-    assert Client(app).get("/healthz").status_code == 200
+    assert client.get("/readyz").status_code == 503
+    assert client.get("/healthz").status_code == 200
 
 
-@pytest.fixture
-def silent_redis():
-    """A TCP port that accepts connections and never answers: a hung Redis."""
-    with socket.socket() as server:
-        server.bind(("127.0.0.1", 0))
-        server.listen(64)
-        yield f"redis://127.0.0.1:{server.getsockname()[1]}/0"
+def test_a_version_that_fails_to_load_leaves_the_previous_one_serving(client, fakes):
+    fakes.registry.versions[2] = TinyModel(feature_names=["something", "else"])
+    fakes.registry.alias = 2
+    assert fakes.watcher.refresh() is False
+    assert body(client.get("/predict"))["model"]["version"] == 1
+    ready = body(client.get("/readyz"))
+    assert ready["ready"] and "expects features ['something', 'else']" in ready["model_error"]
+    assert fakes.watcher.refresh() is False and fakes.registry.loads == 2  # not retried
+    fakes.registry.versions[3] = TinyModel(intercept=1.0, coefficients=[0.0] * len(schema.FEATURE_NAMES))
+    fakes.registry.alias = 3
+    assert fakes.watcher.refresh() is True
+    after = body(client.get("/predict"))
+    assert after["model"]["version"] == 3 and after["prediction"] == pytest.approx(1.0)
+    text = client.get("/metrics").get_data(as_text=True)
+    assert 'mlops_model_loads_total{outcome="failed"} 1.0' in text and "mlops_model_version 3.0" in text
+    assert 'mlops_model_loads_total{outcome="ok"} 2.0' in text
+    assert "model_error" not in body(client.get("/readyz"))
 
 
-def test_unreachable_online_store_is_a_fast_503(sqlite_pipeline, silent_redis):
-    settings = make_settings(sqlite_pipeline.shared, redis_url=silent_redis, online_timeout_seconds=0.1)
-    client = Client(create_app(settings, watch=False))
+def test_unreachable_online_store_is_a_503(client, fakes):
+    fakes.reader.failure = TimeoutError("timed out")
     for _ in range(3):
-        started = time.monotonic()
         resp = client.get("/predict")
-        elapsed = time.monotonic() - started
         assert resp.status_code == 503, body(resp)
         assert "online store unreachable" in body(resp)["message"]
-        # one socket timeout, no retries with back-off (redis-py's default would take seconds)
-        assert elapsed < 1.0
     assert client.get("/readyz").status_code == 503
     assert client.get("/healthz").status_code == 200
     assert "mlops_online_lookup_errors_total 3.0" in client.get("/metrics").get_data(as_text=True)
 
 
-def test_a_hung_store_costs_one_timeout_per_back_off_not_one_per_request(sqlite_pipeline, silent_redis):
-    settings = make_settings(sqlite_pipeline.shared, redis_url=silent_redis, online_timeout_seconds=0.2,
-                             online_backoff_seconds=0.6)
-    client = Client(create_app(settings, watch=False))
-    took = []
+def test_a_failing_store_is_tried_once_per_back_off_not_once_per_request(client, fakes):
+    backoff = fakes.settings.online_backoff_seconds
+    fakes.reader.failure = ConnectionError("refused")
     for _ in range(5):
-        started = time.monotonic()
         assert client.get("/predict").status_code == 503
-        took.append(time.monotonic() - started)
-    assert took[0] >= 0.2  # the first lookup waits for the socket timeout...
-    assert max(took[1:]) < 0.1  # ...the next ones, inside the back-off, answer at once
-    time.sleep(0.6)
-    started = time.monotonic()
-    assert client.get("/predict").status_code == 503
-    assert time.monotonic() - started >= 0.2  # after the back-off, the store is tried again
+    assert fakes.reader.reads == 1  # the first lookup tried the store; the next four failed fast
+    fakes.clock.advance(backoff * 0.9)
+    assert client.get("/predict").status_code == 503 and fakes.reader.reads == 1
+    fakes.clock.advance(backoff * 0.2)
+    assert client.get("/predict").status_code == 503 and fakes.reader.reads == 2  # tried again
+    fakes.reader.failure = None
+    assert client.get("/predict").status_code == 503  # still inside the new back-off
+    fakes.clock.advance(backoff * 1.1)
+    assert client.get("/predict").status_code == 200 and fakes.reader.reads == 3
+
+
+def test_a_store_error_that_is_not_unreachability_is_a_500_not_a_back_off(client, fakes):
+    fakes.reader.failure = KeyError("a bug")
+    resp = client.get("/predict")
+    assert resp.status_code == 500 and body(resp)["message"] == "internal error; see the server log"
+    fakes.reader.failure = None
+    assert client.get("/predict").status_code == 200
+
+
+def test_the_watcher_polls_on_its_clock_and_swaps_the_model(tmp_path):
+    fakes = Fakes(make_settings(tmp_path, model_poll_seconds=5.0), watch=True)
+    try:
+        clock, registry, client = fakes.clock, fakes.registry, Client(fakes.app)
+        clock.until(lambda: clock.waiting == 1)  # started: checked once, now pausing
+        assert registry.loads == 1
+        registry.versions[2] = TinyModel(intercept=-4.0)
+        registry.alias = 2
+        clock.advance(4.9)
+        assert clock.waiting == 1 and fakes.watcher.current.version == 1  # not yet time to poll
+        clock.advance(0.1)
+        clock.until(lambda: registry.loads == 2 and clock.waiting == 1)
+        data = body(client.get("/predict"))
+        assert data["model"]["version"] == 2 and data["prediction"] == pytest.approx(fakes.expected(SAMPLE, 2))
+        polls = registry.resolves
+        clock.advance(5.0)  # the alias did not move: checked again, nothing loaded
+        clock.until(lambda: registry.resolves == polls + 1 and clock.waiting == 1)
+        assert registry.loads == 2
+    finally:
+        fakes.watcher.stop()

@@ -1,5 +1,6 @@
 """Property-based tests of request parsing (hypothesis): whatever arrives, the
-answer is a JSON 4xx that says what is wrong, or a correct prediction; never a 5xx."""
+answer is a JSON 4xx that says what is wrong, or a correct prediction; never a 5xx.
+The app runs over the in-memory fakes (tests/service/fakes.py)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ from hypothesis import strategies as st
 from werkzeug.test import Client
 
 from pipeline import schema
+from pipeline.api import parse_body
 from pipeline.errors import BadRequest, UnprocessableEntity
-from pipeline.serve import create_app, parse_body
+from tests.support import make_settings
+from tests.service.fakes import ENTITIES, Fakes
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 COUNTS = {"inputs": 0, "5xx": 0}
@@ -38,8 +41,13 @@ bodies = st.one_of(
 
 
 @pytest.fixture(scope="module")
-def client(sqlite_pipeline):
-    return Client(create_app(sqlite_pipeline, watch=False))
+def fakes(tmp_path_factory):
+    return Fakes(make_settings(tmp_path_factory.mktemp("fuzz")))
+
+
+@pytest.fixture(scope="module")
+def client(fakes):
+    return Client(fakes.app)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -76,11 +84,12 @@ def test_any_query_value_gets_a_json_4xx_or_a_prediction(client, query):
 
 
 @FUZZ
-@given(entity=st.integers(min_value=1000, max_value=1000 + 3000 // 5 - 1))
-def test_every_known_entity_is_predicted_the_same_way_by_get_and_post(client, entity):
+@given(entity=st.integers(min_value=ENTITIES.start, max_value=ENTITIES.stop - 1))
+def test_every_known_entity_is_predicted_the_same_way_by_get_and_post(client, fakes, entity):
     got = check(client.get(f"/predict?{schema.JOIN_KEY}={entity}"))
     posted = check(client.post("/predict", json={"instances": [{schema.JOIN_KEY: entity}]}))
     assert got["prediction"] == posted["predictions"][0]["prediction"]
+    assert got["prediction"] == pytest.approx(fakes.expected(entity), rel=1e-9)
     assert got[schema.JOIN_KEY] == entity
 
 
