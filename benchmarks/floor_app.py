@@ -22,12 +22,11 @@ _layout = FeastRedisLayout()
 _client = redis.Redis.from_url(os.environ["FLOOR_REDIS_URL"])
 _key = _layout.feast_key(int(os.environ["FLOOR_ENTITY"]))
 _coefficients = np.array(json.loads(os.environ["FLOOR_COEFFICIENTS"]))
-_decode = _layout.value_proto.FromString
 
 
 def app(environ, start_response):
     values = _client.hmget(_key, _layout.fields)
-    x = np.array([_decode(v).double_val for v in values])
+    x = np.array(_layout.decode(values))  # the layout's own decoder
     body = json.dumps({"prediction": float(x @ _coefficients)}).encode()
     start_response("200 OK", [("Content-Type", "application/json")])
     return [body]
