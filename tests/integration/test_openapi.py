@@ -9,6 +9,7 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 
 from tests.conftest import clean_env, running_server
+from tests.service.fakes import documented_families, exposed_families
 
 pytestmark = pytest.mark.integration
 COUNTS = {"inputs": 0, "5xx": 0}
@@ -63,3 +64,17 @@ def test_api_conforms_to_its_openapi_description(api_schema, label, mode):
         case.validate_response(response)
 
     run()
+
+
+def test_metrics_of_a_two_worker_server_are_exactly_the_documented_families(live_server):
+    """Feast's own metrics (always zero here) land in the workers' shared
+    prometheus folder: /metrics must still carry only the service's families."""
+    import urllib.request
+
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(f"{live_server}/predict", timeout=10) as resp:
+        assert resp.status == 200
+    with opener.open(f"{live_server}/metrics", timeout=10) as resp:
+        families = exposed_families(resp.read().decode())
+    assert not {f for f in families if f.startswith("feast_")}
+    assert families == documented_families()

@@ -125,6 +125,9 @@ def test_metrics_over_the_socket_add_up_both_workers(server):
                 if l.startswith('mlops_http_requests_total{method="GET",route="/predict",status="200"}'))
     assert float(line.split()[-1]) >= 10
     assert "mlops_model_version 1.0" in text
+    from tests.service.fakes import documented_families, exposed_families
+
+    assert exposed_families(text) == documented_families()  # no feast_* family among them
 
 
 def test_a_second_run_with_the_same_seed_changes_nothing(run, server):
