@@ -3,7 +3,7 @@ entity's Feast hash and a dot product, nothing else (no validation, no metrics).
 
 Served by gunicorn in the serving benchmark; configured by the environment:
 ``FLOOR_REDIS_URL`` (on 127.0.0.1), ``FLOOR_ENTITY`` (an entity id) and
-``FLOOR_COEFFICIENTS`` (a JSON list in ``schema.FEATURE_NAMES`` order).
+``FLOOR_COEFFICIENTS`` (a JSON list in ``schema.feature_names`` order).
 The key and field names come from :class:`pipeline.redis_layout.FeastRedisLayout`,
 the same layout the loader writes.
 """
@@ -16,9 +16,10 @@ import os
 import numpy as np
 import redis
 
+from pipeline.dataset import CUSTOMERS
 from pipeline.redis_layout import FeastRedisLayout
 
-_layout = FeastRedisLayout()
+_layout = FeastRedisLayout(CUSTOMERS)
 _client = redis.Redis.from_url(os.environ["FLOOR_REDIS_URL"])
 _key = _layout.feast_key(int(os.environ["FLOOR_ENTITY"]))
 _coefficients = np.array(json.loads(os.environ["FLOOR_COEFFICIENTS"]))

@@ -17,7 +17,7 @@ from pathlib import Path
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline import schema
+from pipeline.dataset import CUSTOMERS as schema
 from pipeline.feast import definitions, open_store
 from pipeline.redis_layout import connect, load_latest
 from pipeline.settings import Settings
@@ -28,16 +28,16 @@ HOW = ("materialize", "loader")
 def load(how: str, features: Path, shared: Path, url: str) -> dict:
     settings = Settings(shared_dir=shared, redis_url=url, mlflow_tracking_uri=None)
     store = open_store(settings)
-    store.apply(definitions(features))
+    store.apply(definitions(features, schema))
     client = connect(settings, 60)
     client.flushdb()
-    span = pc.min_max(pq.read_table(features, columns=[schema.TIMESTAMP]).column(schema.TIMESTAMP))
+    span = pc.min_max(pq.read_table(features, columns=[schema.timestamp]).column(schema.timestamp))
     started = time.monotonic()
     if how == "materialize":
         store.materialize(start_date=span["min"].as_py(), end_date=span["max"].as_py(),
-                          feature_views=[schema.FEATURE_VIEW])
+                          feature_views=[schema.feature_view])
     else:
-        load_latest(client, features)
+        load_latest(client, features, schema)
     return {"seconds": time.monotonic() - started,
             "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "keys": client.dbsize()}
 

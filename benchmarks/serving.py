@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from benchmarks.common import WRK, Run, log, median, percentiles, python_run, timed_calls, wrk_run
-from pipeline import schema
+from pipeline.dataset import CUSTOMERS as schema
 from pipeline.cli import run_stages
 from pipeline.dag import STAGE_NAMES
 from pipeline.io import read_record
@@ -46,14 +46,14 @@ def lookups(settings: Settings, entity: int, quick: bool, out: dict) -> None:
     from pipeline.redis_layout import FeastRedisLayout, connect
 
     count, seconds = (300, 3) if quick else (5000, 20)
-    client, layout = connect(settings, 10), FeastRedisLayout()
+    client, layout = connect(settings, 10), FeastRedisLayout(schema)
     key = layout.feast_key(entity)
     log("serving: raw redis-py HMGET of one entity's features (the lookup floor)")
     out["raw_redis_hmget"] = percentiles(timed_calls(lambda: client.hmget(key, layout.fields), count * 4, seconds))
     log("serving: Feast SDK get_online_features, in-process")
     store = open_store(settings)
     out["feast_sdk_get_online_features"] = percentiles(
-        timed_calls(lambda: online_features(store, [entity]), count, seconds))
+        timed_calls(lambda: online_features(store, schema, [entity]), count, seconds))
 
 
 def bench(run: Run, out: dict) -> None:
@@ -72,10 +72,10 @@ def bench(run: Run, out: dict) -> None:
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     ports = {name: free_port() for name in (PREDICT, FLOOR, MLFLOW)}
     servers = {
-        PREDICT: ("GET", f"/predict?{schema.JOIN_KEY}={entity}", None),
+        PREDICT: ("GET", f"/predict?{schema.join_key}={entity}", None),
         FLOOR: ("GET", "/", None),
         MLFLOW: ("POST", "/invocations", json.dumps({"dataframe_split": {
-            "columns": list(schema.FEATURE_NAMES), "data": [[sample[n] for n in schema.FEATURE_NAMES]]}}).encode()),
+            "columns": list(schema.feature_names), "data": [[sample[n] for n in schema.feature_names]]}}).encode()),
     }
     base = {name: f"http://{LOOPBACK}:{port}" for name, port in ports.items()}
     with contextlib.ExitStack() as stack:
@@ -88,7 +88,7 @@ def bench(run: Run, out: dict) -> None:
             [sys.executable, "-m", "gunicorn", "-w", "2", "-k", "gthread", "--threads", "4", "-b",
              f"{LOOPBACK}:{ports[FLOOR]}", "--no-control-socket", "benchmarks.floor_app:app"], f"{base[FLOOR]}/",
             {**env, "FLOOR_REDIS_URL": settings.redis_url, "FLOOR_ENTITY": str(entity),
-             "FLOOR_COEFFICIENTS": json.dumps([coefficients[n] for n in schema.FEATURE_NAMES])}))
+             "FLOOR_COEFFICIENTS": json.dumps([coefficients[n] for n in schema.feature_names])}))
         stack.enter_context(started(
             [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_artifacts(settings),
              "--env-manager", "local", "-h", LOOPBACK, "-p", str(ports[MLFLOW]), "-w", "2"],

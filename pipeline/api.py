@@ -15,8 +15,8 @@ from typing import Any
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from werkzeug.wrappers import Request, Response
 
-from pipeline import schema
 from pipeline.errors import BadRequest, UnprocessableEntity
+from pipeline.schema import ENTITY_ID_MAX, ENTITY_KEY_MAX_BYTES, Schema
 
 
 # ----------------------------------------------------------------- errors
@@ -43,42 +43,57 @@ def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not valid JSON")
 
 
-def parse_entity_id(value: Any) -> int:
-    """An entity key from JSON or a query string: a non-negative int64."""
+def parse_entity_id(value: Any, schema: Schema) -> int | str:
+    """An entity key from JSON or a query string: a non-negative int64, or for a
+    string-keyed data set a non-empty string of at most ENTITY_KEY_MAX_BYTES."""
+    key = schema.join_key
+    if not schema.int_keys:
+        if not isinstance(value, str) or not value.strip():
+            raise UnprocessableEntity(f"{key} must be a non-empty string, got {json.dumps(value)[:40]}")
+        if len(value.encode("utf-8", "surrogatepass")) > ENTITY_KEY_MAX_BYTES:
+            raise UnprocessableEntity(f"{key} must be at most {ENTITY_KEY_MAX_BYTES} bytes")
+        return value.strip()
     if isinstance(value, bool) or value is None:
-        raise UnprocessableEntity(f"{schema.JOIN_KEY} must be an integer, got {json.dumps(value)}")
+        raise UnprocessableEntity(f"{key} must be an integer, got {json.dumps(value)}")
     if isinstance(value, float):
         if not math.isfinite(value) or value != int(value):
-            raise UnprocessableEntity(f"{schema.JOIN_KEY} must be an integer, got {value!r}")
+            raise UnprocessableEntity(f"{key} must be an integer, got {value!r}")
         value = int(value)
     if isinstance(value, str):
         text = value.strip()
         if not text.isdigit() or not text.isascii():
-            raise UnprocessableEntity(f"{schema.JOIN_KEY} must be an integer, got {value[:40]!r}")
+            raise UnprocessableEntity(f"{key} must be an integer, got {value[:40]!r}")
+        if len(text.lstrip("0")) > len(str(ENTITY_ID_MAX)):
+            # too long for an int64 (and past Python's int-from-text limit at 4300 digits)
+            raise UnprocessableEntity(f"{key} must be between 0 and {ENTITY_ID_MAX}")
         value = int(text)
     if not isinstance(value, int):
-        raise UnprocessableEntity(f"{schema.JOIN_KEY} must be an integer, got a {type(value).__name__}")
-    if not 0 <= value <= schema.ENTITY_ID_MAX:
-        raise UnprocessableEntity(f"{schema.JOIN_KEY} must be between 0 and {schema.ENTITY_ID_MAX}")
+        raise UnprocessableEntity(f"{key} must be an integer, got a {type(value).__name__}")
+    if not 0 <= value <= ENTITY_ID_MAX:
+        raise UnprocessableEntity(f"{key} must be between 0 and {ENTITY_ID_MAX}")
     return value
 
 
-def parse_body(body: bytes, max_batch: int) -> tuple[list[int], bool]:
-    """``(entity ids, is_batch)`` from a POST body; raises 400/422 errors."""
+def _example(schema: Schema) -> str:
+    return "1000" if schema.int_keys else '"id-1"'
+
+
+def parse_body(body: bytes, max_batch: int, schema: Schema) -> tuple[list, bool]:
+    """``(entity keys, is_batch)`` from a POST body; raises 400/422 errors."""
+    key, example = schema.join_key, _example(schema)
     try:
         payload = json.loads(body, parse_constant=_reject_constant)
     except (ValueError, RecursionError) as exc:
         raise BadRequest(f"request body is not valid JSON ({str(exc)[:120]}); send "
-                         f'{{"{schema.JOIN_KEY}": 1000}} or {{"instances": [{{"{schema.JOIN_KEY}": 1000}}]}}'
-                         ) from None
+                         f'{{"{key}": {example}}} or {{"instances": [{{"{key}": {example}}}]}}') from None
     if not isinstance(payload, dict):
         raise UnprocessableEntity(f"request body must be a JSON object, got a {type(payload).__name__}")
-    unexpected = sorted(set(payload) - {schema.JOIN_KEY, "instances"})
+    unexpected = sorted(set(payload) - {key, "instances"})
     if unexpected or len(payload) != 1:
-        raise UnprocessableEntity(f'send exactly one of "{schema.JOIN_KEY}" or "instances"'
+        raise UnprocessableEntity(f'send exactly one of "{key}" or "instances"'
                                   + (f"; unexpected keys: {unexpected[:5]}" if unexpected else ""))
-    if schema.JOIN_KEY in payload:
-        return [parse_entity_id(payload[schema.JOIN_KEY])], False
+    if key in payload:
+        return [parse_entity_id(payload[key], schema)], False
     instances = payload["instances"]
     if not isinstance(instances, list) or not instances:
         raise UnprocessableEntity('"instances" must be a non-empty list of objects')
@@ -86,39 +101,39 @@ def parse_body(body: bytes, max_batch: int) -> tuple[list[int], bool]:
         raise UnprocessableEntity(f'"instances" holds {len(instances)} items; at most {max_batch} per request')
     ids = []
     for i, item in enumerate(instances):
-        if not isinstance(item, dict) or set(item) != {schema.JOIN_KEY}:
-            raise UnprocessableEntity(f'instances[{i}] must be {{"{schema.JOIN_KEY}": <integer>}}')
-        ids.append(parse_entity_id(item[schema.JOIN_KEY]))
+        if not isinstance(item, dict) or set(item) != {key}:
+            raise UnprocessableEntity(f'instances[{i}] must be {{"{key}": {example}}}')
+        ids.append(parse_entity_id(item[key], schema))
     return ids, True
 
 
-def parse_query(args, sample_entity: int) -> list[int]:
-    """The entity of ``GET /predict[?customer_id=N]``: the sample one when none is given."""
-    unexpected = sorted(set(args) - {schema.JOIN_KEY})
+def parse_query(args, sample_entity, schema: Schema) -> list:
+    """The entity of ``GET /predict[?<key>=N]``: the sample one when none is given."""
+    key = schema.join_key
+    unexpected = sorted(set(args) - {key})
     if unexpected:
-        raise UnprocessableEntity(f"unknown query parameters {unexpected[:5]}; use ?{schema.JOIN_KEY}=N")
-    raw = args.getlist(schema.JOIN_KEY)
+        raise UnprocessableEntity(f"unknown query parameters {unexpected[:5]}; use ?{key}=<key>")
+    raw = args.getlist(key)
     if len(raw) > 1:
-        raise UnprocessableEntity(f"give {schema.JOIN_KEY} once, or POST a batch")
-    return [parse_entity_id(raw[0])] if raw else [sample_entity]
+        raise UnprocessableEntity(f"give {key} once, or POST a batch")
+    return [parse_entity_id(raw[0], schema)] if raw else [sample_entity]
 
 
-def parse_request(request: Request, *, max_batch: int, max_body_bytes: int,
-                  sample_entity: int) -> tuple[list[int], bool]:
-    """``(entity ids, is_batch)`` of a ``/predict`` request, GET or POST."""
+def parse_request(request: Request, schema: Schema, *, max_batch: int, max_body_bytes: int,
+                  sample_entity) -> tuple[list, bool]:
+    """``(entity keys, is_batch)`` of a ``/predict`` request, GET or POST."""
     if request.method != "POST":
-        return parse_query(request.args, sample_entity), False
+        return parse_query(request.args, sample_entity, schema), False
     request.max_content_length = max_body_bytes
     try:
         body = request.get_data(cache=False)
     except RequestEntityTooLarge:
         raise JSONHTTPException(413, f"request body over {max_body_bytes} bytes; "
                                      "send fewer instances per request") from None
-    return parse_body(body, max_batch)
+    return parse_body(body, max_batch, schema)
 
 
 # ---------------------------------------------------------------- OpenAPI
-ENTITY_ID = {"type": "integer", "minimum": 0, "maximum": schema.ENTITY_ID_MAX}
 ERROR = {"$ref": "#/components/schemas/Error"}
 
 
@@ -126,17 +141,21 @@ def _error(description: str) -> dict:
     return {"description": description, "content": {"application/json": {"schema": ERROR}}}
 
 
-def spec(max_batch: int, max_body_bytes: int) -> dict:
+def spec(schema: Schema, max_batch: int, max_body_bytes: int) -> dict:
+    """The OpenAPI document of this data set's ``/predict``."""
+    key = schema.join_key
+    entity_id = ({"type": "integer", "minimum": 0, "maximum": ENTITY_ID_MAX} if schema.int_keys else
+                 {"type": "string", "minLength": 1, "maxLength": ENTITY_KEY_MAX_BYTES // 4, "pattern": r"\S"})
     features = {
         "type": "object",
-        "required": list(schema.FEATURE_NAMES),
+        "required": list(schema.feature_names),
         "additionalProperties": False,
-        "properties": {f.name: {"type": "number", "description": f.description} for f in schema.FEATURES},
+        "properties": {f.name: {"type": "number", "description": f.description} for f in schema.features},
     }
     answer = {
         "type": "object",
-        "required": [schema.JOIN_KEY, "prediction", "features"],
-        "properties": {schema.JOIN_KEY: ENTITY_ID, "prediction": {"type": "number"},
+        "required": [key, "prediction", "features"],
+        "properties": {key: entity_id, "prediction": {"type": "number"},
                        "features": {"$ref": "#/components/schemas/Features"}},
     }
     errors = {
@@ -146,31 +165,32 @@ def spec(max_batch: int, max_body_bytes: int) -> dict:
     }
     return {
         "openapi": "3.0.3",
-        "info": {"title": "mlops-shared-volume prediction service", "version": "1"},
+        "info": {"title": f"mlops-shared-volume prediction service: {schema.target} of a {schema.entity}",
+                 "version": "1"},
         "paths": {
             "/predict": {
                 "get": {
                     "operationId": "predictGet",
                     "summary": "Predict for one entity; without the parameter, for a sample entity.",
-                    "parameters": [{"name": schema.JOIN_KEY, "in": "query", "required": False,
-                                    "schema": ENTITY_ID}],
+                    "parameters": [{"name": key, "in": "query", "required": False,
+                                    "schema": entity_id}],
                     "responses": {"200": {"description": "the prediction", "content": {
                         "application/json": {"schema": {"$ref": "#/components/schemas/Single"}}}},
                         **errors},
                 },
                 "post": {
                     "operationId": "predictPost",
-                    "summary": f'Predict for {{"{schema.JOIN_KEY}": N}} or a batch of instances.',
+                    "summary": f'Predict for {{"{key}": {_example(schema)}}} or a batch of instances.',
                     "requestBody": {"required": True, "content": {"application/json": {"schema": {
                         "oneOf": [
-                            {"type": "object", "required": [schema.JOIN_KEY], "additionalProperties": False,
-                             "properties": {schema.JOIN_KEY: ENTITY_ID}},
+                            {"type": "object", "required": [key], "additionalProperties": False,
+                             "properties": {key: entity_id}},
                             {"type": "object", "required": ["instances"], "additionalProperties": False,
                              "properties": {"instances": {
                                  "type": "array", "minItems": 1, "maxItems": max_batch,
-                                 "items": {"type": "object", "required": [schema.JOIN_KEY],
+                                 "items": {"type": "object", "required": [key],
                                            "additionalProperties": False,
-                                           "properties": {schema.JOIN_KEY: ENTITY_ID}}}}},
+                                           "properties": {key: entity_id}}}}},
                         ]}}}},
                     "responses": {
                         "200": {"description": "the prediction(s)", "content": {"application/json": {

@@ -17,7 +17,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from pipeline.dag import PIPELINE, STAGE_NAMES, spec
-from pipeline.errors import ConfigError, PipelineError
+from pipeline.errors import ConfigError, PipelineError, storage_error
 from pipeline.settings import Settings
 
 log = logging.getLogger("pipeline")
@@ -48,7 +48,7 @@ def parser() -> argparse.ArgumentParser:
         description="Run one stage of the mlops-shared-volume pipeline, or all of them, on the "
                     "shared folder. `python -m pipeline <stage> --help` tells more.",
         epilog="Settings come from MLOPS_* environment variables (and MLFLOW_TRACKING_URI); "
-               "the README lists them. Flags override the common ones.")
+               "docs/configuration.md lists them. Flags override the common ones.")
     sub = top.add_subparsers(dest="command", required=True, metavar="<stage>")
     helps = {"init": COMMANDS["init"], **{s.name: s.summary for s in PIPELINE},
              **{k: v for k, v in COMMANDS.items() if k != "init"}}
@@ -73,7 +73,7 @@ def build_settings(args: argparse.Namespace) -> Settings:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}"
                              for e in exc.errors())
         raise ConfigError(f"invalid settings ({problems}); see `python -m pipeline --help` "
-                          "and the MLOPS_* variables in the README") from None
+                          "and the MLOPS_* variables in docs/configuration.md") from None
 
 
 def configure_logging(quiet: bool) -> None:
@@ -198,6 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(args.quiet)
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    settings = None
     try:
         settings = build_settings(args)
         if args.command == "init":
@@ -223,4 +224,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; re-run the same command to finish the job", file=sys.stderr)
         return 130
+    except Exception as exc:
+        # A full disk, a read-only volume, a file where the shared folder should be:
+        # they surface from DVC, pyarrow, SQLite or MLflow in their own wrappers.
+        known = storage_error(exc, settings.shared) if settings else None
+        if known is None:
+            raise
+        log.debug("storage failure", exc_info=True)
+        print(f"error: {known}", file=sys.stderr)
+        return known.exit_code
     return 0

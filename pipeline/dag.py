@@ -30,14 +30,15 @@ class StageSpec:
 
 
 PIPELINE: tuple[StageSpec, ...] = (
-    StageSpec("ingest", "generate seeded synthetic CSVs under <shared>/data/raw and version them with DVC",
-              promises=("parts", "rows", "sample_entity", "bad_rows_injected", "dvc_hash", "truth"),
+    StageSpec("ingest", "copy the data set's source (or generate the synthetic customers) into <shared>/data/raw "
+                        "and version it with DVC",
+              promises=("parts", "rows", "entity_type", "sample_entity", "bad_rows_injected", "dvc_hash", "truth"),
               data_flags=True),
     StageSpec("features", "check raw data against DVC, validate, quarantine bad rows, write Parquet "
                           "features",
               needs=("ingest",),
               promises=("rows_out", "rows_quarantined", "quarantine_path", "features_md5", "labels_md5",
-                        "raw_dvc_hash", "event_time_min", "event_time_max")),
+                        "raw_dvc_hash", "event_time_min", "event_time_max", "sample_entity")),
     StageSpec("feast", "apply the Feast feature repository and materialize into the online store",
               needs=("features", "ingest"),
               promises=("feature_refs", "registry", "sample_entity")),

@@ -149,7 +149,7 @@ class Declaration(_Strict):
             duplicates = sorted({n for n in names if names.count(n) > 1})
             if duplicates:
                 raise ValueError(f"{duplicates} listed more than once")
-            return dict.fromkeys(names)
+            return {name: {} for name in names}
         if isinstance(value, dict):
             return {k: (v if v is not None else {}) for k, v in value.items()}
         raise ValueError("give a list of column names or a mapping of name to {type, min, max}")
@@ -275,10 +275,12 @@ class Dataset:
                     math.inf if spec.max is None else spec.max, integer=spec.type == "int",
                     description=spec.description)
             for name, spec in d.features.items())
+        column = d.entity.column
+        entity = d.entity.name or (column[:-3] if column.endswith("_id") and len(column) > 3 else d.name)
         return Schema(
-            dataset=d.name, entity=d.entity.name or d.name, join_key=d.entity.column,
+            dataset=d.name, entity=entity, join_key=column,
             key_type=d.entity.type or entity_type or "int",
-            entity_description=d.entity.description or f"a {d.entity.name or d.name}, keyed by {d.entity.column}",
+            entity_description=d.entity.description or f"a {entity}, keyed by {column}",
             timestamp=d.timestamp.column if d.timestamp else INGESTED_AT,
             target=d.target, features=features,
             feature_view=d.feast.feature_view or d.name, project=d.feast.project or d.name,
@@ -307,3 +309,7 @@ def load(path: Path | None) -> Dataset:
     except OSError:
         mtime = -1
     return _load(str(path), mtime)
+
+
+# The built-in synthetic customers' schema (the generator's columns, the tests' default).
+CUSTOMERS = load(None).schema()

@@ -134,6 +134,10 @@ class UnknownEntity(PipelineError):
         )
 
 
+class LayoutChanged(PipelineError):
+    """Feast's helpers no longer produce the Redis layout pipeline/redis_layout.py writes."""
+
+
 class SharedNotAFolder(PipelineError):
     exit_code = 8
 

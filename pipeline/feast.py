@@ -21,10 +21,11 @@ from feast import Entity, FeatureStore, FeatureView, Field, FileSource, RepoConf
 from feast.infra.registry.file import FileRegistryStore
 from feast.types import Float64
 
-from pipeline import schema
 from pipeline.errors import ConfigError, OnlineStoreIncomplete, OnlineStoreUnavailable
 from pipeline.io import atomic_write_bytes, file_md5
-from pipeline.settings import FEAST_PROJECT, Settings
+from pipeline.dataset import load
+from pipeline.schema import Schema
+from pipeline.settings import Settings
 from pipeline.stage import StageContext, StageResult
 
 log = logging.getLogger(__name__)
@@ -47,22 +48,23 @@ class AtomicFileRegistryStore(FileRegistryStore):
         atomic_write_bytes(Path(self._filepath), registry_proto.SerializeToString())
 
 
-def definitions(features_path: Path) -> list:
+def definitions(features_path: Path, schema: Schema) -> list:
     """The entity and the feature view over the features Parquet file."""
-    customer = Entity(name=schema.ENTITY, join_keys=[schema.JOIN_KEY], value_type=ValueType.INT64,
-                      description="a customer, keyed by customer_id")
-    source = FileSource(name="customer_features_source", path=str(features_path),
-                        timestamp_field=schema.TIMESTAMP)
+    entity = Entity(name=schema.entity, join_keys=[schema.join_key],
+                    value_type=ValueType.INT64 if schema.int_keys else ValueType.STRING,
+                    description=schema.entity_description)
+    source = FileSource(name=f"{schema.feature_view}_source", path=str(features_path),
+                        timestamp_field=schema.timestamp)
     view = FeatureView(
-        name=schema.FEATURE_VIEW,
-        entities=[customer],
-        ttl=timedelta(0),  # no expiry: the latest value per customer is always served
-        schema=[Field(name=f.name, dtype=Float64, description=f.description) for f in schema.FEATURES],
+        name=schema.feature_view,
+        entities=[entity],
+        ttl=timedelta(0),  # no expiry: the latest value per entity is always served
+        schema=[Field(name=f.name, dtype=Float64, description=f.description) for f in schema.features],
         online=True,
         source=source,
-        tags={"owner": "mlops-shared-volume"},
+        tags={"owner": "mlops-shared-volume", "dataset": schema.dataset},
     )
-    return [customer, view]
+    return [entity, view]
 
 
 def online_store_config(settings: Settings, password_placeholder: bool = False) -> dict:
@@ -92,7 +94,7 @@ def online_store_config(settings: Settings, password_placeholder: bool = False) 
 
 def _config_dict(settings: Settings, password_placeholder: bool = False) -> dict:
     return {
-        "project": FEAST_PROJECT,
+        "project": load(settings.dataset).schema().project,
         "provider": "local",
         "registry": {"registry_type": "file", "path": str(settings.feast_dir / "registry.db"),
                      "registry_store_type": f"{__name__}.AtomicFileRegistryStore",
@@ -120,38 +122,39 @@ def write_feature_store_yaml(settings: Settings) -> Path:
     return path
 
 
-def online_features(store: FeatureStore, entity_ids: list[int]) -> dict[str, list]:
+def online_features(store: FeatureStore, schema: Schema, entity_ids: list) -> dict[str, list]:
     """Feature values for the entities, in schema order (None where unknown)."""
-    rows = [{schema.JOIN_KEY: int(e)} for e in entity_ids]
+    rows = [{schema.join_key: int(e) if schema.int_keys else str(e)} for e in entity_ids]
     return store.get_online_features(features=schema.feature_refs(), entity_rows=rows).to_dict()
 
 
 def run(ctx: StageContext) -> StageResult:
-    settings, features, ingest = ctx.settings, ctx.upstream["features"], ctx.upstream["ingest"]
-    sample = int(ingest.outputs["sample_entity"])
+    settings, features, schema = ctx.settings, ctx.upstream["features"], ctx.schema
+    sample = features.outputs["sample_entity"]
     online = online_store_config(settings, password_placeholder=True)
     inputs = {
         "features_md5": features.outputs["features_md5"],
         "feature_refs": schema.feature_refs(),
-        "schema_version": schema.SCHEMA_VERSION,
+        "dataset": schema.version,
+        "entity_type": schema.key_type,
         "online_store": online,
     }
     result = ctx.start(inputs)
     store = open_store(settings)
     if result.unchanged() and file_md5(settings.features_path) == inputs["features_md5"]:
-        values = online_features(store, [sample])
-        if values[schema.FEATURE_NAMES[0]][0] is not None:
+        values = online_features(store, schema, [sample])
+        if values[schema.feature_names[0]][0] is not None:
             return result.skip("registry applied and online store holds the latest features",
                                result.previous.outputs)
-        log.info("feast: online store lost its data (sample entity %d missing); materializing again",
+        log.info("feast: online store lost its data (sample entity %s missing); materializing again",
                  sample)
 
     log.info("feast: apply (registry %s)", settings.feast_dir / "registry.db")
-    store.apply(definitions(settings.features_path))
+    store.apply(definitions(settings.features_path, schema))
     yaml_path = write_feature_store_yaml(settings)
     start = pd.Timestamp(features.outputs["event_time_min"]).to_pydatetime()
     end = (pd.Timestamp(features.outputs["event_time_max"]) + pd.Timedelta(seconds=1)).to_pydatetime()
-    if settings.redis_url:
+    if settings.redis_url and schema.int_keys:
         # Feast's layout, written by our loader: what `feast materialize` writes
         # for this window, several times faster (tests compare the bytes).
         import redis
@@ -160,28 +163,30 @@ def run(ctx: StageContext) -> StageResult:
 
         log.info("feast: loading the latest features per entity into Redis (Feast's layout)")
         try:
-            loaded = load_latest(connect(settings, LOAD_TIMEOUT_SECONDS), settings.features_path,
+            loaded = load_latest(connect(settings, LOAD_TIMEOUT_SECONDS), settings.features_path, schema,
                                  progress=log_progress())
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
             raise OnlineStoreUnavailable(exc) from exc
-        store.registry.apply_materialization(store.get_feature_view(schema.FEATURE_VIEW), FEAST_PROJECT,
+        store.registry.apply_materialization(store.get_feature_view(schema.feature_view), schema.project,
                                              start, end)
         how = f"loaded {loaded} entities into redis in Feast's layout"
     else:
         log.info("feast: materialize %s .. %s into %s", start, end, online["type"])
-        store.materialize(start_date=start, end_date=end, feature_views=[schema.FEATURE_VIEW])
+        store.materialize(start_date=start, end_date=end, feature_views=[schema.feature_view])
         how = f"materialized into {online['type']}"
-    values = online_features(store, [sample])
-    if values[schema.FEATURE_NAMES[0]][0] is None:
+    values = online_features(store, schema, [sample])
+    if values[schema.feature_names[0]][0] is None:
         raise OnlineStoreIncomplete(how, sample)
     outputs = {
-        "project": FEAST_PROJECT,
+        "project": schema.project,
+        "feature_view": schema.feature_view,
+        "entity_type": schema.key_type,
         "registry": str(settings.feast_dir / "registry.db"),
         "feature_store_yaml": str(yaml_path),
         "online_store": online["type"],
         "feature_refs": schema.feature_refs(),
         "materialized": {"start": start.isoformat(), "end": end.isoformat()},
         "sample_entity": sample,
-        "sample_features": {name: values[name][0] for name in schema.FEATURE_NAMES},
+        "sample_features": {name: values[name][0] for name in schema.feature_names},
     }
-    return result.done(outputs, f"applied {schema.FEATURE_VIEW}, {how}")
+    return result.done(outputs, f"applied {schema.feature_view}, {how}")

@@ -18,9 +18,10 @@ import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
-from pipeline import schema, versioning
+from pipeline import versioning
 from pipeline.errors import RawDataChanged, SchemaError
 from pipeline.io import atomic_path, file_md5, remove_stale_temps
+from pipeline.schema import ENTITY_ID_MAX, ENTITY_KEY_MAX_BYTES, Feature, Schema
 from pipeline.stage import StageContext, StageResult
 
 log = logging.getLogger(__name__)
@@ -29,27 +30,35 @@ log = logging.getLogger(__name__)
 READ_BLOCK_BYTES = 8 << 20
 REJECTED_FILE = "rejected.csv"
 
-FEATURES_SCHEMA = pa.schema(
-    [pa.field(schema.JOIN_KEY, pa.int64(), nullable=False),
-     pa.field(schema.TIMESTAMP, pa.timestamp("us", tz="UTC"), nullable=False)]
-    + [pa.field(name, pa.float64(), nullable=False) for name in schema.FEATURE_NAMES]
-)
-LABELS_SCHEMA = pa.schema([
-    pa.field(schema.JOIN_KEY, pa.int64(), nullable=False),
-    pa.field(schema.TIMESTAMP, pa.timestamp("us", tz="UTC"), nullable=False),
-    pa.field(schema.TARGET, pa.float64(), nullable=False),
-])
+def key_type(schema: Schema) -> pa.DataType:
+    return pa.int64() if schema.int_keys else pa.string()
 
 
-def check_header(columns: list[str], source: str) -> None:
-    missing = [c for c in schema.RAW_COLUMNS if c not in columns]
-    extra = [c for c in columns if c not in schema.RAW_COLUMNS]
-    extra += sorted({c for c in columns if c in schema.RAW_COLUMNS and columns.count(c) > 1})
+def features_schema(schema: Schema) -> pa.Schema:
+    """The features Parquet file: key, event time (UTC), one float64 column per feature."""
+    return pa.schema(
+        [pa.field(schema.join_key, key_type(schema), nullable=False),
+         pa.field(schema.timestamp, pa.timestamp("us", tz="UTC"), nullable=False)]
+        + [pa.field(name, pa.float64(), nullable=False) for name in schema.feature_names])
+
+
+def labels_schema(schema: Schema) -> pa.Schema:
+    return pa.schema([
+        pa.field(schema.join_key, key_type(schema), nullable=False),
+        pa.field(schema.timestamp, pa.timestamp("us", tz="UTC"), nullable=False),
+        pa.field(schema.target, pa.float64(), nullable=False),
+    ])
+
+
+def check_header(columns: list[str], source: str, schema: Schema) -> None:
+    missing = [c for c in schema.raw_columns if c not in columns]
+    extra = [c for c in columns if c not in schema.raw_columns]
+    extra += sorted({c for c in columns if c in schema.raw_columns and columns.count(c) > 1})
     if missing or extra:
         raise SchemaError(
-            f"{source}: columns do not match the schema in pipeline/schema.py "
+            f"{source}: columns do not match the data set {schema.dataset!r} "
             f"(missing: {missing or 'none'}, unexpected: {extra or 'none'}); "
-            "fix the file, or change pipeline/schema.py to match your data"
+            "fix the file, or the declaration (MLOPS_DATASET), then re-run ingest"
         )
 
 
@@ -118,7 +127,7 @@ def _whole_or_none(text: str) -> int | None:
     """A non-negative int64 written as digits with an optional zero fraction, else None."""
     digits, _, fraction = text.partition(".")
     if digits.isascii() and digits.isdigit() and fraction.strip("0") == "" \
-            and int(digits) <= schema.ENTITY_ID_MAX:
+            and int(digits) <= ENTITY_ID_MAX:
         return int(digits)
     return None
 
@@ -179,25 +188,31 @@ def _timestamps(text: pa.Array) -> pa.Array:
 
 
 Checks = list[tuple[np.ndarray, str]]
-_NUMERIC = {f.name: f for f in (*schema.FEATURES, schema.Feature(schema.TARGET, -np.inf, np.inf))}
+
+def _numeric(schema: Schema) -> dict[str, Feature]:
+    return {f.name: f for f in (*schema.features, Feature(schema.target, -np.inf, np.inf))}
 
 
 def _empty(text: pa.Array) -> np.ndarray:
     return pc.equal(text, "").to_numpy(zero_copy_only=False)
 
 
-def _check_column(raw: pa.Table, name: str) -> tuple[pa.Array, Checks]:
+def _check_column(raw: pa.Table, name: str, schema: Schema) -> tuple[pa.Array, Checks]:
     """One column typed, and its checks in order: (rows failing, reason)."""
     column = pc.cast(raw.column(name).combine_chunks(), pa.string())
     if column.null_count:  # fill_null costs a copy even without nulls: only when needed
         column = pc.fill_null(column, "")
     text = pc.ascii_trim_whitespace(column)
-    if name == schema.JOIN_KEY:
+    if name == schema.join_key and not schema.int_keys:
+        size = pc.binary_length(text).to_numpy(zero_copy_only=False)
+        return text, [(_empty(text), f"{name}: missing"),
+                      (size > ENTITY_KEY_MAX_BYTES, f"{name}: longer than {ENTITY_KEY_MAX_BYTES} bytes")]
+    if name == schema.join_key:
         keys, parsed = _parse(text, DIGIT_BYTES, pa.int64())
         return pa.array(keys, type=pa.int64()), [
             (_empty(text), f"{name}: missing"),
             (~parsed | (keys < 0), f"{name}: not a non-negative integer")]
-    if name == schema.TIMESTAMP:
+    if name == schema.timestamp:
         stamps = _timestamps(text)
         micros = stamps.cast(pa.int64())
         micros = (micros.fill_null(0) if micros.null_count else micros).to_numpy(zero_copy_only=False)
@@ -206,7 +221,7 @@ def _check_column(raw: pa.Table, name: str) -> tuple[pa.Array, Checks]:
                          f"{name}: not an ISO 8601 timestamp"),
                         ((micros < STAMP_MIN_US) | (micros > STAMP_MAX_US),
                          f"{name}: out of range [1677-09-22, 2262-04-11] (what pandas and Feast hold)")]
-    feature = _NUMERIC[name]
+    feature = _numeric(schema)[name]
     numbers, parsed = _parse(text, NUMBER_BYTES, pa.float64())
     numbers[~parsed] = np.nan
     with np.errstate(invalid="ignore"):
@@ -220,17 +235,17 @@ def _check_column(raw: pa.Table, name: str) -> tuple[pa.Array, Checks]:
     return pa.array(numbers, type=pa.float64()), checks
 
 
-def validate_chunk(raw: pa.Table) -> tuple[pa.Table, pa.Table]:
+def validate_chunk(raw: pa.Table, schema: Schema) -> tuple[pa.Table, pa.Table]:
     """Split a table of text rows into typed good rows and rejected rows.
 
-    ``raw`` holds every column of :data:`schema.RAW_COLUMNS` as text. A row is
+    ``raw`` holds every column of ``schema.raw_columns`` as text. A row is
     rejected for a missing value, a value that is not a number (or not a
     timestamp), a non-integer where an integer is expected, or a value outside
-    the feature's range. Good rows come back typed (``customer_id`` int64,
-    ``event_timestamp`` UTC, the rest float64); rejected rows keep their
+    the feature's range. Good rows come back typed (the key int64 or string,
+    the event time UTC, the rest float64); rejected rows keep their
     original text and gain a ``reason`` naming the first failing column.
     """
-    columns = [_check_column(raw, name) for name in schema.RAW_COLUMNS]
+    columns = [_check_column(raw, name, schema) for name in schema.raw_columns]
     # The first failing check of each row, in schema then check order, as an int code.
     code = np.zeros(raw.num_rows, dtype=np.int16)
     reasons: list[str] = []
@@ -239,19 +254,20 @@ def validate_chunk(raw: pa.Table) -> tuple[pa.Table, pa.Table]:
             reasons.append(why)
             code[(code == 0) & failing] = len(reasons)
     bad = code != 0
-    good = pa.table(dict(zip(schema.RAW_COLUMNS, (typed for typed, _ in columns)))).filter(pa.array(~bad))
-    rejected = raw.select(list(schema.RAW_COLUMNS)).filter(pa.array(bad))
+    good = pa.table(dict(zip(schema.raw_columns, (typed for typed, _ in columns)))).filter(pa.array(~bad))
+    rejected = raw.select(list(schema.raw_columns)).filter(pa.array(bad))
     why = np.array(reasons, dtype=object)[code[bad] - 1]
     return good, rejected.append_column("reason", pa.array(why, type=pa.string()))
 
 
-def _tables(good: pa.Table) -> tuple[pa.Table, pa.Table]:
-    features = good.select([schema.JOIN_KEY, schema.TIMESTAMP, *schema.FEATURE_NAMES])
-    labels = good.select([schema.JOIN_KEY, schema.TIMESTAMP, schema.TARGET])
-    return features.cast(FEATURES_SCHEMA), labels.cast(LABELS_SCHEMA)
+def _tables(good: pa.Table, schema: Schema) -> tuple[pa.Table, pa.Table]:
+    features = good.select([schema.join_key, schema.timestamp, *schema.feature_names])
+    labels = good.select([schema.join_key, schema.timestamp, schema.target])
+    return features.cast(features_schema(schema)), labels.cast(labels_schema(schema))
 
 
-def _text_reader(part: Path, block_bytes: int, misshapen: list[pa.Table]) -> pa_csv.CSVStreamingReader:
+def _text_reader(part: Path, block_bytes: int, misshapen: list[pa.Table],
+                 schema: Schema) -> pa_csv.CSVStreamingReader:
     """A streaming reader that keeps every schema column as text, untouched.
 
     A row with the wrong number of fields is not an error for the file: it
@@ -260,7 +276,7 @@ def _text_reader(part: Path, block_bytes: int, misshapen: list[pa.Table]) -> pa_
     def misshapen_row(row) -> str:
         text = row.text if len(row.text) <= 2000 else row.text[:2000] + "..."
         misshapen.append(pa.table({
-            "source": [part.name], **{name: [""] for name in schema.RAW_COLUMNS},
+            "source": [part.name], **{name: [""] for name in schema.raw_columns},
             "reason": [f"row: expected {row.expected_columns} fields, got {row.actual_columns}: {text}"]}))
         return "skip"
 
@@ -270,7 +286,7 @@ def _text_reader(part: Path, block_bytes: int, misshapen: list[pa.Table]) -> pa_
             read_options=pa_csv.ReadOptions(block_size=block_bytes),
             parse_options=pa_csv.ParseOptions(invalid_row_handler=misshapen_row),
             convert_options=pa_csv.ConvertOptions(
-                column_types=dict.fromkeys(schema.RAW_COLUMNS, pa.string()),
+                column_types=dict.fromkeys(schema.raw_columns, pa.string()),
                 strings_can_be_null=False, quoted_strings_can_be_null=False),
         )
     except pa.ArrowInvalid as exc:
@@ -313,12 +329,12 @@ def _unreadable(part: Path, exc: Exception, what: str) -> SchemaError:
                        "versioned one")
 
 
-def _blocks(parts: list[Path], block_bytes: int,
-            misshapen: list[pa.Table]) -> Iterator[tuple[Path, pa.RecordBatch]]:
+def _blocks(parts: list[Path], block_bytes: int, misshapen: list[pa.Table],
+            schema: Schema) -> Iterator[tuple[Path, pa.RecordBatch]]:
     """Record batches of every part, in order, each part's header checked first."""
     for part in parts:
-        reader = _text_reader(part, block_bytes, misshapen)
-        check_header(reader.schema.names, part.name)
+        reader = _text_reader(part, block_bytes, misshapen, schema)
+        check_header(reader.schema.names, part.name, schema)
         try:
             yield from ((part, batch) for batch in reader)
         except pa.ArrowInvalid as exc:
@@ -326,7 +342,7 @@ def _blocks(parts: list[Path], block_bytes: int,
 
 
 def transform(parts: list[Path], features_out: Path, labels_out: Path, rejected_out: Path,
-              block_bytes: int = READ_BLOCK_BYTES) -> dict:
+              schema: Schema, block_bytes: int = READ_BLOCK_BYTES, preferred_sample=None) -> dict:
     """Stream ``parts`` through :func:`validate_chunk` into Parquet files.
 
     Reads ``block_bytes`` of CSV at a time with pyarrow's streaming reader, so
@@ -338,17 +354,18 @@ def transform(parts: list[Path], features_out: Path, labels_out: Path, rejected_
     t_min = t_max = None
     started = time.monotonic()
     rejected_schema = pa.schema([pa.field(name, pa.string()) for name in
-                                 ("source", *schema.RAW_COLUMNS, "reason")])
+                                 ("source", *schema.raw_columns, "reason")])
     # Dictionary encoding only where values repeat (entity keys): on float
     # columns it costs three times the write and saves nothing.
-    parquet = {"use_dictionary": [schema.JOIN_KEY]}
-    with pq.ParquetWriter(features_out, FEATURES_SCHEMA, **parquet) as fwriter, \
-            pq.ParquetWriter(labels_out, LABELS_SCHEMA, **parquet) as lwriter, \
+    parquet = {"use_dictionary": [schema.join_key]}
+    with pq.ParquetWriter(features_out, features_schema(schema), **parquet) as fwriter, \
+            pq.ParquetWriter(labels_out, labels_schema(schema), **parquet) as lwriter, \
             pa_csv.CSVWriter(rejected_out, rejected_schema,
                              write_options=pa_csv.WriteOptions(quoting_style="needed")) as rwriter:
+        first_key, has_preferred = None, False
         misshapen: list[pa.Table] = []
-        for part, batch in _blocks(parts, block_bytes, misshapen):
-            good, rejected = validate_chunk(pa.Table.from_batches([batch]))
+        for part, batch in _blocks(parts, block_bytes, misshapen, schema):
+            good, rejected = validate_chunk(pa.Table.from_batches([batch]), schema)
             total += batch.num_rows + len(misshapen)
             rejected = rejected.add_column(0, "source", pa.array([part.name] * rejected.num_rows,
                                                                  type=pa.string()))
@@ -356,11 +373,15 @@ def transform(parts: list[Path], features_out: Path, labels_out: Path, rejected_
                 rejected = pa.concat_tables([rejected, *misshapen])
                 misshapen.clear()
             if good.num_rows:
-                features, labels = _tables(good)
+                keys = good.column(schema.join_key)
+                first_key = keys[0].as_py() if first_key is None else first_key
+                if preferred_sample is not None and not has_preferred:
+                    has_preferred = pc.any(pc.equal(keys, preferred_sample)).as_py()
+                features, labels = _tables(good, schema)
                 fwriter.write_table(features)
                 lwriter.write_table(labels)
                 good_rows += good.num_rows
-                span = pc.min_max(good.column(schema.TIMESTAMP))
+                span = pc.min_max(good.column(schema.timestamp))
                 lo, hi = span["min"].as_py(), span["max"].as_py()
                 t_min = lo if t_min is None else min(t_min, lo)
                 t_max = hi if t_max is None else max(t_max, hi)
@@ -374,6 +395,8 @@ def transform(parts: list[Path], features_out: Path, labels_out: Path, rejected_
                      rejected_rows, total / max(time.monotonic() - started, 1e-9))
     return {
         "rows_in": total, "rows_out": good_rows, "rows_quarantined": rejected_rows,
+        # the entity GET /predict answers for: ingest's choice when it survived validation
+        "sample_entity": preferred_sample if has_preferred else first_key,
         "quarantined_by_column": reasons,
         "event_time_min": t_min.isoformat() if t_min is not None else None,
         "event_time_max": t_max.isoformat() if t_max is not None else None,
@@ -389,7 +412,8 @@ def run(ctx: StageContext) -> StageResult:
     if changed:
         raise RawDataChanged(changed, versioning.dvc_file(settings.shared))
     raw_hash = versioning.recorded_hash(settings.shared)
-    inputs = {"raw_dvc_hash": raw_hash, "schema_version": schema.SCHEMA_VERSION}
+    schema = ctx.schema
+    inputs = {"raw_dvc_hash": raw_hash, "dataset": schema.version, "entity_type": schema.key_type}
     result = ctx.start(inputs)
     outputs_intact = (
         result.previous is not None
@@ -407,7 +431,8 @@ def run(ctx: StageContext) -> StageResult:
     rejected_path = settings.quarantine_dir / REJECTED_FILE
     with atomic_path(settings.features_path) as f_tmp, atomic_path(settings.labels_path) as l_tmp, \
             atomic_path(rejected_path) as r_tmp:
-        stats = transform(parts, f_tmp, l_tmp, r_tmp)
+        stats = transform(parts, f_tmp, l_tmp, r_tmp, schema,
+                          preferred_sample=ingest.outputs.get("sample_entity"))
     if stats["rows_in"] == 0:
         raise SchemaError(f"features: the raw data holds no rows, only header lines ({', '.join(p.name for p in parts)} "
                           f"in {settings.raw_dir}); ingest data with rows")

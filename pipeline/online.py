@@ -24,9 +24,9 @@ from typing import Protocol
 
 import numpy as np
 
-from pipeline import schema
 from pipeline.errors import OnlineStoreUnavailable, UnknownEntity
-from pipeline.settings import FEAST_PROJECT, Settings
+from pipeline.schema import Schema
+from pipeline.settings import Settings
 
 
 class Reader(Protocol):
@@ -59,11 +59,11 @@ class RedisOnlineReader:
     equal to ``get_online_features``.
     """
 
-    def __init__(self, client, project: str = FEAST_PROJECT) -> None:
+    def __init__(self, client, schema: Schema) -> None:
         from pipeline.redis_layout import FeastRedisLayout
 
         self.client = client
-        self.layout = FeastRedisLayout(project)
+        self.layout = FeastRedisLayout(schema)
         self._local = threading.local()
 
     def _roundtrip(self, keys: list[bytes]) -> list[list[bytes | None]]:
@@ -83,9 +83,9 @@ class RedisOnlineReader:
             self._local.conn = None
             raise
 
-    def read(self, entity_ids: Sequence[int]) -> list[list[float] | None]:
+    def read(self, entity_ids: Sequence) -> list[list[float] | None]:
         """Feature values per entity, in schema order; None for an unknown entity."""
-        rows = self._roundtrip(self.layout.keys(np.array(entity_ids, dtype=np.int64)))
+        rows = self._roundtrip(self.layout.keys(entity_ids))
         return [self.layout.decode(raw) for raw in rows]
 
     def reachable(self) -> tuple[bool, str]:
@@ -99,17 +99,18 @@ class RedisOnlineReader:
 class FeastSqliteReader:
     """Feast's SQLite online store, through Feast's SDK."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, schema: Schema) -> None:
         from pipeline.feast import open_store
 
+        self.schema = schema
         self.store = open_store(settings)
         self.path = settings.feast_dir / "online_store.db"
 
     def read(self, entity_ids: Sequence[int]) -> list[list[float] | None]:
         from pipeline.feast import online_features
 
-        values = online_features(self.store, list(entity_ids))
-        columns = [values[name] for name in schema.FEATURE_NAMES]
+        values = online_features(self.store, self.schema, list(entity_ids))
+        columns = [values[name] for name in self.schema.feature_names]
         return [None if any(col[i] is None for col in columns) else [col[i] for col in columns]
                 for i in range(len(entity_ids))]
 
@@ -133,11 +134,12 @@ class OnlineFeatures:
     unreachable (a fast-failed one included).
     """
 
-    def __init__(self, reader: Reader, backoff_seconds: float, *,
+    def __init__(self, reader: Reader, schema: Schema, backoff_seconds: float, *,
                  clock: Callable[[], float] = time.monotonic,
                  on_read: Callable[[float], None] | None = None,
                  on_unreachable: Callable[[], None] | None = None) -> None:
         self.reader = reader
+        self.schema = schema
         self.backoff_seconds = backoff_seconds
         self.clock = clock
         self._on_read = on_read or (lambda seconds: None)
@@ -164,21 +166,22 @@ class OnlineFeatures:
             self._on_read(time.perf_counter() - started)
         unknown = [e for e, row in zip(entity_ids, rows) if row is None]
         if unknown:
-            raise UnknownEntity(schema.JOIN_KEY, unknown)
-        matrix = np.asarray(rows, dtype=np.float64).reshape(len(rows), len(schema.FEATURE_NAMES))
-        return matrix, [dict(zip(schema.FEATURE_NAMES, row)) for row in rows]
+            raise UnknownEntity(self.schema.join_key, unknown)
+        names = self.schema.feature_names
+        matrix = np.asarray(rows, dtype=np.float64).reshape(len(rows), len(names))
+        return matrix, [dict(zip(names, row)) for row in rows]
 
     def reachable(self) -> tuple[bool, str]:
         return self.reader.reachable()
 
 
-def open_online(settings: Settings, **options) -> OnlineFeatures:
+def open_online(settings: Settings, schema: Schema, **options) -> OnlineFeatures:
     """The configured store: Redis when ``MLOPS_REDIS_URL`` is set, Feast's SQLite
     store otherwise. ``options`` go to :class:`OnlineFeatures`."""
     if settings.redis_url:
         from pipeline.redis_layout import connect
 
-        reader: Reader = RedisOnlineReader(connect(settings, settings.online_timeout_seconds))
+        reader: Reader = RedisOnlineReader(connect(settings, settings.online_timeout_seconds), schema)
     else:
-        reader = FeastSqliteReader(settings)
-    return OnlineFeatures(reader, settings.online_backoff_seconds, **options)
+        reader = FeastSqliteReader(settings, schema)
+    return OnlineFeatures(reader, schema, settings.online_backoff_seconds, **options)

@@ -33,9 +33,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import redis
 
-from pipeline import schema
-from pipeline.errors import PipelineError
-from pipeline.settings import FEAST_PROJECT, Settings
+from pipeline.errors import LayoutChanged
+from pipeline.schema import ENTITY_ID_MAX, Schema
+from pipeline.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -49,16 +49,7 @@ def connect(settings: Settings, timeout_seconds: float):
     so an unreachable Redis is an error within ``timeout_seconds``."""
     host, port, db, password = settings.redis_parts()
     return redis.Redis(host=host, port=port, db=db, password=password, socket_timeout=timeout_seconds,
-                       socket_connect_timeout=timeout_seconds, retry=None)
-
-
-class LayoutChanged(PipelineError):
-    """Feast's helpers no longer produce the layout this module writes.
-
-    Belongs in pipeline/errors.py with the other domain errors; defined here
-    until it moves there."""
-
-    exit_code = 1
+                       socket_connect_timeout=timeout_seconds, retry=None, **settings.redis_tls_options())
 
 
 # ---------------------------------------------------------------- RESP
@@ -103,8 +94,7 @@ class FeastRedisLayout:
     """Keys, field names and value bytes of one feature view, as Feast writes them,
     and the two commands that use them (HMGET to read, HSET to write)."""
 
-    def __init__(self, project: str = FEAST_PROJECT, view: str = schema.FEATURE_VIEW,
-                 features: tuple[str, ...] = schema.FEATURE_NAMES) -> None:
+    def __init__(self, schema: Schema) -> None:
         from feast.infra.online_stores.helpers import _mmh3, _redis_key
         from feast.protos.feast.types.EntityKey_pb2 import EntityKey
         from feast.protos.feast.types.Value_pb2 import Value
@@ -112,12 +102,14 @@ class FeastRedisLayout:
 
         self._redis_key, self._entity_key, self.value_proto, self._timestamp = (
             _redis_key, EntityKey, Value, Timestamp)
-        self.project = project
-        self.fields = [_mmh3(f"{view}:{name}") for name in features]
-        self.ts_field = f"_ts:{view}".encode()
+        self.schema = schema
+        self.project = project = schema.project
+        self.fields = [_mmh3(f"{schema.feature_view}:{name}") for name in schema.feature_names]
+        self.ts_field = f"_ts:{schema.feature_view}".encode()
         # An int64 entity key is a fixed head, the id as 8 little-endian bytes,
         # then the project name; a double value is a tag byte and 8 such bytes.
-        probe = self.feast_key(0)
+        # (String keys have no fixed length: they are built by Feast's helper.)
+        probe = self._int_key(0)
         tail = len(project.encode())
         self.key_head, self.key_tail = probe[:-8 - tail], probe[-tail:]
         self.key_len = len(probe)
@@ -140,10 +132,17 @@ class FeastRedisLayout:
         self._check()
 
     # keys -------------------------------------------------------------------
-    def feast_key(self, entity_id: int) -> bytes:
-        """The entity's Redis key, by Feast's own ``_redis_key`` (slow, exact)."""
-        entity = self._entity_key(join_keys=[schema.JOIN_KEY],
+    def _int_key(self, entity_id: int) -> bytes:
+        entity = self._entity_key(join_keys=[self.schema.join_key],
                                   entity_values=[self.value_proto(int64_val=int(entity_id))])
+        return self._redis_key(self.project, entity, entity_key_serialization_version=KEY_SERIALIZATION_VERSION)
+
+    def feast_key(self, entity_id) -> bytes:
+        """The entity's Redis key, by Feast's own ``_redis_key`` (slow, exact)."""
+        if self.schema.int_keys:
+            return self._int_key(entity_id)
+        entity = self._entity_key(join_keys=[self.schema.join_key],
+                                  entity_values=[self.value_proto(string_val=str(entity_id))])
         return self._redis_key(self.project, entity, entity_key_serialization_version=KEY_SERIALIZATION_VERSION)
 
     def key_array(self, entity_ids: np.ndarray) -> np.ndarray:
@@ -155,8 +154,11 @@ class FeastRedisLayout:
         out[:, at:at + 8] = ids.view(np.uint8).reshape(len(ids), 8)
         return out
 
-    def keys(self, entity_ids: np.ndarray) -> list[bytes]:
+    def keys(self, entity_ids) -> list[bytes]:
         """Redis keys of many entities at once, byte for byte what Feast builds."""
+        if not self.schema.int_keys:
+            return [self.feast_key(e) for e in entity_ids]
+        entity_ids = np.asarray(entity_ids, dtype=np.int64)
         packed, size = self.key_array(entity_ids).tobytes(), self.key_len
         return [packed[i:i + size] for i in range(0, len(packed), size)]
 
@@ -208,11 +210,11 @@ class FeastRedisLayout:
         values and compare them with what Feast's own helpers and protos give."""
         from datetime import datetime, timedelta, timezone
 
-        ids = np.array([0, 1, 1001, -7, 2**40 + 3, schema.ENTITY_ID_MAX], dtype=np.int64)
+        ids = np.array([0, 1, 1001, -7, 2**40 + 3, ENTITY_ID_MAX], dtype=np.int64)
         probes = [0.0, -0.0, 1.5, -1e300, float("inf"), float("nan"), 5e-324]
         matrix = np.resize(np.array(probes), (len(ids), len(self.fields)))
         micros = np.array([0, 1, 999_999, 1_700_000_000_123_456, 2**50, 86_400_000_000], dtype=np.int64)
-        feast_keys = [self.feast_key(i) for i in ids]
+        feast_keys = [self._int_key(i) for i in ids]
         feast_values = [[self.value_proto(double_val=float(v)).SerializeToString() for v in row]
                         for row in matrix]
         feast_times = []
@@ -224,7 +226,8 @@ class FeastRedisLayout:
                     for key, values, ts in zip(feast_keys, feast_values, feast_times)]
         written = [split_command(c) for c in self.hset(ids, micros, matrix)]
         same_writes = written == expected
-        asked = self.hmget(self.keys(ids))
+        asked = self.hmget(self.key_array(ids).tobytes()[i * self.key_len:(i + 1) * self.key_len]
+                           for i in range(len(ids)))
         same_reads = asked == b"".join(frame([b"HMGET", key, *self.fields])[0] for key in feast_keys)
         decoded = np.array([self.decode(values) for values in feast_values], dtype=np.float64)
         same_values = decoded.tobytes() == matrix.tobytes()  # bit for bit: -0.0 and NaN too
@@ -236,16 +239,16 @@ class FeastRedisLayout:
 
 
 # ---------------------------------------------------------------- loading
-def latest_rows(features_path: Path) -> np.ndarray:
+def latest_rows(features_path: Path, schema: Schema) -> np.ndarray:
     """A mask over the file's rows: the latest event per entity (on a tie, the later row).
 
     Reads only the key and time columns (16 bytes a row), so the memory it
     needs is a small fraction of the file.
     """
-    table = pq.read_table(features_path, columns=[schema.JOIN_KEY, schema.TIMESTAMP])
-    order = pc.sort_indices(table, sort_keys=[(schema.JOIN_KEY, "ascending"),
-                                              (schema.TIMESTAMP, "ascending")]).to_numpy()
-    keys = table.column(schema.JOIN_KEY).to_numpy()[order]
+    table = pq.read_table(features_path, columns=[schema.join_key, schema.timestamp])
+    order = pc.sort_indices(table, sort_keys=[(schema.join_key, "ascending"),
+                                              (schema.timestamp, "ascending")]).to_numpy()
+    keys = table.column(schema.join_key).to_numpy()[order]
     del table
     last = np.ones(len(order), dtype=bool)
     last[:-1] = keys[1:] != keys[:-1]  # stable sort: the last of each run is the latest
@@ -254,19 +257,23 @@ def latest_rows(features_path: Path) -> np.ndarray:
     return mask
 
 
-def load_latest(client, features_path: Path, project: str = FEAST_PROJECT,
+def load_latest(client, features_path: Path, schema: Schema,
                 progress: Callable[[int, int], None] | None = None) -> int:
     """Write the latest features of every entity into Redis in Feast's layout.
 
     What ``feast materialize`` writes for a window holding every row: one HSET
     per entity (:meth:`FeastRedisLayout.hset`), pipelined in batches on one
     redis-py connection. Overwrites, so a re-run after an interruption
-    finishes the job. Returns the number of entities written.
+    finishes the job. Returns the number of entities written. Integer keys only
+    (their fixed length is what makes the packing fast); the feast stage lets
+    ``feast materialize`` write string-keyed data sets.
     """
-    layout = FeastRedisLayout(project)
-    wanted = latest_rows(features_path)
+    if not schema.int_keys:
+        raise ValueError("load_latest packs integer entity keys only")
+    layout = FeastRedisLayout(schema)
+    wanted = latest_rows(features_path, schema)
     total, written, offset = int(wanted.sum()), 0, 0
-    columns = [schema.JOIN_KEY, schema.TIMESTAMP, *schema.FEATURE_NAMES]
+    columns = [schema.join_key, schema.timestamp, *schema.feature_names]
     parquet = pq.ParquetFile(features_path)
     conn = client.connection_pool.get_connection()
     try:
@@ -276,9 +283,9 @@ def load_latest(client, features_path: Path, project: str = FEAST_PROJECT,
             if not take.any():
                 continue
             batch = batch.filter(pa.array(take))
-            matrix = np.column_stack([batch.column(name).to_numpy() for name in schema.FEATURE_NAMES])
-            commands = layout.hset(batch.column(schema.JOIN_KEY).to_numpy(),
-                                   batch.column(schema.TIMESTAMP).cast(pa.timestamp("us", tz="UTC"))
+            matrix = np.column_stack([batch.column(name).to_numpy() for name in schema.feature_names])
+            commands = layout.hset(batch.column(schema.join_key).to_numpy(),
+                                   batch.column(schema.timestamp).cast(pa.timestamp("us", tz="UTC"))
                                    .cast(pa.int64()).to_numpy(), matrix)
             conn.send_packed_command([b"".join(commands)], check_health=False)
             for _ in commands:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +23,8 @@ from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 
-from pipeline import schema
 from pipeline.errors import TrackingUnavailable
+from pipeline.schema import Schema
 from pipeline.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ FINGERPRINT_TAG = "mlops.fingerprint"
 
 
 @contextlib.contextmanager
-def mlflow_session(settings: Settings) -> Iterator[MlflowClient]:
+def mlflow_session(settings: Settings, schema: Schema) -> Iterator[MlflowClient]:
     """Point MLflow at the configured store and make sure the experiment and
     registered model exist. Connection failures become :class:`TrackingUnavailable`."""
     uri = settings.tracking_uri
@@ -49,8 +49,8 @@ def mlflow_session(settings: Settings) -> Iterator[MlflowClient]:
         try:
             client.create_registered_model(
                 settings.model_name,
-                description=f"Linear regression predicting {schema.TARGET} of a {schema.ENTITY} from its "
-                            f"Feast features ({', '.join(schema.FEATURE_NAMES)}); trained by "
+                description=f"Linear regression predicting {schema.target} of a {schema.entity} from its "
+                            f"Feast features ({', '.join(schema.feature_names)}); trained by "
                             "mlops-shared-volume.")
         except MlflowException as exc:
             if exc.error_code != "RESOURCE_ALREADY_EXISTS":
@@ -121,19 +121,23 @@ def alias_version(client: MlflowClient, name: str, alias: str) -> ModelVersion |
         raise
 
 
-def version_rmse(client: MlflowClient, version: ModelVersion) -> float:
-    """The holdout RMSE the version was registered with."""
-    if "mlops.holdout_rmse" in version.tags:
-        return float(version.tags["mlops.holdout_rmse"])
-    return float(client.get_run(version.run_id).data.metrics["holdout_rmse"])
+def version_score(version: ModelVersion) -> tuple[float | None, str, str | None]:
+    """``(RMSE, what it was measured on, data set)`` the version was registered with."""
+    tags = version.tags
+    if "mlops.score_rmse" in tags:
+        return float(tags["mlops.score_rmse"]), tags.get("mlops.scored_on", "holdout"), tags.get("mlops.dataset")
+    if "mlops.holdout_rmse" in tags:  # versions registered before scores named what they measured
+        return float(tags["mlops.holdout_rmse"]), "holdout", tags.get("mlops.dataset")
+    return None, "unknown", tags.get("mlops.dataset")
 
 
-def _signature():
-    example = pd.DataFrame({name: [0.0] for name in schema.FEATURE_NAMES})
+def _signature(schema: Schema):
+    example = pd.DataFrame({name: [0.0] for name in schema.feature_names})
     return infer_signature(example, np.zeros(1))
 
 
-def register_model_version(client: MlflowClient, settings: Settings, *, params: dict[str, Any],
+def register_model_version(client: MlflowClient, settings: Settings, schema: Schema, *, params: dict[str, Any],
+                           score: tuple[float, str],
                            metrics: dict[str, float], lineage: dict[str, str], fingerprint: str,
                            weights_path: Path, model_code: Path, figure, coefficients: dict) -> ModelVersion:
     """Log one training run and register its model as a new version.
@@ -151,7 +155,7 @@ def register_model_version(client: MlflowClient, settings: Settings, *, params: 
             name="model",
             python_model=str(model_code),
             artifacts={"weights": str(weights_path)},
-            signature=_signature(),
+            signature=_signature(schema),
             pip_requirements=[f"mlflow=={mlflow.__version__}", f"numpy=={np.__version__}",
                               f"pandas=={pd.__version__}"],
         )
@@ -161,7 +165,7 @@ def register_model_version(client: MlflowClient, settings: Settings, *, params: 
         version = client.create_model_version(
             settings.model_name, source=info.model_uri, run_id=run.info.run_id, model_id=info.model_id,
             tags={FINGERPRINT_TAG: fingerprint,
-                  "mlops.holdout_rmse": repr(metrics["holdout_rmse"]),
+                  "mlops.score_rmse": repr(score[0]), "mlops.scored_on": score[1],
                   "mlops.metrics": json.dumps({k: v for k, v in metrics.items()
                                                 if k.startswith(("holdout_", "train_"))}),
                   **lineage},
@@ -179,11 +183,7 @@ def set_alias(client: MlflowClient, name: str, alias: str, version: int) -> None
 
 
 # ------------------------------------------------------- serving the aliased model
-# What `serve` needs from the registry: load a version and check it, and follow
-# the alias. (Kept below the rest of the module: its imports belong at the top.)
-from collections.abc import Callable  # noqa: E402
-
-
+# What `serve` needs from the registry: load a version and check it, and follow the alias.
 class LoadedModel:
     """A registered version, loaded and checked; ``predict`` takes rows in schema order."""
 
@@ -198,12 +198,8 @@ class LoadedModel:
 
 
 def check_model(name: str, version: int, alias: str, inner: Any) -> LoadedModel:
-    """Refuse a model that does not take the schema's features or answers a zero row
-    with something other than one finite number."""
+    """Refuse a model that answers a zero row with something other than one finite number."""
     names = list(getattr(inner, "feature_names", []))
-    if names != list(schema.FEATURE_NAMES):
-        raise ValueError(f"version {version} expects features {names}, the store serves "
-                         f"{list(schema.FEATURE_NAMES)}")
     probe = inner.predict_array(np.zeros((1, len(names))))
     if probe.shape != (1,) or not np.isfinite(probe).all():
         raise ValueError(f"version {version} gives {probe!r} for a zero row")
@@ -236,10 +232,12 @@ class ModelWatcher:
     def __init__(self, settings: Settings, *, resolve: Callable[[], int | None] | None = None,
                  loader: Callable[[str, int, str, str], LoadedModel] = load_model_version,
                  on_load: Callable[[str, int], None] | None = None,
-                 wait: Callable[[Any, float], bool] | None = None) -> None:
+                 wait: Callable[[Any, float], bool] | None = None,
+                 feature_names: Sequence[str] | None = None) -> None:
         import threading
 
         self.settings = settings
+        self.feature_names = feature_names  # what the online store serves, in model order
         self.resolve = resolve or self._alias_target
         self.loader = loader
         self._on_load = on_load or (lambda outcome, version: None)
@@ -268,6 +266,10 @@ class ModelWatcher:
             s = self.settings
             try:
                 model = self.loader(s.model_name, target, s.model_alias, s.tracking_uri)
+                names = list(getattr(model.python_model, "feature_names", []))
+                if self.feature_names is not None and names != list(self.feature_names):
+                    raise ValueError(f"version {target} expects features {names}, the store serves "
+                                     f"{list(self.feature_names)}")
             except Exception as exc:  # keep serving the previous model, say why
                 self.failed_version, self.last_error = target, f"{type(exc).__name__}: {exc}"
                 self._on_load("failed", target)

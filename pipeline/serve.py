@@ -39,9 +39,9 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.routing import Map, Rule
 from werkzeug.wrappers import Request, Response
 
-from pipeline import schema
 from pipeline.api import JSONHTTPException, json_response, parse_request, spec
 from pipeline.errors import NoModel, PipelineError
+from pipeline.schema import Schema
 from pipeline.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -109,9 +109,10 @@ class _Only:
 
 # -------------------------------------------------------------------- app
 class PredictionService:
-    def __init__(self, settings: Settings, online: Any, watcher: Any, metrics: Metrics,
-                 sample_entity: int) -> None:
+    def __init__(self, settings: Settings, schema: Schema, online: Any, watcher: Any, metrics: Metrics,
+                 sample_entity) -> None:
         self.settings = settings
+        self.schema = schema
         self.online = online  # pipeline.online.OnlineFeatures, or a stand-in with lookup/reachable
         self.watcher = watcher  # pipeline.registry.ModelWatcher, or a stand-in with current/last_error
         self.metrics = metrics
@@ -124,18 +125,19 @@ class PredictionService:
             Rule("/readyz", endpoint="readyz", methods=["GET"]),
             Rule("/openapi.json", endpoint="openapi", methods=["GET"]),
         ])
-        self.openapi = spec(settings.max_batch, settings.max_body_bytes)
+        self.openapi = spec(schema, settings.max_batch, settings.max_body_bytes)
 
     # handlers ---------------------------------------------------------------
     def on_index(self, request: Request) -> Response:
         return json_response({"service": "mlops-shared-volume", "routes": {
-            "/predict": f"GET (sample entity), GET ?{schema.JOIN_KEY}=N, POST "
-                        f'{{"{schema.JOIN_KEY}": N}} or {{"instances": [...]}}',
+            "/predict": f"GET (sample entity), GET ?{self.schema.join_key}=<key>, POST "
+                        f'{{"{self.schema.join_key}": <key>}} or {{"instances": [...]}}: '
+                        f"{self.schema.target} of a {self.schema.entity}",
             "/metrics": "Prometheus metrics", "/healthz": "liveness", "/readyz": "readiness",
             "/openapi.json": "this API, described in OpenAPI 3"}})
 
     def on_predict(self, request: Request) -> Response:
-        ids, batch = parse_request(request, max_batch=self.settings.max_batch,
+        ids, batch = parse_request(request, self.schema, max_batch=self.settings.max_batch,
                                    max_body_bytes=self.settings.max_body_bytes,
                                    sample_entity=self.sample_entity)
         model = self.watcher.current  # read once: a swap mid-request cannot mix versions
@@ -145,7 +147,7 @@ class PredictionService:
         predictions = model.predict(matrix)
         self.metrics.predictions.inc(len(ids))
         meta = {"name": model.name, "version": model.version, "alias": model.alias}
-        answers = [{schema.JOIN_KEY: e, "prediction": float(p), "features": f}
+        answers = [{self.schema.join_key: e, "prediction": float(p), "features": f}
                    for e, p, f in zip(ids, predictions, features)]
         if batch:
             return json_response({"model": meta, "predictions": answers})
@@ -208,32 +210,39 @@ class PredictionService:
         return self.wsgi_app(environ, start_response)
 
 
-def create_app(settings: Settings, *, online=None, watcher=None, metrics: Metrics | None = None,
-               sample_entity: int | None = None, multiprocess_dir: str | None = None,
+def create_app(settings: Settings, *, schema: Schema | None = None, online=None, watcher=None,
+               metrics: Metrics | None = None, sample_entity=None, multiprocess_dir: str | None = None,
                watch: bool = True) -> PredictionService:
     """Build the service from its collaborators; each one not given is made from
     ``settings``: the online store (:func:`pipeline.online.open_online`), the model
     watcher (:class:`pipeline.registry.ModelWatcher`, started here, or with
     ``watch=False`` checked once and left to the caller), the metrics, and the
-    sample entity (from the ingest run record)."""
+    sample entity (from the run records), and the data set's schema."""
+    from pipeline.io import read_record
+
+    records = {name: read_record(settings.runs_dir, name) for name in ("ingest", "features")}
+    if schema is None:
+        from pipeline.dataset import load
+
+        ingest = records["ingest"]
+        schema = load(settings.dataset).schema(ingest.outputs.get("entity_type") if ingest else None)
     metrics = metrics or Metrics(multiprocess_dir)
     if online is None:
         from pipeline.online import open_online
 
-        online = open_online(settings, on_read=metrics.lookup.observe,
+        online = open_online(settings, schema, on_read=metrics.lookup.observe,
                              on_unreachable=metrics.lookup_errors.inc)
     if watcher is None:
         from pipeline.registry import ModelWatcher
 
-        watcher = ModelWatcher(settings, on_load=metrics.model_loaded)
+        watcher = ModelWatcher(settings, on_load=metrics.model_loaded, feature_names=schema.feature_names)
         if watch:
             watcher.start()
         else:
             watcher.refresh()
     if sample_entity is None:
         from pipeline.ingest import sample_entity as default_sample
-        from pipeline.io import read_record
 
-        record = read_record(settings.runs_dir, "ingest")
-        sample_entity = int(record.outputs["sample_entity"]) if record else default_sample()
-    return PredictionService(settings, online, watcher, metrics, sample_entity)
+        record = records["features"] or records["ingest"]
+        sample_entity = record.outputs["sample_entity"] if record else default_sample()
+    return PredictionService(settings, schema, online, watcher, metrics, sample_entity)

@@ -15,12 +15,11 @@ from __future__ import annotations
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from pipeline.errors import ConfigError
 
-FEAST_PROJECT = "mlops"
 
 
 class Settings(BaseSettings):
@@ -29,6 +28,8 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MLOPS_", extra="ignore", frozen=True)
 
     shared_dir: Path = Field(Path(".shared"), description="root of the shared volume (the PVC)")
+    dataset: Path | None = Field(None, description="data set declaration (YAML, docs/datasets.md); unset: the "
+                                                   "built-in synthetic customers")
     redis_url: str | None = Field(None, description="Redis online store, `redis://[:password@]host:port/db` "
                                                     "(`rediss://` for TLS); unset: Feast's SQLite online store "
                                                     "on the volume")
@@ -41,11 +42,11 @@ class Settings(BaseSettings):
         default=None, validation_alias=AliasChoices("MLFLOW_TRACKING_URI"),
         description="MLflow tracking server or store; unset: `sqlite:///<shared>/mlflow/mlflow.db`")
     experiment_name: str = Field("mlops-shared-volume", description="MLflow experiment of the training runs")
-    model_name: str = Field("mlops-linear", description="registered model name")
+    model_name: str | None = Field(None, description="registered model name; unset: the data set's (the "
+                                                     "customers': `mlops-linear`)")
     model_alias: str = Field("production", description="registry alias that promote moves and serve follows")
-    rows: int = Field(10_000, ge=10, description="synthetic rows ingest generates")
+    rows: int = Field(10_000, ge=10, description="rows ingest generates for a synthetic data set")
     seed: int = Field(42, ge=0, description="seed of the generator and of the train/holdout split")
-    holdout_fraction: float = Field(0.2, gt=0, lt=1, description="share of rows held out to score a model")
     promote_tolerance: float = Field(0.05, ge=0, description="relative holdout-RMSE slack a new version may "
                                                              "have over the current one and still be promoted")
     wait_seconds: float = Field(0.0, ge=0, description="how long a stage waits for its upstream's run record")
@@ -66,7 +67,19 @@ class Settings(BaseSettings):
     run_id: str | None = Field(None, description="rollout id (the chart sets it): stages wait for upstream "
                                                  "records of the same id")
 
-    @field_validator("redis_url", "redis_password", "redis_password_file", "redis_ca_file", "mlflow_tracking_uri",
+    @model_validator(mode="before")
+    @classmethod
+    def _model_name_of_the_dataset(cls, data):
+        """Unset, the model is named by the data set's declaration."""
+        if isinstance(data, dict) and not data.get("model_name"):
+            from pipeline.dataset import load
+
+            path = data.get("dataset") or None
+            data = {**data, "model_name": load(Path(path) if path else None).model_name}
+        return data
+
+    @field_validator("dataset", "redis_url", "redis_password", "redis_password_file", "redis_ca_file",
+                     "mlflow_tracking_uri",
                      "git_commit", "run_id", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: str | None) -> str | None:

@@ -16,8 +16,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.dag import StageSpec, spec
+from pipeline.dataset import Dataset, load
 from pipeline.io import (RunRecord, fingerprint, pipeline_lock, read_record, utcnow, wait_for_record,
                          write_record)
+from pipeline.schema import Schema
 from pipeline.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -67,6 +69,16 @@ class StageContext:
     spec: StageSpec
     settings: Settings
     upstream: dict[str, RunRecord]
+
+    @property
+    def dataset(self) -> Dataset:
+        return load(self.settings.dataset)
+
+    @property
+    def schema(self) -> Schema:
+        """The data set's schema; the entity key's type as ingest found it, where not declared."""
+        ingest = self.upstream.get("ingest")
+        return self.dataset.schema(ingest.outputs.get("entity_type") if ingest else None)
 
     def start(self, inputs: dict[str, Any]) -> StageResult:
         """Begin this stage's run on ``inputs`` (fingerprinted, beside its last record)."""

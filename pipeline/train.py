@@ -18,17 +18,19 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline import schema
 from pipeline.errors import SchemaError
 from pipeline.feast import open_store
 from pipeline.io import atomic_path
+from pipeline.plots import plot_fit
 from pipeline.registry import find_version_by_fingerprint, mlflow_session, register_model_version
+from pipeline.schema import Schema
 from pipeline.settings import Settings
 from pipeline.stage import StageContext, StageResult
 
 log = logging.getLogger(__name__)
 
 MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
+SOLVER = "centred, scaled columns; numpy.linalg.lstsq (SVD)"
 
 
 @dataclass(frozen=True)
@@ -99,10 +101,9 @@ def regression_metrics(y: np.ndarray, predicted: np.ndarray) -> dict[str, float]
             "r2": 1.0 - ss_res / ss_tot if ss_tot > 0 else float("nan")}
 
 
-def coefficient_errors(fit: Fit, truth: dict) -> dict[str, float]:
+def coefficient_errors(fit: Fit, truth: dict, names: tuple[str, ...]) -> dict[str, float]:
     """Absolute error of each fitted coefficient against the generator's truth."""
-    errors = {name: abs(float(c) - truth["coefficients"][name])
-              for name, c in zip(schema.FEATURE_NAMES, fit.coefficients)}
+    errors = {name: abs(float(c) - truth["coefficients"][name]) for name, c in zip(names, fit.coefficients)}
     errors["intercept"] = abs(fit.intercept - truth["intercept"])
     return errors
 
@@ -116,41 +117,6 @@ def standard_errors(x: np.ndarray, y: np.ndarray, fit: Fit) -> np.ndarray:
     return np.sqrt(float(residual @ residual) / dof * (r_inv ** 2).sum(axis=1))
 
 
-def plot_fit(y: np.ndarray, predicted: np.ndarray, fit: Fit, truth: dict, errors: np.ndarray):
-    """Residuals against fitted values, and each coefficient's error against the
-    generator's truth with its 95 % interval (the coefficients differ in scale
-    by orders of magnitude, so their raw values would hide the small ones)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))
-    residual = y - predicted
-    ax1.scatter(predicted, residual, s=4, alpha=0.4)
-    ax1.axhline(0, color="black", lw=1)
-    ax1.set(xlabel=f"predicted {schema.TARGET}", ylabel="residual (actual - predicted)",
-            title=f"Holdout residuals (n={len(y)})")
-    names = ["intercept", *schema.FEATURE_NAMES]
-    fitted = np.array([fit.intercept, *fit.coefficients])
-    true = np.array([truth["intercept"], *(truth["coefficients"][n] for n in schema.FEATURE_NAMES)])
-    z = (fitted - true) / errors
-    xs = np.arange(len(names))
-    ax2.axhspan(-1.96, 1.96, color="tab:green", alpha=0.12, label="95 % band")
-    ax2.axhline(0, color="black", lw=1)
-    ax2.scatter(xs, z, zorder=3)
-    for x, zi, f, e in zip(xs, z, fitted, errors):
-        ax2.annotate(f"{f:.3g} ± {e:.2g}", (x, zi), textcoords="offset points", xytext=(0, 7), fontsize=7,
-                     ha="center")
-    ax2.set_xticks(xs, names, rotation=35, ha="right")
-    ax2.set_ylim(min(-3.0, z.min() - 1), max(3.0, z.max() + 1))
-    ax2.set(ylabel="(fitted - true) / standard error",
-            title="Coefficients against the generator's truth (labels: fitted ± SE)")
-    ax2.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    return fig
-
-
 def git_commit(settings: Settings) -> str | None:
     if settings.git_commit:
         return settings.git_commit
@@ -162,31 +128,44 @@ def git_commit(settings: Settings) -> str | None:
     return out.stdout.strip() or None
 
 
-def training_frame(settings: Settings) -> pd.DataFrame:
+def training_frame(settings: Settings, schema: Schema) -> pd.DataFrame:
     """Labels joined point-in-time to their features through Feast."""
     entity_df = pd.read_parquet(settings.labels_path)
     store = open_store(settings)
     log.info("train: historical retrieval of %d feature(s) for %d label rows",
-             len(schema.FEATURE_NAMES), len(entity_df))
+             len(schema.feature_names), len(entity_df))
     frame = store.get_historical_features(entity_df=entity_df, features=schema.feature_refs()).to_df()
-    frame = frame.dropna(subset=[*schema.FEATURE_NAMES, schema.TARGET])
-    return frame.sort_values([schema.TIMESTAMP, schema.JOIN_KEY], kind="stable").reset_index(drop=True)
+    frame = frame.dropna(subset=[*schema.feature_names, schema.target])
+    return frame.sort_values([schema.timestamp, schema.join_key], kind="stable").reset_index(drop=True)
+
+
+def evaluate(fit: Fit, x: np.ndarray, y: np.ndarray, train_idx: np.ndarray,
+             holdout_idx: np.ndarray) -> tuple[dict[str, float], str, np.ndarray]:
+    """``(metrics, scored_on, score index)``: the holdout's, or in-sample with no holdout."""
+    metrics = {f"train_{k}": v for k, v in regression_metrics(y[train_idx], fit.predict(x[train_idx])).items()}
+    if len(holdout_idx):
+        metrics.update({f"holdout_{k}": v for k, v in
+                        regression_metrics(y[holdout_idx], fit.predict(x[holdout_idx])).items()})
+        return metrics, "holdout", holdout_idx
+    return metrics, "training rows (in-sample: holdout is 0)", train_idx
 
 
 def run(ctx: StageContext) -> StageResult:
-    settings = ctx.settings
+    settings, schema, dataset = ctx.settings, ctx.schema, ctx.dataset
     feast, features, ingest = (ctx.upstream[name] for name in ("feast", "features", "ingest"))
+    holdout = dataset.declaration.holdout
     inputs = {
         "features_md5": features.outputs["features_md5"],
         "labels_md5": features.outputs["labels_md5"],
         "feature_refs": feast.outputs["feature_refs"],
         "seed": settings.seed,
-        "holdout_fraction": settings.holdout_fraction,
-        "schema_version": schema.SCHEMA_VERSION,
+        "holdout_fraction": holdout,
+        "dataset": schema.version,
         "model_name": settings.model_name,
+        "solver": SOLVER,
     }
     result = ctx.start(inputs)
-    with mlflow_session(settings) as client:
+    with mlflow_session(settings, schema) as client:
         existing = find_version_by_fingerprint(client, settings.model_name, result.fingerprint)
         if existing is not None:
             outputs = result.previous.outputs if result.unchanged() else {
@@ -196,36 +175,37 @@ def run(ctx: StageContext) -> StageResult:
             }
             return result.skip(f"version {existing.version} of {settings.model_name} was trained "
                                "on these inputs", outputs)
-        frame = training_frame(settings)
-        x = frame[list(schema.FEATURE_NAMES)].to_numpy(dtype=np.float64)
-        y = frame[schema.TARGET].to_numpy(dtype=np.float64)
-        train_idx, holdout_idx = split(frame[schema.JOIN_KEY].to_numpy(), settings.holdout_fraction, settings.seed)
+        frame = training_frame(settings, schema)
+        x = frame[list(schema.feature_names)].to_numpy(dtype=np.float64)
+        y = frame[schema.target].to_numpy(dtype=np.float64)
+        train_idx, holdout_idx = split(frame[schema.join_key].to_numpy(), holdout, settings.seed)
         fit = fit_least_squares(x[train_idx], y[train_idx])
-        holdout_pred = fit.predict(x[holdout_idx])
-        metrics = {f"holdout_{k}": v for k, v in regression_metrics(y[holdout_idx], holdout_pred).items()}
-        metrics.update({f"train_{k}": v for k, v in
-                        regression_metrics(y[train_idx], fit.predict(x[train_idx])).items()})
-        truth = ingest.outputs["truth"]
-        errors = coefficient_errors(fit, truth)
-        log.info("train: %d rows (%d train / %d holdout), holdout RMSE %.3f, R² %.4f, "
-                 "largest coefficient error %.4f", len(frame), len(train_idx), len(holdout_idx),
-                 metrics["holdout_rmse"], metrics["holdout_r2"], max(errors.values()))
+        metrics, scored_on, scored = evaluate(fit, x, y, train_idx, holdout_idx)
+        score = metrics["holdout_rmse" if len(holdout_idx) else "train_rmse"]
+        truth = ingest.outputs.get("truth")
+        errors = coefficient_errors(fit, truth, schema.feature_names) if truth else {}
+        log.info("train: %d rows (%d train / %d holdout), RMSE %.4g on the %s%s", len(frame), len(train_idx),
+                 len(holdout_idx), score, scored_on,
+                 f", largest coefficient error {max(errors.values()):.4f}" if errors else "")
+        se = standard_errors(x[train_idx], y[train_idx], fit)
+        fig = plot_fit(schema, y[scored], fit.predict(x[scored]), scored_on,
+                       np.array([fit.intercept, *fit.coefficients]), se, truth)
+        plot_path = settings.runs_dir / "train" / "fit.png"
+        with atomic_path(plot_path) as tmp_png:
+            fig.savefig(tmp_png, format="png", dpi=110)
         with tempfile.TemporaryDirectory() as tmp:
             weights_path = Path(tmp) / "weights.json"
-            weights_path.write_text(json.dumps(fit.weights(list(schema.FEATURE_NAMES)), indent=2))
-            fig = plot_fit(y[holdout_idx], holdout_pred, fit, truth,
-                           standard_errors(x[train_idx], y[train_idx], fit))
-            plot_path = settings.runs_dir / "train" / "fit.png"
-            with atomic_path(plot_path) as tmp_png:
-                fig.savefig(tmp_png, format="png", dpi=110)
+            weights_path.write_text(json.dumps(fit.weights(list(schema.feature_names)), indent=2))
             version = register_model_version(
-                client, settings,
+                client, settings, schema,
                 params={"rows": len(frame), "train_rows": len(train_idx),
                         "holdout_rows": len(holdout_idx), "seed": settings.seed,
-                        "holdout_fraction": settings.holdout_fraction,
-                        "solver": "numpy.linalg.lstsq"},
+                        "holdout_fraction": holdout, "scored_on": scored_on, "solver": SOLVER},
                 metrics={**metrics, **{f"coef_abs_error_{k}": v for k, v in errors.items()}},
+                score=(score, scored_on),
                 lineage={
+                    "mlops.dataset": schema.dataset,
+                    "mlops.dataset_version": schema.version,
                     "mlops.raw_dvc_hash": features.outputs["raw_dvc_hash"],
                     "mlops.features_md5": features.outputs["features_md5"],
                     "mlops.labels_md5": features.outputs["labels_md5"],
@@ -235,18 +215,25 @@ def run(ctx: StageContext) -> StageResult:
                 },
                 fingerprint=result.fingerprint,
                 weights_path=weights_path, model_code=MODEL_CODE, figure=fig,
-                coefficients={"fitted": fit.weights(list(schema.FEATURE_NAMES)), "truth": truth},
+                coefficients={"fitted": fit.weights(list(schema.feature_names)),
+                              "standard_errors": dict(zip(["intercept", *schema.feature_names], map(float, se))),
+                              "truth": truth},
             )
     outputs = {
         "model_name": settings.model_name,
         "model_version": int(version.version),
         "run_id": version.run_id,
+        "dataset": schema.dataset,
         "rows": len(frame),
+        "train_rows": len(train_idx),
+        "holdout_rows": len(holdout_idx),
+        "scored_on": scored_on,
+        "score_rmse": score,
         "metrics": metrics,
         "intercept": fit.intercept,
-        "coefficients": dict(zip(schema.FEATURE_NAMES, map(float, fit.coefficients))),
+        "coefficients": dict(zip(schema.feature_names, map(float, fit.coefficients))),
         "coefficient_abs_errors": errors,
         "fit_plot": str(plot_path),
     }
     return result.done(outputs, f"registered {settings.model_name} version {version.version} "
-                                f"(holdout RMSE {metrics['holdout_rmse']:.3f})")
+                                f"(RMSE {score:.4g} on the {scored_on})")

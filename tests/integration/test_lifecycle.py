@@ -15,6 +15,7 @@ from werkzeug.test import Client
 
 from pipeline.cli import run_stages
 from pipeline.dag import STAGE_NAMES as STAGES
+from pipeline.dataset import CUSTOMERS as schema
 from pipeline.registry import mlflow_session, register_model_version
 from pipeline.serve import create_app
 from pipeline.train import MODEL_CODE
@@ -63,11 +64,12 @@ def _register_second_version(settings, weights: dict) -> int:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    with mlflow_session(settings) as client:
+    with mlflow_session(settings, schema) as client:
         tmp = Path(settings.shared / "w.json")
         tmp.write_text(json.dumps(weights))
         version = register_model_version(
-            client, settings, params={}, metrics={"holdout_rmse": 1.0}, lineage={},
+            client, settings, schema, params={}, metrics={"holdout_rmse": 1.0}, score=(1.0, "holdout"),
+            lineage={"mlops.dataset": schema.dataset},
             fingerprint=f"manual-{time.time_ns()}", weights_path=tmp, model_code=MODEL_CODE,
             figure=plt.figure(), coefficients={})
     return int(version.version)

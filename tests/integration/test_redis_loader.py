@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import redis
 
-from pipeline import schema
+from pipeline.dataset import CUSTOMERS as schema
 from pipeline.feast import definitions, online_features, open_store
 from pipeline.redis_layout import FeastRedisLayout, LayoutChanged, connect, latest_rows, load_latest
 from tests.conftest import clean_env, make_settings, pipeline_cli
@@ -46,7 +46,7 @@ def features(tmp_path_factory) -> dict:
 def store_on(shared, url: str, path):
     settings = make_settings(shared, redis_url=url)
     store = open_store(settings)
-    store.apply(definitions(path))
+    store.apply(definitions(path, schema))
     return settings, store
 
 
@@ -56,29 +56,29 @@ def dump(client: redis.Redis) -> dict[bytes, dict[bytes, bytes]]:
 
 def test_the_loader_writes_the_bytes_feast_materialize_writes(features, redis_url):
     materialized_url, loaded_url = db_url(redis_url, 3), db_url(redis_url, 4)
-    settings, store = store_on(features["shared"] / "m", materialized_url, features["path"])
+    settings, store = store_on(features["shared"] / "m", materialized_url, features["path"], schema)
     frame = features["frame"]
-    start = frame[schema.TIMESTAMP].min().to_pydatetime()
-    end = (frame[schema.TIMESTAMP].max() + timedelta(seconds=1)).to_pydatetime()
-    store.materialize(start_date=start, end_date=end, feature_views=[schema.FEATURE_VIEW])
+    start = frame[schema.timestamp].min().to_pydatetime()
+    end = (frame[schema.timestamp].max() + timedelta(seconds=1)).to_pydatetime()
+    store.materialize(start_date=start, end_date=end, feature_views=[schema.feature_view])
     written = load_latest(connect(make_settings(features["shared"], redis_url=loaded_url), 10),
-                          features["path"])
+                          features["path"], schema)
 
     theirs = dump(connect(settings, 10))
     ours = dump(connect(make_settings(features["shared"], redis_url=loaded_url), 10))
-    assert written == frame[schema.JOIN_KEY].nunique() == len(theirs)
+    assert written == frame[schema.join_key].nunique() == len(theirs)
     assert ours == theirs  # every key, every field (the _ts field included), every byte
 
 
 def test_feast_sdk_reads_back_the_latest_row_of_every_entity(features, redis_url):
     url = db_url(redis_url, 5)
-    settings, store = store_on(features["shared"] / "sdk", url, features["path"])
-    load_latest(connect(settings, 10), features["path"])
+    settings, store = store_on(features["shared"] / "sdk", url, features["path"], schema)
+    load_latest(connect(settings, 10), features["path"], schema)
     frame = features["frame"]
-    latest = frame.sort_values(schema.TIMESTAMP).groupby(schema.JOIN_KEY).last()
+    latest = frame.sort_values(schema.timestamp).groupby(schema.join_key).last()
     ids = [int(i) for i in latest.index] + [10**12]
-    values = online_features(store, ids)
-    for name in schema.FEATURE_NAMES:
+    values = online_features(store, schema, ids)
+    for name in schema.feature_names:
         got = np.array(values[name][:-1], dtype=float)
         assert np.array_equal(got, latest[name].to_numpy()), name  # exactly, not approximately
         assert values[name][-1] is None  # an entity never loaded stays unknown
@@ -87,13 +87,13 @@ def test_feast_sdk_reads_back_the_latest_row_of_every_entity(features, redis_url
 def test_latest_rows_picks_the_newest_event_and_on_a_tie_the_later_row(tmp_path):
     t0 = pd.Timestamp("2026-01-01T00:00:00Z")
     frame = pd.DataFrame({
-        schema.JOIN_KEY: [7, 8, 7, 8, 7],
-        schema.TIMESTAMP: [t0 + timedelta(hours=h) for h in (2, 1, 0, 1, 1)],
-        **{name: [float(i) for i in range(5)] for name in schema.FEATURE_NAMES},
+        schema.join_key: [7, 8, 7, 8, 7],
+        schema.timestamp: [t0 + timedelta(hours=h) for h in (2, 1, 0, 1, 1)],
+        **{name: [float(i) for i in range(5)] for name in schema.feature_names},
     })
     path = tmp_path / "f.parquet"
     frame.to_parquet(path, index=False)
-    assert latest_rows(path).tolist() == [True, False, False, True, False]
+    assert latest_rows(path, schema).tolist() == [True, False, False, True, False]
     assert pq.read_table(path).num_rows == 5
 
 
@@ -103,7 +103,7 @@ def test_a_changed_feast_encoding_is_refused_with_what_to_do(monkeypatch):
     real = helpers._redis_key
     monkeypatch.setattr(helpers, "_redis_key", lambda project, key, **kw: real(project, key, **kw) + b"!")
     with pytest.raises(LayoutChanged, match="pin the Feast version"):
-        FeastRedisLayout()
+        FeastRedisLayout(schema)
 
 
 def test_the_reader_survives_redis_closing_its_idle_connection(features, redis_url):
@@ -112,9 +112,9 @@ def test_the_reader_survives_redis_closing_its_idle_connection(features, redis_u
     from pipeline.online import RedisOnlineReader
 
     settings = make_settings(features["shared"], redis_url=db_url(redis_url, 6))
-    load_latest(connect(settings, 10), features["path"])
-    reader = RedisOnlineReader(connect(settings, 1))
-    entity = int(features["frame"][schema.JOIN_KEY].iloc[0])
+    load_latest(connect(settings, 10), features["path"], schema)
+    reader = RedisOnlineReader(connect(settings, 1), schema)
+    entity = int(features["frame"][schema.join_key].iloc[0])
     before = reader.read([entity])
     admin = connect(settings, 10)
     assert admin.client_kill_filter(_type="normal", skipme=True) >= 1  # the reader's connection

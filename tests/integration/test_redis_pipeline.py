@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import schema
+from pipeline.dataset import CUSTOMERS as schema
 from pipeline.io import file_md5, read_record
 from tests.conftest import clean_env, make_settings, pipeline_cli, running_server
 
@@ -46,7 +46,7 @@ def get_json(url: str, data: dict | None = None) -> dict:
 
 def latest_features(settings) -> pd.DataFrame:
     feats = pd.read_parquet(settings.features_path)
-    return feats.sort_values(schema.TIMESTAMP).groupby(schema.JOIN_KEY).last()[list(schema.FEATURE_NAMES)]
+    return feats.sort_values(schema.timestamp).groupby(schema.join_key).last()[list(schema.feature_names)]
 
 
 def test_run_prints_the_summary(run):
@@ -61,14 +61,14 @@ def test_predict_over_a_socket_equals_parquet_features_times_coefficients(run, s
     settings = run["settings"]
     latest = latest_features(settings)
     train = read_record(settings.runs_dir, "train").outputs
-    coef = np.array([train["coefficients"][n] for n in schema.FEATURE_NAMES])
+    coef = np.array([train["coefficients"][n] for n in schema.feature_names])
     ids = [1000, 1001, 1234, 1000 + ROWS // 5 - 1]
-    answer = get_json(f"{server}/predict", {"instances": [{schema.JOIN_KEY: i} for i in ids]})
+    answer = get_json(f"{server}/predict", {"instances": [{schema.join_key: i} for i in ids]})
     expected = train["intercept"] + latest.loc[ids].to_numpy() @ coef
     assert [p["prediction"] for p in answer["predictions"]] == pytest.approx(expected, rel=1e-9)
     assert answer["model"]["version"] == 1
     sample = get_json(f"{server}/predict")
-    assert sample[schema.JOIN_KEY] == 1000 and sample["prediction"] == pytest.approx(expected[0])
+    assert sample[schema.join_key] == 1000 and sample["prediction"] == pytest.approx(expected[0])
 
 
 def test_mlflow_client_loads_the_production_model_and_agrees(run, server):
@@ -78,10 +78,10 @@ def test_mlflow_client_loads_the_production_model_and_agrees(run, server):
     mlflow.set_tracking_uri(settings.tracking_uri)
     mlflow.set_registry_uri(settings.tracking_uri)
     model = mlflow.pyfunc.load_model("models:/mlops-linear@production")
-    assert [c.name for c in model.metadata.get_input_schema().inputs] == list(schema.FEATURE_NAMES)
+    assert [c.name for c in model.metadata.get_input_schema().inputs] == list(schema.feature_names)
     latest = latest_features(settings)
     ids = [1002, 1003]
-    ours = get_json(f"{server}/predict", {"instances": [{schema.JOIN_KEY: i} for i in ids]})
+    ours = get_json(f"{server}/predict", {"instances": [{schema.join_key: i} for i in ids]})
     theirs = model.predict(latest.loc[ids].reset_index(drop=True))
     assert [p["prediction"] for p in ours["predictions"]] == pytest.approx(list(theirs), rel=1e-12)
     # the weights are JSON, the model is code: no pickle in the artifact
@@ -99,9 +99,9 @@ def test_feast_sdk_reads_the_online_store_with_no_glue(run, monkeypatch):
     monkeypatch.setenv("MLOPS_REDIS_PASSWORD", settings.redis_parts()[3])
     store = FeatureStore(repo_path=str(settings.feast_dir))
     values = store.get_online_features(features=schema.feature_refs(),
-                                       entity_rows=[{schema.JOIN_KEY: 1005}]).to_dict()
+                                       entity_rows=[{schema.join_key: 1005}]).to_dict()
     latest = latest_features(settings).loc[1005]
-    assert [values[n][0] for n in schema.FEATURE_NAMES] == pytest.approx(latest.tolist())
+    assert [values[n][0] for n in schema.feature_names] == pytest.approx(latest.tolist())
     assert "password" not in (settings.feast_dir / "feature_store.yaml").read_text().split("${")[0] \
         or settings.redis_parts()[3] not in (settings.feast_dir / "feature_store.yaml").read_text()
 
@@ -159,12 +159,12 @@ def test_the_fast_redis_reader_reads_exactly_what_feast_sdk_reads(run):
 
     settings = run["settings"]
     host, port, db, password = settings.redis_parts()
-    reader = RedisOnlineReader(redis.Redis(host=host, port=port, db=db, password=password))
+    reader = RedisOnlineReader(redis.Redis(host=host, port=port, db=db, password=password), schema)
     ids = list(range(1000, 1000 + ROWS // 5)) + [5, 10**12]
     ours = reader.read(ids)
-    theirs = online_features(open_store(settings), ids)
+    theirs = online_features(open_store(settings), schema, ids)
     for i, entity in enumerate(ids):
-        expected = [theirs[n][i] for n in schema.FEATURE_NAMES]
+        expected = [theirs[n][i] for n in schema.feature_names]
         if expected[0] is None:
             assert ours[i] is None, entity
         else:

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 from werkzeug.test import Client
 
-from pipeline import schema
+from pipeline.dataset import CUSTOMERS as schema
 from pipeline.io import read_record
 from pipeline.online import open_online
 from pipeline.serve import Metrics, create_app
@@ -38,9 +38,9 @@ def client(sqlite_pipeline):
 def expected(sqlite_pipeline):
     """Predictions computed independently: latest Parquet row per entity x coefficients."""
     feats = pd.read_parquet(sqlite_pipeline.features_path)
-    latest = feats.sort_values(schema.TIMESTAMP).groupby(schema.JOIN_KEY).last()[list(schema.FEATURE_NAMES)]
+    latest = feats.sort_values(schema.timestamp).groupby(schema.join_key).last()[list(schema.feature_names)]
     train = read_record(sqlite_pipeline.runs_dir, "train").outputs
-    coef = np.array([train["coefficients"][n] for n in schema.FEATURE_NAMES])
+    coef = np.array([train["coefficients"][n] for n in schema.feature_names])
     pred = train["intercept"] + latest.to_numpy() @ coef
     return dict(zip(latest.index, pred)), latest
 
@@ -54,29 +54,29 @@ def test_get_predict_without_arguments_answers_for_the_sample_entity(client, exp
     resp = client.get("/predict")
     assert resp.status_code == 200
     data = body(resp)
-    assert data[schema.JOIN_KEY] == 1000
+    assert data[schema.join_key] == 1000
     assert data["prediction"] == pytest.approx(expected[0][1000], rel=1e-9)
     assert data["model"] == {"name": "mlops-linear", "version": 1, "alias": "production"}
     assert data["features"] == pytest.approx(expected[1].loc[1000].to_dict())
 
 
 def test_get_with_a_query_and_post_single_agree(client, expected):
-    got = body(client.get(f"/predict?{schema.JOIN_KEY}=1007"))
-    posted = body(client.post("/predict", json={schema.JOIN_KEY: 1007}))
+    got = body(client.get(f"/predict?{schema.join_key}=1007"))
+    posted = body(client.post("/predict", json={schema.join_key: 1007}))
     assert got["prediction"] == posted["prediction"] == pytest.approx(expected[0][1007], rel=1e-9)
 
 
 def test_batch_form_keeps_the_order(client, expected):
     ids = [1010, 1003, 1599]
-    data = body(client.post("/predict", json={"instances": [{schema.JOIN_KEY: i} for i in ids]}))
-    assert [p[schema.JOIN_KEY] for p in data["predictions"]] == ids
+    data = body(client.post("/predict", json={"instances": [{schema.join_key: i} for i in ids]}))
+    assert [p[schema.join_key] for p in data["predictions"]] == ids
     assert [p["prediction"] for p in data["predictions"]] == pytest.approx([expected[0][i] for i in ids])
     assert data["model"]["version"] == 1
 
 
 def test_unknown_entities_and_probes_against_the_real_stores(client):
-    assert client.post("/predict", json={schema.JOIN_KEY: 42}).status_code == 404
-    resp = client.post("/predict", json={"instances": [{schema.JOIN_KEY: 1000}, {schema.JOIN_KEY: 5}]})
+    assert client.post("/predict", json={schema.join_key: 42}).status_code == 404
+    resp = client.post("/predict", json={"instances": [{schema.join_key: 1000}, {schema.join_key: 5}]})
     assert resp.status_code == 404 and "customer_id 5" in body(resp)["message"]
     ready = client.get("/readyz")
     assert ready.status_code == 200 and body(ready)["model_version"] == 1
@@ -85,7 +85,7 @@ def test_unknown_entities_and_probes_against_the_real_stores(client):
 
 def test_metrics_count_requests_by_route_and_status(client):
     client.get("/predict")
-    client.post("/predict", json={schema.JOIN_KEY: 42})
+    client.post("/predict", json={schema.join_key: 42})
     text = client.get("/metrics").get_data(as_text=True)
     assert 'mlops_http_requests_total{method="GET",route="/predict",status="200"}' in text
     assert 'mlops_http_requests_total{method="POST",route="/predict",status="404"}' in text
@@ -118,7 +118,7 @@ def hung_store_app(tmp_path, url: str, **settings):
     """The app over the real Redis reader on a hung Redis; the model from the fakes."""
     fakes = Fakes(make_settings(tmp_path, redis_url=url, **settings))
     metrics, clock = Metrics(), FakeClock()
-    online = open_online(fakes.settings, clock=clock, on_read=metrics.lookup.observe,
+    online = open_online(fakes.settings, schema, clock=clock, on_read=metrics.lookup.observe,
                          on_unreachable=metrics.lookup_errors.inc)
     app = create_app(fakes.settings, online=online, watcher=fakes.watcher, metrics=metrics,
                      sample_entity=SAMPLE)

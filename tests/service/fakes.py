@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import schema
+from pipeline.dataset import CUSTOMERS as schema
 from pipeline.online import OnlineFeatures
 from pipeline.registry import LoadedModel, ModelWatcher, check_model
 from pipeline.serve import Metrics, PredictionService, create_app
@@ -30,7 +30,7 @@ ENTITIES = range(SAMPLE, SAMPLE + 600)  # what a 3000-row run ingests: 600 custo
 def feature_table(seed: int = 7) -> dict[int, list[float]]:
     """Fixed features for every known entity, in schema order."""
     rng = np.random.default_rng(seed)
-    values = rng.normal(50.0, 20.0, size=(len(ENTITIES), len(schema.FEATURE_NAMES)))
+    values = rng.normal(50.0, 20.0, size=(len(ENTITIES), len(schema.feature_names)))
     return {entity: [float(v) for v in row] for entity, row in zip(ENTITIES, values)}
 
 
@@ -38,7 +38,7 @@ class TinyModel:
     """The interface of pipeline/mlflow_model.py's LinearModel, with fixed weights."""
 
     def __init__(self, intercept: float = 3.0, coefficients: Sequence[float] | None = None,
-                 feature_names: Sequence[str] = schema.FEATURE_NAMES) -> None:
+                 feature_names: Sequence[str] = schema.feature_names) -> None:
         self.feature_names = list(feature_names)
         self.intercept = intercept
         self.coefficients = np.asarray(coefficients if coefficients is not None
@@ -131,16 +131,17 @@ class Fakes:
         self.metrics = Metrics()
         self.reader = FakeReader(feature_table())
         self.registry = FakeRegistry({1: TinyModel()}, alias=alias)
-        self.online = OnlineFeatures(self.reader, settings.online_backoff_seconds, clock=self.clock,
+        self.online = OnlineFeatures(self.reader, schema, settings.online_backoff_seconds, clock=self.clock,
                                      on_read=self.metrics.lookup.observe,
                                      on_unreachable=self.metrics.lookup_errors.inc)
         self.watcher = ModelWatcher(settings, resolve=self.registry.resolve, loader=self.registry.load,
-                                    on_load=self.metrics.model_loaded, wait=self.clock.wait)
+                                    on_load=self.metrics.model_loaded, wait=self.clock.wait,
+                                    feature_names=schema.feature_names)
         if watch:
             self.watcher.start()
         else:
             self.watcher.refresh()
-        self.app: PredictionService = create_app(settings, online=self.online, watcher=self.watcher,
+        self.app: PredictionService = create_app(settings, schema=schema, online=self.online, watcher=self.watcher,
                                                  metrics=self.metrics, sample_entity=SAMPLE)
 
     def expected(self, entity: int, version: int = 1) -> float:

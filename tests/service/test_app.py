@@ -10,7 +10,7 @@ import json
 import pytest
 from werkzeug.test import Client
 
-from pipeline import schema
+from pipeline.dataset import CUSTOMERS as schema
 from tests.support import make_settings
 from tests.service.fakes import SAMPLE, Fakes, TinyModel, documented_families, exposed_families
 
@@ -34,42 +34,42 @@ def test_get_predict_without_arguments_answers_for_the_sample_entity(client, fak
     resp = client.get("/predict")
     assert resp.status_code == 200
     data = body(resp)
-    assert data[schema.JOIN_KEY] == SAMPLE
+    assert data[schema.join_key] == SAMPLE
     assert data["prediction"] == pytest.approx(fakes.expected(SAMPLE), rel=1e-9)
     assert data["model"] == {"name": "mlops-linear", "version": 1, "alias": "production"}
-    assert data["features"] == dict(zip(schema.FEATURE_NAMES, fakes.reader.rows[SAMPLE]))
+    assert data["features"] == dict(zip(schema.feature_names, fakes.reader.rows[SAMPLE]))
 
 
 def test_get_with_a_query_and_post_single_agree(client, fakes):
-    got = body(client.get(f"/predict?{schema.JOIN_KEY}=1007"))
-    posted = body(client.post("/predict", json={schema.JOIN_KEY: 1007}))
+    got = body(client.get(f"/predict?{schema.join_key}=1007"))
+    posted = body(client.post("/predict", json={schema.join_key: 1007}))
     assert got["prediction"] == posted["prediction"] == pytest.approx(fakes.expected(1007), rel=1e-9)
 
 
 def test_batch_form_keeps_the_order(client, fakes):
     ids = [1010, 1003, 1599]
-    data = body(client.post("/predict", json={"instances": [{schema.JOIN_KEY: i} for i in ids]}))
-    assert [p[schema.JOIN_KEY] for p in data["predictions"]] == ids
+    data = body(client.post("/predict", json={"instances": [{schema.join_key: i} for i in ids]}))
+    assert [p[schema.join_key] for p in data["predictions"]] == ids
     assert [p["prediction"] for p in data["predictions"]] == pytest.approx([fakes.expected(i) for i in ids])
     assert data["model"]["version"] == 1
     assert fakes.reader.reads == 1  # one lookup for the whole batch
 
 
 @pytest.mark.parametrize("request_kwargs, status, words", [
-    ({"json": {schema.JOIN_KEY: 42}}, 404, "no features in the online store"),
-    ({"json": {"instances": [{schema.JOIN_KEY: 1000}, {schema.JOIN_KEY: 5}]}}, 404, "customer_id 5"),
+    ({"json": {schema.join_key: 42}}, 404, "no features in the online store"),
+    ({"json": {"instances": [{schema.join_key: 1000}, {schema.join_key: 5}]}}, 404, "customer_id 5"),
     ({"data": "{not json", "content_type": "application/json"}, 400, "not valid JSON"),
     ({"data": '{"customer_id": NaN}'}, 400, "not valid JSON"),
     ({"data": "[" * 100_00 + "]" * 100_00}, 400, "not valid JSON"),
-    ({"json": {schema.JOIN_KEY: "abc"}}, 422, "must be an integer"),
-    ({"json": {schema.JOIN_KEY: 1.5}}, 422, "must be an integer"),
-    ({"json": {schema.JOIN_KEY: True}}, 422, "must be an integer"),
-    ({"json": {schema.JOIN_KEY: 2**70}}, 422, "between 0 and"),
-    ({"json": {schema.JOIN_KEY: -1}}, 422, "between 0 and"),
+    ({"json": {schema.join_key: "abc"}}, 422, "must be an integer"),
+    ({"json": {schema.join_key: 1.5}}, 422, "must be an integer"),
+    ({"json": {schema.join_key: True}}, 422, "must be an integer"),
+    ({"json": {schema.join_key: 2**70}}, 422, "between 0 and"),
+    ({"json": {schema.join_key: -1}}, 422, "between 0 and"),
     ({"json": [1000]}, 422, "JSON object"),
     ({"json": {"colour": 1}}, 422, "unexpected keys"),
     ({"json": {"instances": []}}, 422, "non-empty list"),
-    ({"json": {"instances": [{schema.JOIN_KEY: 1000}] * 1001}}, 422, "at most 1000"),
+    ({"json": {"instances": [{schema.join_key: 1000}] * 1001}}, 422, "at most 1000"),
     ({"data": b'{"customer_id": ' + b" " * 70_000 + b"1}"}, 413, "over 65536 bytes"),
 ])
 def test_bad_requests_get_json_errors_that_say_what_is_wrong(client, request_kwargs, status, words):
@@ -101,7 +101,7 @@ def test_probes(client):
 
 def test_metrics_count_requests_by_route_and_status(client, fakes):
     client.get("/predict")
-    client.post("/predict", json={schema.JOIN_KEY: 42})
+    client.post("/predict", json={schema.join_key: 42})
     text = client.get("/metrics").get_data(as_text=True)
     assert 'mlops_http_requests_total{method="GET",route="/predict",status="200"} 1.0' in text
     assert 'mlops_http_requests_total{method="POST",route="/predict",status="404"} 1.0' in text
@@ -139,7 +139,7 @@ def test_a_version_that_fails_to_load_leaves_the_previous_one_serving(client, fa
     ready = body(client.get("/readyz"))
     assert ready["ready"] and "expects features ['something', 'else']" in ready["model_error"]
     assert fakes.watcher.refresh() is False and fakes.registry.loads == 2  # not retried
-    fakes.registry.versions[3] = TinyModel(intercept=1.0, coefficients=[0.0] * len(schema.FEATURE_NAMES))
+    fakes.registry.versions[3] = TinyModel(intercept=1.0, coefficients=[0.0] * len(schema.feature_names))
     fakes.registry.alias = 3
     assert fakes.watcher.refresh() is True
     after = body(client.get("/predict"))

@@ -12,9 +12,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from werkzeug.test import Client
 
-from pipeline import schema
+from pipeline.dataset import CUSTOMERS as schema
 from pipeline.api import parse_body
 from pipeline.errors import BadRequest, UnprocessableEntity
+from pipeline.schema import ENTITY_ID_MAX
 from tests.support import make_settings
 from tests.service.fakes import ENTITIES, Fakes
 
@@ -31,7 +32,7 @@ json_value = st.recursive(json_leaf, lambda inner: st.one_of(
 bodies = st.one_of(
     st.binary(max_size=2000),
     json_value.map(lambda v: json.dumps(v, allow_nan=True).encode()),
-    st.dictionaries(st.sampled_from([schema.JOIN_KEY, "instances", "x"]), json_value, max_size=3)
+    st.dictionaries(st.sampled_from([schema.join_key, "instances", "x"]), json_value, max_size=3)
     .map(lambda d: json.dumps(d, allow_nan=True).encode()),
     st.integers(min_value=1, max_value=3000).map(lambda depth: b"[" * depth + b"]" * depth),
     st.integers(min_value=1, max_value=3000).map(lambda depth: b'{"a":' * depth + b"1" + b"}" * depth),
@@ -80,26 +81,26 @@ def test_any_body_gets_a_json_4xx_or_a_prediction(client, body):
 @FUZZ
 @given(query=st.text(max_size=60))
 def test_any_query_value_gets_a_json_4xx_or_a_prediction(client, query):
-    check(client.get("/predict", query_string={schema.JOIN_KEY: query}))
+    check(client.get("/predict", query_string={schema.join_key: query}))
 
 
 @FUZZ
 @given(entity=st.integers(min_value=ENTITIES.start, max_value=ENTITIES.stop - 1))
 def test_every_known_entity_is_predicted_the_same_way_by_get_and_post(client, fakes, entity):
-    got = check(client.get(f"/predict?{schema.JOIN_KEY}={entity}"))
-    posted = check(client.post("/predict", json={"instances": [{schema.JOIN_KEY: entity}]}))
+    got = check(client.get(f"/predict?{schema.join_key}={entity}"))
+    posted = check(client.post("/predict", json={"instances": [{schema.join_key: entity}]}))
     assert got["prediction"] == posted["predictions"][0]["prediction"]
     assert got["prediction"] == pytest.approx(fakes.expected(entity), rel=1e-9)
-    assert got[schema.JOIN_KEY] == entity
+    assert got[schema.join_key] == entity
 
 
 @settings(max_examples=300, deadline=None)
 @given(body=bodies)
 def test_parse_body_raises_only_domain_errors(body):
     try:
-        ids, batch = parse_body(body, max_batch=1000)
+        ids, batch = parse_body(body, 1000, schema)
     except (BadRequest, UnprocessableEntity) as exc:
         assert exc.message
         return
-    assert ids and all(isinstance(i, int) and 0 <= i <= schema.ENTITY_ID_MAX for i in ids)
+    assert ids and all(isinstance(i, int) and 0 <= i <= ENTITY_ID_MAX for i in ids)
     assert batch == (len(ids) != 1 or b"instances" in body)

@@ -5,17 +5,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import schema
+from pipeline.dataset import CUSTOMERS as schema
 from pipeline.errors import SchemaError
 from pipeline.features import check_header, transform, validate_chunk
 from pipeline.ingest import generate_chunk
 
 
 def raw_row(**changes) -> dict:
-    row = {schema.JOIN_KEY: "1001", schema.TIMESTAMP: "2026-01-02T03:04:05.000000Z",
+    row = {schema.join_key: "1001", schema.timestamp: "2026-01-02T03:04:05.000000Z",
            "age": "40", "tenure_months": "12", "monthly_spend": "99.5", "support_calls": "1",
            "sessions_per_week": "3.5", "discount_rate": "0.1", "late_payments": "0",
-           "satisfaction": "4.2", schema.TARGET: "123.4"}
+           "satisfaction": "4.2", schema.target: "123.4"}
     row.update(changes)
     return row
 
@@ -26,24 +26,24 @@ def raw_row(**changes) -> dict:
     ({"age": "40.5"}, "age: not an integer"),
     ({"discount_rate": "1.5"}, "discount_rate: out of range [0, 1]"),
     ({"satisfaction": "inf"}, "satisfaction: not finite"),
-    ({schema.JOIN_KEY: "abc"}, f"{schema.JOIN_KEY}: not a non-negative integer"),
-    ({schema.TIMESTAMP: "yesterday"}, f"{schema.TIMESTAMP}: not an ISO 8601 timestamp"),
-    ({schema.TARGET: ""}, f"{schema.TARGET}: missing"),
+    ({schema.join_key: "abc"}, f"{schema.join_key}: not a non-negative integer"),
+    ({schema.timestamp: "yesterday"}, f"{schema.timestamp}: not an ISO 8601 timestamp"),
+    ({schema.target: ""}, f"{schema.target}: missing"),
     ({"age": "nan"}, "age: not a number"),
     ({"monthly_spend": "1e400"}, "monthly_spend: not finite"),
-    ({schema.JOIN_KEY: "-5"}, f"{schema.JOIN_KEY}: not a non-negative integer"),
+    ({schema.join_key: "-5"}, f"{schema.join_key}: not a non-negative integer"),
     # the right shape but not a value: found by Arrow's cast, not by the shape screen
-    ({schema.JOIN_KEY: "9223372036854775808"}, f"{schema.JOIN_KEY}: not a non-negative integer"),
-    ({schema.TIMESTAMP: "2026-13-02T03:04:05Z"}, f"{schema.TIMESTAMP}: not an ISO 8601 timestamp"),
+    ({schema.join_key: "9223372036854775808"}, f"{schema.join_key}: not a non-negative integer"),
+    ({schema.timestamp: "2026-13-02T03:04:05Z"}, f"{schema.timestamp}: not an ISO 8601 timestamp"),
     # a real date that pandas, Feast's retrieval and training cannot hold
-    ({schema.TIMESTAMP: "0001-01-02T03:04:05Z"},
-     f"{schema.TIMESTAMP}: out of range [1677-09-22, 2262-04-11] (what pandas and Feast hold)"),
+    ({schema.timestamp: "0001-01-02T03:04:05Z"},
+     f"{schema.timestamp}: out of range [1677-09-22, 2262-04-11] (what pandas and Feast hold)"),
     ({"age": "\u0661\u0668"}, "age: not a number"),  # Arabic-Indic digits: not ASCII, not a number here
     # the first failing column, in schema order, names the row
     ({"age": "", "satisfaction": "9"}, "age: missing"),
 ])
 def test_bad_rows_are_rejected_with_a_reason(changes, reason):
-    good, rejected = validate_chunk(pa.Table.from_pylist([raw_row(), raw_row(**changes)]))
+    good, rejected = validate_chunk(pa.Table.from_pylist([raw_row(), raw_row(**changes)]), schema)
     assert good.num_rows == 1
     assert rejected.column("reason").to_pylist() == [reason]
     # the rejected row keeps its original text, so nothing is lost
@@ -52,35 +52,35 @@ def test_bad_rows_are_rejected_with_a_reason(changes, reason):
 
 
 def test_good_rows_are_typed():
-    good, rejected = validate_chunk(pa.Table.from_pylist([raw_row()]))
+    good, rejected = validate_chunk(pa.Table.from_pylist([raw_row()]), schema)
     assert rejected.num_rows == 0
     frame = good.to_pandas()
-    assert frame[schema.JOIN_KEY].dtype == "int64"
-    assert str(frame[schema.TIMESTAMP].dt.tz) == "UTC"
+    assert frame[schema.join_key].dtype == "int64"
+    assert str(frame[schema.timestamp].dt.tz) == "UTC"
     assert frame["monthly_spend"].iloc[0] == 99.5
-    assert frame[schema.TIMESTAMP].iloc[0] == pd.Timestamp("2026-01-02T03:04:05Z")
+    assert frame[schema.timestamp].iloc[0] == pd.Timestamp("2026-01-02T03:04:05Z")
 
 
 def test_spellings_of_the_same_values_give_the_same_typed_row():
     spellings = [raw_row(age=" 40 ", monthly_spend="+9.95e1"),
-                 raw_row(**{schema.TIMESTAMP: "2026-01-02 04:04:05+01:00"}),
-                 raw_row(**{schema.TIMESTAMP: "2026-01-02T03:04:05"}),  # no offset: taken as UTC
-                 raw_row(**{schema.JOIN_KEY: "0001001"}),
-                 raw_row(**{schema.JOIN_KEY: "1001.0"}),  # how pandas writes an int column with gaps
-                 raw_row(**{schema.TIMESTAMP: "2026-01-02T03:04:05.000000000Z"})]  # nanoseconds
-    good, rejected = validate_chunk(pa.Table.from_pylist([raw_row(), *spellings]))
+                 raw_row(**{schema.timestamp: "2026-01-02 04:04:05+01:00"}),
+                 raw_row(**{schema.timestamp: "2026-01-02T03:04:05"}),  # no offset: taken as UTC
+                 raw_row(**{schema.join_key: "0001001"}),
+                 raw_row(**{schema.join_key: "1001.0"}),  # how pandas writes an int column with gaps
+                 raw_row(**{schema.timestamp: "2026-01-02T03:04:05.000000000Z"})]  # nanoseconds
+    good, rejected = validate_chunk(pa.Table.from_pylist([raw_row(), *spellings]), schema)
     assert rejected.num_rows == 0
     rows = good.to_pylist()
     assert all(row == rows[0] for row in rows[1:])
 
 
 def test_header_mismatch_names_the_columns_and_the_fix():
-    columns = [c for c in schema.RAW_COLUMNS if c != "age"] + ["colour"]
+    columns = [c for c in schema.raw_columns if c != "age"] + ["colour"]
     with pytest.raises(SchemaError) as err:
-        check_header(columns, "part-00000.csv")
+        check_header(columns, "part-00000.csv", schema)
     message = str(err.value)
     assert "part-00000.csv" in message and "'age'" in message and "'colour'" in message
-    assert "pipeline/schema.py" in message
+    assert "MLOPS_DATASET" in message and "customers" in message
 
 
 def _write_parts(folder: Path, rows: int) -> list[Path]:
@@ -96,7 +96,8 @@ def test_transform_streams_to_the_same_result_whatever_the_block_size(tmp_path):
     for block_bytes in (40_000, 8 << 20):
         out = tmp_path / str(block_bytes)
         out.mkdir()
-        stats = transform(parts, out / "f.parquet", out / "l.parquet", out / "r.csv", block_bytes=block_bytes)
+        stats = transform(parts, out / "f.parquet", out / "l.parquet", out / "r.csv", schema,
+                          block_bytes=block_bytes)
         assert stats["rows_in"] == 5000
         assert stats["rows_quarantined"] == injected
         assert stats["rows_out"] == 5000 - injected
@@ -112,11 +113,11 @@ def test_transform_streams_to_the_same_result_whatever_the_block_size(tmp_path):
 
 
 def test_a_row_with_the_wrong_number_of_fields_is_quarantined_not_fatal(tmp_path):
-    header = ",".join(schema.RAW_COLUMNS)
+    header = ",".join(schema.raw_columns)
     good = ",".join(raw_row().values())
     part = tmp_path / "part-00000.csv"
     part.write_text(f"{header}\n{good}\n1002,2026-01-02T03:04:05Z,40\n{good}\n")
-    stats = transform([part], tmp_path / "f.parquet", tmp_path / "l.parquet", tmp_path / "r.csv")
+    stats = transform([part], tmp_path / "f.parquet", tmp_path / "l.parquet", tmp_path / "r.csv", schema)
     assert (stats["rows_in"], stats["rows_out"], stats["rows_quarantined"]) == (3, 2, 1)
     rejected = pd.read_csv(tmp_path / "r.csv", dtype=str, keep_default_na=False)
     assert rejected["reason"].tolist() == ["row: expected 11 fields, got 3: 1002,2026-01-02T03:04:05Z,40"]
@@ -127,7 +128,7 @@ def test_a_file_that_is_not_csv_names_the_file_and_the_fix(tmp_path):
     part = tmp_path / "part-00003.csv"
     part.write_text("")
     with pytest.raises(SchemaError, match="part-00003.csv.*dvc checkout"):
-        transform([part], tmp_path / "f.parquet", tmp_path / "l.parquet", tmp_path / "r.csv")
+        transform([part], tmp_path / "f.parquet", tmp_path / "l.parquet", tmp_path / "r.csv", schema)
 
 
 @pytest.mark.parametrize("chunk", [3, 7, 1 << 20])

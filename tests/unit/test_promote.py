@@ -19,3 +19,8 @@ def test_worse_beyond_tolerance_is_kept_out():
 def test_same_version_is_not_promoted_again():
     d = decide(3, 5.0, 3, 5.0, 0.05)
     assert not d.promote and "already" in d.reason
+
+
+def test_a_version_of_another_data_set_never_keeps_the_alias():
+    d = decide(4, 50.0, 3, 5.0, 0.05, comparable="was trained on the data set 'customers'")
+    assert d.promote and "customers" in d.reason and "does not compare" in d.reason

@@ -50,19 +50,19 @@ def test_split_is_seeded_disjoint_and_complete():
 
 
 def test_standard_errors_are_the_ols_ones_and_cover_the_truth():
-    from pipeline import schema
+    from pipeline.dataset import CUSTOMERS as schema
     from pipeline.ingest import TRUTH, generate_chunk
     from pipeline.train import standard_errors
 
     frame, _ = generate_chunk(20_000, seed=1, index=0, bad_fraction=0)
-    x = frame[list(schema.FEATURE_NAMES)].to_numpy(float)
-    y = frame[schema.TARGET].to_numpy(float)
+    x = frame[list(schema.feature_names)].to_numpy(float)
+    y = frame[schema.target].to_numpy(float)
     fit = fit_least_squares(x, y)
     design = np.column_stack([np.ones(len(x)), x])
     residual = y - fit.predict(x)
     expected = np.sqrt(np.diag(np.linalg.inv(design.T @ design)) * (residual @ residual) / (len(y) - 9))
     got = standard_errors(x, y, fit)
     np.testing.assert_allclose(got, expected, rtol=1e-9)
-    truth = np.array([TRUTH.intercept, *(TRUTH.coefficients[n] for n in schema.FEATURE_NAMES)])
+    truth = np.array([TRUTH.intercept, *(TRUTH.coefficients[n] for n in schema.feature_names)])
     z = (np.array([fit.intercept, *fit.coefficients]) - truth) / got
     assert np.abs(z).max() < 4.5  # nine coefficients: a 4.5-sigma miss means the errors are wrong
