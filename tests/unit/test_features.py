@@ -7,7 +7,8 @@ import pytest
 
 from pipeline.dataset import CUSTOMERS as schema
 from pipeline.errors import SchemaError
-from pipeline.features import check_header, transform, validate_chunk
+from pipeline.features import check_header, transform
+from pipeline.validate import validate_chunk
 from pipeline.ingest import generate_chunk
 
 

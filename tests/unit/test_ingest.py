@@ -4,7 +4,7 @@ import pyarrow as pa
 import pytest
 
 from pipeline.dataset import CUSTOMERS as schema
-from pipeline.features import validate_chunk
+from pipeline.validate import validate_chunk
 from pipeline.ingest import CHUNK_ROWS, TRUTH, generate_chunk, n_entities
 from pipeline.train import fit_least_squares
 
