@@ -28,6 +28,7 @@ COMMANDS = {
     "run": "run every stage, in order, then print a summary",
     "serve": "serve /predict, /metrics, /healthz, /readyz with granian",
     "summary": "print the summary of the last run from the run records",
+    "dataset": "check a data set declaration against its data, or infer one from a table",
 }
 
 
@@ -60,7 +61,34 @@ def parser() -> argparse.ArgumentParser:
             p.add_argument("--host", help="bind address (MLOPS_HOST, default 127.0.0.1)")
             p.add_argument("--port", type=int, help="port (MLOPS_PORT, default 8000)")
             p.add_argument("--workers", type=int, help="server worker processes (MLOPS_WORKERS, default 2)")
+        if name == "dataset":
+            action = p.add_subparsers(dest="dataset_action", required=True, metavar="check|infer")
+            check = action.add_parser("check", help="validate a declaration against its source and report "
+                                                    "rows, columns, nulls and what would be quarantined")
+            check.add_argument("file", type=Path, help="the declaration (YAML)")
+            infer = action.add_parser("infer", help="write a starting declaration for a table (CSV or "
+                                                    "Parquet: a file, a folder or a glob)")
+            infer.add_argument("data", help="the table")
+            infer.add_argument("--name", help="the data set's name (default: from the file name)")
+            infer.add_argument("--out", type=Path, help="write the declaration here instead of stdout")
     return top
+
+
+def dataset_command(args: argparse.Namespace) -> None:
+    """``python -m pipeline dataset check|infer``: touches nothing but what it reads (and --out)."""
+    from pipeline import datacheck
+    from pipeline.dataset import load
+
+    if args.dataset_action == "check":
+        print(datacheck.check(load(args.file)).render())
+        print(f"ok: {args.file} fits its data; run it with MLOPS_DATASET={args.file}")
+        return
+    text = datacheck.infer(args.data, args.name, relative_to=args.out.parent if args.out else Path.cwd())
+    if args.out:
+        args.out.write_text(text)
+        print(f"wrote {args.out}; check it with `python -m pipeline dataset check {args.out}`")
+    else:
+        print(text, end="")
 
 
 def build_settings(args: argparse.Namespace) -> Settings:
@@ -200,6 +228,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     settings = None
     try:
+        if args.command == "dataset":
+            dataset_command(args)
+            return 0
         settings = build_settings(args)
         if args.command == "init":
             for folder in settings.layout():

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 
-from pipeline import source, versioning
+from pipeline import datacheck, source, versioning
 from pipeline.dataset import CUSTOMERS, DatasetError
 from pipeline.io import atomic_path, file_md5, remove_stale_temps
 from pipeline.stage import StageContext, StageResult
@@ -214,6 +214,11 @@ def _copy_source(ctx: StageContext) -> StageResult:
     if result.unchanged() and versioning.changed_files(settings.shared) == []:
         return result.skip(f"{len(files)} source file(s) of {dataset.name} are already versioned",
                            result.previous.outputs)
+    # Declaration errors that only the data shows (nulls in the key, a feature with no
+    # numbers) stop here, before anything is written.
+    found = datacheck.check(dataset)
+    log.info("ingest: %s checked: %d rows, %d would be quarantined", dataset.name, found.rows,
+             sum(found.quarantined.values()))
     raw = _fresh_raw_dir(settings)
     written: list[str] = []
     pending: list[pa.RecordBatch] = []

@@ -3,14 +3,13 @@
 Ingest copies the declared columns into ``<shared>/data/raw/`` as CSV text
 exactly as the source holds them (Parquet values are written as text), so the
 features stage validates every source the same way and quarantines what is
-wrong row by row. :func:`inspect` is ``python -m pipeline dataset check``: what
-the data holds, and what would be quarantined, before anything is written.
+wrong row by row; :mod:`pipeline.datacheck` reads the same batches to check a
+declaration against its data before anything is written.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -101,25 +100,3 @@ def _field_of(dataset: Dataset, column: str) -> str:
     if column == d.target:
         return "target"
     return f"features.{column}"
-
-
-@dataclass
-class ColumnReport:
-    name: str
-    role: str
-    nulls: int = 0
-    numbers: int = 0  # values that parse as numbers
-    integers: int = 0  # of those, whole numbers
-    low: float | None = None
-    high: float | None = None
-    example: str = ""
-
-
-@dataclass
-class SourceReport:
-    rows: int = 0
-    files: list[str] = field(default_factory=list)
-    columns: dict[str, ColumnReport] = field(default_factory=dict)
-    quarantined: dict[str, int] = field(default_factory=dict)
-    entity_type: str = "int"
-    distinct_entities: int = 0
