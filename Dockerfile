@@ -26,6 +26,27 @@ RUN groupadd --gid "${UID}" app \
  && useradd --uid "${UID}" --gid "${UID}" --home-dir /tmp --no-create-home --shell /usr/sbin/nologin app \
  && mkdir -p /shared /app && chown "${UID}:${UID}" /shared
 COPY --from=deps /opt/venv /opt/venv
+# Secrets arrive as files (compose secrets, Kubernetes Secret volumes), but MLflow reads its
+# password, the auth app's admin password and its CSRF key only from the environment. The
+# entrypoint sets NAME from NAME_FILE for those three (the docker-library `file_env` habit)
+# and execs the command, so nothing secret is in argv, in the image or on the volume.
+# The auth app's configuration holds no secret: its user store sits beside the tracking store.
+# hadolint ignore=SC2016
+RUN printf '%s\n' '#!/bin/sh' 'set -eu' \
+      'for name in MLFLOW_TRACKING_PASSWORD MLFLOW_AUTH_ADMIN_PASSWORD MLFLOW_FLASK_SERVER_SECRET_KEY; do' \
+      '  file=$(printenv "${name}_FILE" || true)' \
+      '  if [ -n "$file" ] && [ -z "$(printenv "$name" || true)" ]; then' \
+      '    value=$(cat "$file") || { echo "cannot read ${name}_FILE ($file): mount the secret there" >&2; exit 78; }' \
+      '    export "$name=$value"' \
+      '  fi' \
+      'done' \
+      'exec "$@"' > /usr/local/bin/mlops-entrypoint \
+ && chmod 0755 /usr/local/bin/mlops-entrypoint \
+ && mkdir -p /etc/mlflow \
+ && printf '%s\n' '[mlflow]' 'default_permission = READ' \
+      'database_uri = sqlite:////shared/mlflow/server/auth.db' \
+      'authorization_function = mlflow.server.auth:authenticate_request_basic_auth' \
+      > /etc/mlflow/basic_auth.ini
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONPATH=/app \
     PYTHONUNBUFFERED=1 \
@@ -37,12 +58,14 @@ ENV PATH=/opt/venv/bin:$PATH \
     FEAST_USAGE=False \
     MLOPS_SHARED_DIR=/shared \
     MLOPS_HOST=0.0.0.0 \
-    MLOPS_PORT=8000
+    MLOPS_PORT=8000 \
+    MLFLOW_AUTH_CONFIG_PATH=/etc/mlflow/basic_auth.ini
 # The code last: a change here rebuilds only this layer.
 COPY pipeline/ /app/pipeline/
 WORKDIR /app
 USER ${UID}:${UID}
 EXPOSE 8000
+ENTRYPOINT ["/usr/local/bin/mlops-entrypoint"]
 HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
   CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=2)"]
 CMD ["python", "-m", "pipeline", "serve"]

@@ -11,8 +11,11 @@
     nox -s bench           benchmarks beside Redis, Feast's SDK and `mlflow models serve` (-- --smoke: quick)
     nox -s helm_check      the chart offline: render, kubernetes-validate --strict, checkov
     nox -s lint            hadolint, compose-lint, checkov: no finding left unexplained
+    nox -s build_images    build the image under the tree's tag and load it into minikube
     nox -s deploy_minikube the chart on minikube: start, build, load, install, wait, /predict
-    nox -s argo_apply      Argo CD app-of-apps (argo_sync, argo_get, argo_delete)
+    nox -s stage -- train  re-run one stage's Job on the cluster, wait, logs on failure
+    nox -s minikube_down   uninstall and stop minikube (-- --delete deletes the cluster)
+    nox -s argo_apply      Argo CD app-of-apps (argo_sync, argo_get, argo_diff, argo_delete)
 
 Every session installs the project pinned by ``constraints.txt``. Arguments after
 ``--`` are passed through: ``nox -s simulate -- --rows 100000 --seed 1``,
@@ -48,6 +51,8 @@ nox.options.sessions = ["tests"]
 PYTHON = "3.11"
 ROOT = Path(__file__).parent
 SECRET = ROOT / ".secrets" / "redis_password"
+MLFLOW_SECRET = ROOT / ".secrets" / "mlflow_password"
+MLFLOW_KEY = ROOT / ".secrets" / "mlflow_secret_key"
 # Stand-in images built from Debian packages (scripts/build_offline_images.sh), used
 # when MLOPS_OFFLINE_IMAGES=1: for machines that reach no container registry.
 OFFLINE = {"MLOPS_BASE_IMAGE": "mlops-offline/python:3.11-bookworm",
@@ -187,11 +192,13 @@ def offline_images(session: nox.Session) -> dict[str, str]:
 def compose_env(session: nox.Session) -> dict[str, str]:
     """Environment for docker compose: image names, the password file, the git commit."""
     env = offline_images(session)
-    if not SECRET.exists():
-        SECRET.parent.mkdir(mode=0o700, exist_ok=True)
-        SECRET.write_text(secrets.token_hex(24) + "\n")
-        SECRET.chmod(0o644)  # read inside the containers; the folder keeps other users out
-        session.log(f"wrote a new Redis password to {SECRET}")
+    for path, what, size in ((SECRET, "Redis password", 24), (MLFLOW_SECRET, "MLflow password", 24),
+                             (MLFLOW_KEY, "MLflow server's CSRF key", 32)):
+        if not path.exists():
+            path.parent.mkdir(mode=0o700, exist_ok=True)
+            path.write_text(secrets.token_hex(size))
+            path.chmod(0o644)  # read inside the containers; the folder keeps other users out
+            session.log(f"wrote a new {what} to {path}")
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT)
     if commit.returncode == 0:
         env["MLOPS_GIT_COMMIT"] = commit.stdout.strip()
@@ -339,22 +346,25 @@ def lint(session: nox.Session) -> None:
     checkov(session, render_manifests(session))
 
 
-def cluster_runner(session: nox.Session, stdin: str | None = None):
-    """Run plan steps for real; background steps are kept to be stopped at the end;
-    a step reading ``-f -`` gets ``stdin``."""
+def cluster_runner(session: nox.Session):
+    """Run plan steps for real: a step's stdin is fed to it (never logged), a poll step's
+    output is captured and returned; background steps are kept to be stopped at the end."""
     background: list[subprocess.Popen] = []
 
-    def run(step: minikube.Step) -> None:
-        session.log(f"{step.why}: {' '.join(step.argv)}")
+    def run(step: minikube.Step) -> str | None:
+        if step.poll is None:
+            session.log(f"{step.why}: {' '.join(step.argv)}")
         if step.background:
             background.append(subprocess.Popen(step.argv, cwd=ROOT))
-            return
-        if stdin and step.argv[-2:] == ("-f", "-"):
-            proc = subprocess.run(step.argv, input=stdin, text=True, cwd=ROOT)
-            if proc.returncode:
-                session.error(f"{' '.join(step.argv)} exited {proc.returncode}")
-            return
-        session.run(*step.argv, external=True, success_codes=[0, 1] if step.optional else [0])
+            return None
+        capture = step.poll is not None or step.argv[:3] == ("helm", "get", "manifest")
+        proc = subprocess.run(step.argv, input=step.stdin, text=True, cwd=ROOT,
+                              capture_output=capture)
+        if proc.returncode and not step.optional:
+            if capture and proc.stderr:
+                session.log(proc.stderr.strip()[-2000:])
+            raise minikube.StepFailed(step.hint or f"{' '.join(step.argv)} exited {proc.returncode}")
+        return proc.stdout if capture else None
 
     return run, background
 
@@ -366,19 +376,40 @@ def _preflight(session: nox.Session, tools: dict[str, str]) -> None:
         session.error(str(exc))
 
 
+def _run(session: nox.Session, plan, runner) -> None:
+    """A plan, ended with its one-line reason when a step fails."""
+    try:
+        minikube.run_plan(plan, runner)
+    except minikube.StepFailed as exc:
+        session.error(str(exc))
+
+
+def _usage(session: nox.Session, parse_args, *args):
+    try:
+        return parse_args(*args)
+    except minikube.UsageError as exc:
+        session.error(str(exc))
+
+
+@nox.session(python=False)
+def build_images(session: nox.Session) -> None:
+    """Build the pipeline image under the tree's tag (commit, `-dirty-<hash>` when changed) and load it into minikube."""
+    _preflight(session, {k: minikube.TOOLS[k] for k in ("docker", "minikube")})
+    tag, _ = minikube.git_image_tag()
+    run, _ = cluster_runner(session)
+    _run(session, minikube.build_plan(tag), run)
+    session.log(f"loaded {minikube.IMAGE_REPOSITORY}:{tag} into minikube profile mlops")
+
+
 @nox.session(python=False)
 def deploy_minikube(session: nox.Session) -> None:
-    """Install the chart on minikube and check /predict; `-- --pvc` uses a PVC, `-- --set k=v` passes values."""
-    commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
-                            cwd=ROOT).stdout.strip()
-    try:
-        opts = minikube.deploy_options(session.posargs, image_tag=commit or "dev", git_commit=commit)
-    except minikube.UsageError as exc:
-        session.error(f"{exc} (takes --pvc and --set KEY=VALUE)")
+    """Install the chart on minikube and check /predict; `-- --host-path` uses the node folder, `-- --set k=v` passes values."""
+    tag, commit = minikube.git_image_tag()
+    opts = _usage(session, minikube.deploy_options, session.posargs, tag, commit)
     _preflight(session, minikube.TOOLS)
     run, background = cluster_runner(session)
     try:
-        minikube.run_plan(minikube.deploy_plan(opts), run)
+        _run(session, minikube.deploy_plan(opts), run)
         answer = minikube.check_predict(f"http://127.0.0.1:{opts.local_port}/predict")
         session.log(f"/predict answered: {answer}")
         session.run("helm", "status", minikube.RELEASE, "--namespace", opts.namespace,
@@ -388,44 +419,60 @@ def deploy_minikube(session: nox.Session) -> None:
     finally:
         for proc in background:
             proc.terminate()
-    session.log("done: `kubectl --context mlops -n mlops port-forward svc/mlops-shared-volume-serve 8000:8000` "
-                "then curl localhost:8000/predict; `nox -s minikube_down` removes it all")
+    session.log(f"done: `kubectl --context {opts.profile} -n {opts.namespace} port-forward "
+                f"svc/{minikube.FULLNAME}-serve 8000:{minikube.chart_value('serve.port', opts.helm_set)}` then "
+                "curl localhost:8000/predict; `nox -s stage -- train` re-runs a stage; `nox -s minikube_down` stops it")
+
+
+@nox.session(python=False)
+def stage(session: nox.Session) -> None:
+    """Re-run one stage's Job on minikube (-- ingest|features|feast|train|promote): delete, recreate, wait, logs."""
+    name = _usage(session, minikube.stage_name, session.posargs)
+    _preflight(session, {k: minikube.TOOLS[k] for k in ("kubectl", "helm")})
+    run, _ = cluster_runner(session)
+    try:
+        manifest = run(minikube.manifest_step()) or ""
+        _run(session, minikube.stage_plan(name, manifest), run)
+    except minikube.StepFailed as exc:
+        session.error(str(exc))
 
 
 @nox.session(python=False)
 def minikube_down(session: nox.Session) -> None:
-    """Uninstall the release and delete the minikube cluster."""
+    """Uninstall the release and stop the minikube cluster (-- --delete deletes it); the PVCs are kept."""
+    delete = _usage(session, minikube.down_options, session.posargs)
     _preflight(session, {k: minikube.TOOLS[k] for k in ("minikube", "helm")})
     run, _ = cluster_runner(session)
-    minikube.run_plan(minikube.down_plan(), run)
+    _run(session, minikube.down_plan(delete=delete), run)
 
 
 def _argo(session: nox.Session, action: str) -> None:
-    try:
-        repo_url = minikube.argo_repo_url(session.posargs, os.environ.get("MLOPS_REPO_URL"))
-    except minikube.UsageError as exc:
-        session.error(f"{exc} (takes --repo-url URL)")
-    _preflight(session, {k: minikube.ARGO_TOOLS[k] for k in ("kubectl", "argocd")})
-    stdin = None
+    repo_url = _usage(session, minikube.argo_repo_url, session.posargs, os.environ.get("MLOPS_REPO_URL"))
+    tools = ("kubectl", "argocd", "docker", "minikube") if action == "apply" else ("kubectl", "argocd")
+    _preflight(session, {k: minikube.ARGO_TOOLS[k] for k in tools})
+    extra = {}
     if action == "apply":
         if not repo_url:
             session.error("give the Git repository Argo CD should read: "
                           "nox -s argo_apply -- --repo-url https://github.com/<you>/mlops-shared-volume.git "
                           "(or MLOPS_REPO_URL)")
-        stdin = minikube.root_application(repo_url, os.environ.get("MLOPS_REPO_REVISION", "main"))
-    run, _ = cluster_runner(session, stdin)
-    minikube.run_plan(minikube.argo_plan(action, repo_url), run)
+        tag, _ = minikube.git_image_tag()
+        extra = {"image_tag": tag, "secret_stream": minikube.argo_secrets(),
+                 "root_app": minikube.root_application(repo_url, os.environ.get("MLOPS_REPO_REVISION", "main"),
+                                                       tag)}
+    run, _ = cluster_runner(session)
+    _run(session, minikube.argo_plan(action, repo_url, **extra), run)
 
 
 @nox.session(python=False)
 def argo_apply(session: nox.Session) -> None:
-    """Apply the Argo CD root app: -- --repo-url URL (or MLOPS_REPO_URL) names your fork."""
+    """Check Argo CD is installed, build and load the image, apply the root app (-- --repo-url URL or MLOPS_REPO_URL)."""
     _argo(session, "apply")
 
 
 @nox.session(python=False)
 def argo_sync(session: nox.Session) -> None:
-    """Sync the root app now (argocd app sync --core)."""
+    """Sync the root app now (argocd app sync --core, pinned to the minikube context)."""
     _argo(session, "sync")
 
 
@@ -433,6 +480,12 @@ def argo_sync(session: nox.Session) -> None:
 def argo_get(session: nox.Session) -> None:
     """Show the root app and its children."""
     _argo(session, "get")
+
+
+@nox.session(python=False)
+def argo_diff(session: nox.Session) -> None:
+    """What a sync of the root app would change (argocd app diff --core)."""
+    _argo(session, "diff")
 
 
 @nox.session(python=False)

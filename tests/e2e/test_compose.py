@@ -4,9 +4,11 @@ real HTTP on 127.0.0.1, checked against the local simulator."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -78,8 +80,22 @@ def stack():
         compose("--profile", "debug", "down", "--volumes", "--remove-orphans", check=False)
 
 
-def get(url: str) -> tuple[int, str]:
-    with urllib.request.urlopen(url, timeout=10) as resp:
+MLFLOW_USER = "mlops"
+
+
+def mlflow_password() -> str:
+    """The compose MLflow's password, from the secret file nox made (never printed)."""
+    path = Path(os.environ.get("MLOPS_MLFLOW_PASSWORD_FILE", ROOT / ".secrets" / "mlflow_password"))
+    return path.read_text().strip()
+
+
+def get(url: str, auth: bool = False) -> tuple[int, str]:
+    """GET; ``auth`` logs in to the tracking server as the pipeline does (basic auth)."""
+    request = urllib.request.Request(url)
+    if auth:
+        token = base64.b64encode(f"{MLFLOW_USER}:{mlflow_password()}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    with urllib.request.urlopen(request, timeout=10) as resp:
         return resp.status, resp.read().decode()
 
 
@@ -130,11 +146,24 @@ def test_compose_trains_the_same_model_as_the_local_simulator(stack, tmp_path):
 
 def test_mlflow_server_holds_the_run_and_serves_the_ui_on_loopback(stack):
     compose, _, mlflow_url = stack
-    status, page = get(f"{mlflow_url}/")
+    status, page = get(f"{mlflow_url}/", auth=True)
     assert status == 200 and "MLflow" in page
-    _, body = get(f"{mlflow_url}/api/2.0/mlflow/registered-models/get?name=mlops-linear")
+    _, body = get(f"{mlflow_url}/api/2.0/mlflow/registered-models/get?name=mlops-linear", auth=True)
     model = json.loads(body)["registered_model"]
     assert [a["alias"] for a in model.get("aliases", [])] == ["production"]
+
+
+def test_mlflow_refuses_writes_without_a_login(stack):
+    _, _, mlflow_url = stack
+    body = json.dumps({"name": "intruder"}).encode()
+    for headers in ({}, {"Authorization": "Basic " + base64.b64encode(b"mlops:wrong").decode()}):
+        request = urllib.request.Request(f"{mlflow_url}/api/2.0/mlflow/registered-models/create", data=body,
+                                         headers={"Content-Type": "application/json", **headers}, method="POST")
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=10)
+        assert refused.value.code in (401, 403), headers.keys()
+    _, listed = get(f"{mlflow_url}/api/2.0/mlflow/registered-models/search", auth=True)
+    assert [m["name"] for m in json.loads(listed)["registered_models"]] == ["mlops-linear"]
 
 
 def test_a_second_up_of_the_stages_does_no_new_work(stack):
@@ -146,7 +175,7 @@ def test_a_second_up_of_the_stages_does_no_new_work(stack):
         assert states[stage] == ("exited", 0), compose.failing_logs()
         record = json.loads(compose.read(f"/shared/runs/{stage}/latest.json"))
         assert record["status"] == "skipped", (stage, record["message"])
-    _, body = get(f"{mlflow_url}/api/2.0/mlflow/model-versions/search?filter=name%3D%27mlops-linear%27")
+    _, body = get(f"{mlflow_url}/api/2.0/mlflow/model-versions/search?filter=name%3D%27mlops-linear%27", auth=True)
     assert [v["version"] for v in json.loads(body)["model_versions"]] == ["1"]
     assert json.loads(get(f"{serve}/predict")[1])["model"]["version"] == 1
 
@@ -154,7 +183,8 @@ def test_a_second_up_of_the_stages_does_no_new_work(stack):
 def test_mlflow_down_during_train_fails_clearly_and_a_rerun_finishes(stack):
     compose, serve, mlflow_url = stack
     versions = lambda: sorted(v["version"] for v in json.loads(get(
-        f"{mlflow_url}/api/2.0/mlflow/model-versions/search?filter=name%3D%27mlops-linear%27")[1])["model_versions"])
+        f"{mlflow_url}/api/2.0/mlflow/model-versions/search?filter=name%3D%27mlops-linear%27", auth=True)[1])
+        ["model_versions"])
     compose("stop", "mlflow")
     try:
         # a new seed: new inputs, so train has work to do and must reach the tracking server
@@ -167,7 +197,8 @@ def test_mlflow_down_during_train_fails_clearly_and_a_rerun_finishes(stack):
     assert "nothing was registered and no alias moved" in output
     assert "Traceback" not in output
     assert versions() == ["1"]  # no half-registered version
-    alias = json.loads(get(f"{mlflow_url}/api/2.0/mlflow/registered-models/alias?name=mlops-linear&alias=production")[1])
+    alias = json.loads(get(f"{mlflow_url}/api/2.0/mlflow/registered-models/alias?name=mlops-linear&alias=production",
+                           auth=True)[1])
     assert alias["model_version"]["version"] == "1"
 
     compose("run", "--rm", "--no-deps", "-e", "MLOPS_SEED=43", "train")  # the re-run finishes the job

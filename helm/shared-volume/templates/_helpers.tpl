@@ -47,12 +47,19 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- default (printf "%s-redis" (include "shared-volume.fullname" .)) .Values.redis.existingSecret }}
 {{- end }}
 
+{{/* The name of the Secret holding the MLflow password (keys: mlflow-password, flask-secret-key). */}}
+{{- define "shared-volume.mlflowSecret" -}}
+{{- default (printf "%s-mlflow" (include "shared-volume.fullname" .)) .Values.mlflow.auth.existingSecret }}
+{{- end }}
+
 {{/* The ConfigMap's data: the MLOPS_* settings every pod reads (the same names as compose.yaml). */}}
 {{- define "shared-volume.configData" -}}
 MLOPS_SHARED_DIR: /shared
 MLOPS_REDIS_URL: {{ printf "redis://%s-redis:6379/0" (include "shared-volume.fullname" .) | quote }}
 MLOPS_REDIS_PASSWORD_FILE: /run/secrets/redis/redis-password
 MLFLOW_TRACKING_URI: {{ printf "http://%s-mlflow:%d" (include "shared-volume.fullname" .) (int .Values.mlflow.port) | quote }}
+MLFLOW_TRACKING_USERNAME: {{ .Values.mlflow.auth.username | quote }}
+MLFLOW_TRACKING_PASSWORD_FILE: /run/secrets/mlflow/mlflow-password
 MLFLOW_HTTP_REQUEST_MAX_RETRIES: "3"
 MLFLOW_HTTP_REQUEST_TIMEOUT: "60"
 MLOPS_ROWS: {{ .Values.pipeline.rows | quote }}
@@ -63,13 +70,16 @@ MLOPS_PROMOTE_TOLERANCE: {{ .Values.pipeline.promoteTolerance | quote }}
 MLOPS_WAIT_SECONDS: {{ .Values.pipeline.waitSeconds | quote }}
 MLOPS_MODEL_POLL_SECONDS: {{ .Values.pipeline.modelPollSeconds | quote }}
 MLOPS_GIT_COMMIT: {{ .Values.pipeline.gitCommit | quote }}
+{{- if .Values.dataset.declaration }}
+MLOPS_DATASET: /etc/mlops/dataset/dataset.yaml
+{{- end }}
 {{- end }}
 
 {{/* The rollout id: changes when the settings or the image change, never at random.
      Jobs are named after it, so an upgrade creates new Jobs instead of patching immutable
      ones (helm#7725), and stages wait only for upstream records of the same rollout. */}}
 {{- define "shared-volume.runId" -}}
-{{- printf "%s|%s" (include "shared-volume.configData" .) (include "shared-volume.image" .) | sha256sum | trunc 10 }}
+{{- printf "%s|%s|%s" (include "shared-volume.configData" .) (include "shared-volume.image" .) .Values.dataset.declaration | sha256sum | trunc 10 }}
 {{- end }}
 
 {{/* Container security context: the Pod Security Standards "restricted" profile. */}}
@@ -89,10 +99,12 @@ seccompProfile:
 {{- if .Values.sharedVolume.useHostPath }}
   hostPath:
     path: {{ .Values.sharedVolume.hostPath }}
-    type: DirectoryOrCreate
+    # Directory, not DirectoryOrCreate: a created folder is root:root 0755, which the pods
+    # (uid 10001; fsGroup does not apply to hostPath) cannot write. Missing: the pod says so at once.
+    type: Directory
 {{- else }}
   persistentVolumeClaim:
-    claimName: {{ include "shared-volume.fullname" . }}-shared
+    claimName: {{ include "shared-volume.claimName" . }}
 {{- end }}
 - name: tmp
   emptyDir:
@@ -101,6 +113,39 @@ seccompProfile:
   secret:
     secretName: {{ include "shared-volume.redisSecret" . }}
     defaultMode: 0440
+- name: mlflow-password
+  secret:
+    secretName: {{ include "shared-volume.mlflowSecret" . }}
+    defaultMode: 0440
+{{- if .Values.dataset.declaration }}
+- name: dataset
+  configMap:
+    name: {{ include "shared-volume.fullname" . }}-dataset
+{{- end }}
+{{- end }}
+
+{{/* The shared volume's claim: the chart's own, or sharedVolume.existingClaim. */}}
+{{- define "shared-volume.claimName" -}}
+{{- default (printf "%s-shared" (include "shared-volume.fullname" .)) .Values.sharedVolume.existingClaim }}
+{{- end }}
+
+{{/* Every pod that mounts the shared volume carries this label. */}}
+{{- define "shared-volume.sharesVolumeLabel" -}}
+mlops/shared-volume: {{ .Release.Name | quote }}
+{{- end }}
+
+{{/* A ReadWriteOnce volume (or a node folder) is on one node: keep every pod that mounts it
+     there. The first such pod matches its own term, so it may go anywhere. */}}
+{{- define "shared-volume.affinity" -}}
+{{- if or .Values.sharedVolume.useHostPath (ne .Values.sharedVolume.accessMode "ReadWriteMany") }}
+affinity:
+  podAffinity:
+    requiredDuringSchedulingIgnoredDuringExecution:
+      - topologyKey: kubernetes.io/hostname
+        labelSelector:
+          matchLabels:
+            {{- include "shared-volume.sharesVolumeLabel" . | nindent 12 }}
+{{- end }}
 {{- end }}
 
 {{- define "shared-volume.volumeMounts" -}}
@@ -111,6 +156,20 @@ seccompProfile:
 - name: redis-password
   mountPath: /run/secrets/redis
   readOnly: true
+- name: mlflow-password
+  mountPath: /run/secrets/mlflow
+  readOnly: true
+{{- if .Values.dataset.declaration }}
+- name: dataset
+  mountPath: /etc/mlops/dataset
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{/* The image's entrypoint: Kubernetes' `command` replaces the image's ENTRYPOINT, so it is
+     named first (it turns the *_FILE secrets into the variables MLflow reads, then execs). */}}
+{{- define "shared-volume.entrypoint" -}}
+/usr/local/bin/mlops-entrypoint
 {{- end }}
 
 {{/* A pipeline container's environment: the ConfigMap, plus the rollout id. */}}
@@ -134,8 +193,10 @@ template:
       {{- include "shared-volume.selectorLabels" $ | nindent 6 }}
       app.kubernetes.io/component: {{ .stage }}
       mlops/role: stage
+      {{- include "shared-volume.sharesVolumeLabel" $ | nindent 6 }}
   spec:
     restartPolicy: Never
+    {{- include "shared-volume.affinity" $ | nindent 4 }}
     automountServiceAccountToken: false
     {{- with $.Values.imagePullSecrets }}
     imagePullSecrets:
@@ -147,7 +208,7 @@ template:
       - name: {{ .stage }}
         image: {{ include "shared-volume.image" $ | quote }}
         imagePullPolicy: {{ $.Values.image.pullPolicy }}
-        command: ["python", "-m", "pipeline", {{ .stage | quote }}]
+        command: [{{ include "shared-volume.entrypoint" $ | quote }}, "python", "-m", "pipeline", {{ .stage | quote }}]
         {{- include "shared-volume.pipelineEnv" $ | nindent 8 }}
         securityContext:
           {{- include "shared-volume.containerSecurityContext" $ | nindent 10 }}
@@ -159,6 +220,12 @@ template:
       {{- include "shared-volume.volumes" $ | nindent 6 }}
 {{- end }}
 
+{{/* A stage Job's name: the stage and a hash of its own spec. Call with (dict "ctx" $ "stage" "train"). */}}
+{{- define "shared-volume.jobName" -}}
+{{- $spec := include "shared-volume.jobSpec" . -}}
+{{- printf "%s-%s-%s" (include "shared-volume.fullname" .ctx | trunc 40 | trimSuffix "-") .stage ($spec | sha256sum | trunc 8) }}
+{{- end }}
+
 {{- define "shared-volume.job" -}}
 {{- $ := .ctx -}}
 {{- $spec := include "shared-volume.jobSpec" . -}}
@@ -167,7 +234,7 @@ kind: Job
 metadata:
   # Named after the stage and a hash of its own spec: stable across syncs, new when the
   # spec changes, so `helm upgrade` never patches an immutable Job template (helm#7725).
-  name: {{ printf "%s-%s-%s" (include "shared-volume.fullname" $ | trunc 40 | trimSuffix "-") .stage ($spec | sha256sum | trunc 8) }}
+  name: {{ include "shared-volume.jobName" . }}
   namespace: {{ $.Release.Namespace }}
   labels:
     {{- include "shared-volume.labels" $ | nindent 4 }}
