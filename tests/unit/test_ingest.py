@@ -58,3 +58,20 @@ def test_truth_is_recoverable_from_clean_rows():
     se = TRUTH.noise_sd * np.sqrt(np.diag(np.linalg.inv(design.T @ design)))
     assert np.all(np.abs(fit.coefficients - true) < 4 * se[1:])
     assert abs(fit.intercept - TRUTH.intercept) < 4 * se[0]
+
+
+def test_the_arrow_writer_writes_what_pandas_wrote_value_for_value(tmp_path):
+    from pipeline.ingest import write_csv
+
+    frame, injected = generate_chunk(20_000, seed=11, index=0, bad_fraction=0.01)
+    assert sum(injected.values()) > 50
+    frame.to_csv(tmp_path / "pandas.csv", index=False)
+    write_csv(frame, tmp_path / "arrow.csv")
+    ours = pd.read_csv(tmp_path / "arrow.csv", dtype=str, keep_default_na=False)
+    theirs = pd.read_csv(tmp_path / "pandas.csv", dtype=str, keep_default_na=False)
+    assert list(ours.columns) == list(theirs.columns) and len(ours) == len(theirs)
+    differ = ours != theirs
+    for column in ours.columns:  # where the text differs, it is the same number written another way
+        rows = differ[column].to_numpy()
+        assert all(float(a) == float(b) for a, b in zip(ours[column][rows], theirs[column][rows])), column
+    assert (ours == "n/a").sum().sum() == injected["wrong_type"] and (ours == "").sum().sum() == injected["missing"]
