@@ -223,7 +223,7 @@ def build_report(settings: Settings, schema, upstream: dict, now: float, thresho
     names = list(schema.feature_names)
 
     since = now - thresholds.window_seconds
-    logged = read_log(predictions_dir(settings.shared), since)
+    logged = read_log(predictions_dir(settings.shared), since, now)
     frame = logged.to_pandas() if logged is not None else pd.DataFrame()
     logged_drift = {name: drift(ref["features"][name], frame[FEATURE_PREFIX + name].to_numpy(dtype=float)
                                 if FEATURE_PREFIX + name in frame else np.array([]), thresholds)
@@ -339,9 +339,11 @@ def monitoring_dir(settings: Settings) -> Path:
     return settings.shared / "monitoring"
 
 
-def run(ctx: StageContext, clock: Callable[[], float] = time.time) -> StageResult:
+def run(ctx: StageContext, clock: Callable[[], float] = time.time,
+        thresholds: Thresholds | None = None) -> StageResult:
+    """The stage body; ``clock`` and ``thresholds`` are injectable (tests advance the clock)."""
     settings, schema = ctx.settings, ctx.schema
-    thresholds = Thresholds.of(settings)
+    thresholds = thresholds or Thresholds.of(settings)
     now = clock()
     train = ctx.upstream.get("train")
     # Time is an input: the monitor looks again every run, it is never "up to date".

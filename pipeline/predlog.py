@@ -239,18 +239,27 @@ def _number(value) -> float | None:
     return None
 
 
-def read_log(folder: Path, since: float | None = None, columns: list[str] | None = None) -> pa.Table | None:
-    """The log's entries at or after ``since`` (epoch seconds), or None when there are none.
+def read_log(folder: Path, since: float | None = None, until: float | None = None,
+             columns: list[str] | None = None) -> pa.Table | None:
+    """The log's entries with ``since <= time <= until`` (epoch seconds, either open), or None.
 
     Temp files (a writer's file in progress, or one a killed writer left) are not read."""
     since_ms = int(since * 1000) if since is not None else None
+    until_ms = int(until * 1000) if until is not None else None
     tables = []
     for f in log_files(folder, since_ms):
+        if until_ms is not None and f.first_ms > until_ms:
+            continue
         table = pq.read_table(f.path, columns=columns)
-        if since is not None and f.first_ms < since_ms:
-            table = table.filter(pc.greater_equal(
-                table.column("time"), pa.scalar(int(since * 1_000_000), pa.timestamp("us", "UTC"))))
+        if since_ms is not None and f.first_ms < since_ms:
+            table = table.filter(pc.greater_equal(table.column("time"), _ts(since)))
+        if until_ms is not None and f.last_ms >= until_ms:
+            table = table.filter(pc.less_equal(table.column("time"), _ts(until)))
         tables.append(table)
     if not tables:
         return None
     return pa.concat_tables(tables, promote_options="default")
+
+
+def _ts(seconds: float) -> pa.Scalar:
+    return pa.scalar(int(seconds * 1_000_000), pa.timestamp("us", "UTC"))
