@@ -42,7 +42,7 @@ def test_gauges_of_the_report(tmp_path):
     assert 'source="features"' not in text  # no newer offline rows: no figure, not a zero
     assert "mlops_live_rmse" not in text  # no labels yet: absent, not zero
     fresh = [line for line in text.splitlines() if line.startswith("mlops_feature_freshness_seconds{")]
-    assert fresh == ['mlops_feature_freshness_seconds{store="offline"} 800.0"]  # 22:13:20 - 22:00:00
+    assert fresh == ['mlops_feature_freshness_seconds{store="offline"} 800.0']  # 22:13:20 - 22:00:00
     assert "mlops_monitor_report_age_seconds 30.0" in text
     assert "mlops_quarantine_ratio 0.02" in text and "mlops_training_holdout_rmse 1.5" in text
 
