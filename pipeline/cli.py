@@ -29,6 +29,8 @@ COMMANDS = {
     "serve": "serve /predict, /metrics, /healthz, /readyz with granian",
     "summary": "print the summary of the last run from the run records",
     "dataset": "check a data set declaration against its data, or infer one from a table",
+    "backup": "snapshot the shared volume to the object store (MLOPS_S3_*); --list, --verify",
+    "restore": "bring an empty shared volume back from a snapshot in the object store",
 }
 
 
@@ -61,6 +63,14 @@ def parser() -> argparse.ArgumentParser:
             p.add_argument("--host", help="bind address (MLOPS_HOST, default 127.0.0.1)")
             p.add_argument("--port", type=int, help="port (MLOPS_PORT, default 8000)")
             p.add_argument("--workers", type=int, help="server worker processes (MLOPS_WORKERS, default 2)")
+        if name == "backup":
+            what = p.add_mutually_exclusive_group()
+            what.add_argument("--list", action="store_true", help="list the complete snapshots")
+            what.add_argument("--verify", action="store_true", help="restore a snapshot into a temporary "
+                                                                     "folder and check every file")
+            p.add_argument("--snapshot", help="the snapshot --verify checks (default: the newest)")
+        if name == "restore":
+            p.add_argument("--snapshot", help="snapshot id from `backup --list` (default: the newest)")
         if name == "dataset":
             action = p.add_subparsers(dest="dataset_action", required=True, metavar="check|infer")
             check = action.add_parser("check", help="validate a declaration against its source and report "
@@ -89,6 +99,26 @@ def dataset_command(args: argparse.Namespace) -> None:
         print(f"wrote {args.out}; check it with `python -m pipeline dataset check {args.out}`")
     else:
         print(text, end="")
+
+
+def backup_command(settings: Settings, args: argparse.Namespace) -> None:
+    """``python -m pipeline backup [--list|--verify]`` and ``restore [--snapshot ID]``."""
+    from pipeline import backup
+
+    if args.command == "restore":
+        done = backup.restore(settings, args.snapshot)
+        print(f"restored snapshot {done['id']}: {done['files']} file(s), {done['bytes'] / 1e6:.1f} MB "
+              f"into {settings.shared} in {done['seconds']:.1f}s; serve with `python -m pipeline serve`")
+    elif args.list:
+        for snap in backup.list_snapshots(settings):
+            print(f"{snap['id']}  {snap['created_at']}  {snap['files']:>5} file(s)  {snap['bytes'] / 1e6:8.1f} MB")
+    elif args.verify:
+        done = backup.verify(settings, args.snapshot)
+        print(f"ok: snapshot {done['id']} restores ({done['files']} file(s), {done['bytes'] / 1e6:.1f} MB matched)")
+    else:
+        done = backup.backup(settings)
+        print(f"snapshot {done['id']}: {len(done['files'])} file(s), {done['bytes'] / 1e6:.1f} MB "
+              f"({done['sent_bytes'] / 1e6:.1f} MB sent) in {done['seconds']:.1f}s")
 
 
 def build_settings(args: argparse.Namespace) -> Settings:
@@ -249,6 +279,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(render(settings))
         elif args.command == "serve":
             serve(settings)
+        elif args.command in ("backup", "restore"):
+            backup_command(settings, args)
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

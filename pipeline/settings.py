@@ -66,6 +66,21 @@ class Settings(BaseSettings):
                                                      "HEAD` where there is a checkout")
     run_id: str | None = Field(None, description="rollout id (the chart sets it): stages wait for upstream "
                                                  "records of the same id")
+    s3_endpoint: str | None = Field(None, description="S3-compatible object store for backups "
+                                                      "(`http://127.0.0.1:8333`, `https://s3.eu-west-1.amazonaws.com`); "
+                                                      "unset: no object store (docs/objectstore.md)")
+    s3_bucket: str = Field("mlops", description="object store bucket (must exist; the local SeaweedFS "
+                                                "creates it)")
+    s3_prefix: str | None = Field(None, description="key prefix inside the bucket for this volume's backups "
+                                           "(`team-a/prod/`); one volume per prefix")
+    s3_region: str = Field("us-east-1", description="object store region (SeaweedFS, MinIO and Ceph accept any)")
+    s3_access_key_file: Path | None = Field(None, description="file holding the S3 access key (a secret); "
+                                                              "unset: `AWS_ACCESS_KEY_ID` or botocore's chain")
+    s3_secret_key_file: Path | None = Field(None, description="file holding the S3 secret key (a secret); "
+                                                              "unset: `AWS_SECRET_ACCESS_KEY` or botocore's "
+                                                              "chain")
+    backup_keep: int = Field(7, ge=1, description="backup: complete snapshots kept; older ones and the "
+                                                  "files only they referenced are deleted")
 
     @model_validator(mode="before")
     @classmethod
@@ -80,7 +95,8 @@ class Settings(BaseSettings):
 
     @field_validator("dataset", "redis_url", "redis_password", "redis_password_file", "redis_ca_file",
                      "mlflow_tracking_uri",
-                     "git_commit", "run_id", mode="before")
+                     "git_commit", "run_id", "s3_endpoint", "s3_prefix", "s3_access_key_file",
+                     "s3_secret_key_file", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: str | None) -> str | None:
         return value or None

