@@ -22,6 +22,7 @@ import logging
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -243,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     local.add_argument("--bucket", default="mlops")
     args = top.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
+    # SIGTERM (docker stop, kill) stops weed too, like Ctrl+C: it runs in its own session.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         with local_store(args.dir, args.bucket) as store:
             for role in ROLES:
