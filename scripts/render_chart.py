@@ -16,6 +16,15 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "helm" / "shared-volume"
+# Every optional object on: the monitor, the policies, a data set, the autoscaler and (with
+# more than one server pod) the disruption budget.
+EVERYTHING = {
+    "serviceMonitor": {"enabled": True},
+    "networkPolicy": {"enabled": True},
+    "dataset": {"declaration": "name: housing\nsource:\n  path: /shared/incoming/housing.csv\n"
+                               "entity:\n  column: house_id\ntarget: price\nfeatures: [rooms, area]\n"},
+    "serve": {"autoscaling": {"enabled": True, "minReplicas": 2}},
+}
 
 
 def render(values: dict) -> str:
@@ -32,8 +41,7 @@ def main(argv: list[str]) -> int:
         return 2
     out = Path(argv[0])
     out.mkdir(parents=True, exist_ok=True)
-    sets = {"default": {}, "everything": {"serviceMonitor": {"enabled": True},
-                                          "networkPolicy": {"enabled": True}}}
+    sets = {"default": {}, "everything": EVERYTHING}
     for extra in argv[1:]:
         sets[Path(extra).stem] = yaml.safe_load(Path(extra).read_text()) or {}
     for name, values in sets.items():

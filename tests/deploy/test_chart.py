@@ -11,8 +11,10 @@ import pytest
 from pipeline.dag import STAGE_NAMES as STAGES
 from tests.deploy.chart import CHART, SCHEMAS, by_kind, pod_specs, render, values_file
 
+from tests.support import load_script
+
 HOSTPATH = values_file("values-minikube.yaml")
-EVERYTHING = {"serviceMonitor": {"enabled": True}, "networkPolicy": {"enabled": True}}
+EVERYTHING = load_script("render_chart").EVERYTHING  # the set `nox -s helm_check` validates too
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +36,7 @@ def test_helm_lint_is_clean():
         assert [m for m in report["messages"] if m["severity"] >= 2] == [], report["messages"]
 
 
-@pytest.mark.parametrize("values, count", [({}, 14), (HOSTPATH, 13), (EVERYTHING, 19)],
+@pytest.mark.parametrize("values, count", [({}, 16), (HOSTPATH, 15), (EVERYTHING, 24)],
                          ids=["default", "hostPath", "everything"])
 def test_every_object_is_valid_kubernetes(values, count):
     import kubernetes_validate
@@ -42,8 +44,9 @@ def test_every_object_is_valid_kubernetes(values, count):
 
     version = latest_version()
     objects = render(values=values)
-    # configmap, secret, pvc (not with hostPath), 3 deployments, 3 services, 5 jobs,
-    # and with everything on: a ServiceMonitor and 4 NetworkPolicies
+    # configmap, 2 secrets (redis, mlflow), the shared pvc (not with hostPath), redis's pvc,
+    # 3 deployments, 3 services, 5 jobs; with everything on: a ServiceMonitor, 4 NetworkPolicies,
+    # the data set's ConfigMap, a HorizontalPodAutoscaler and a PodDisruptionBudget
     assert len(objects) == count
     for obj in objects:
         if obj["apiVersion"].startswith("monitoring.coreos.com"):
@@ -62,14 +65,17 @@ def test_servicemonitor_is_valid_against_its_crd_schema():
 
 
 def test_default_install_has_a_pvc_and_hostpath_switches_to_the_node_folder(default, hostpath):
-    assert [p["metadata"]["name"] for p in by_kind(default, "PersistentVolumeClaim")] == ["mlops-shared-volume-shared"]
-    assert by_kind(hostpath, "PersistentVolumeClaim") == []
+    claims = lambda objs: sorted(p["metadata"]["name"] for p in by_kind(objs, "PersistentVolumeClaim"))
+    assert claims(default) == ["mlops-shared-volume-redis", "mlops-shared-volume-shared"]
+    assert claims(hostpath) == ["mlops-shared-volume-redis"]  # Redis's append-only file keeps its own
     mounting = [(name, spec) for name, spec in pod_specs(hostpath)
                 if any(v["name"] == "shared" for v in spec["volumes"])]
     assert len(mounting) == 7  # every pod but redis
     for name, spec in mounting:
         shared = next(v for v in spec["volumes"] if v["name"] == "shared")
         assert shared["hostPath"]["path"] == "/tmp/mlops-shared", name
+        # never DirectoryOrCreate: a created folder is root's, and pods (uid 10001) could not write it
+        assert shared["hostPath"]["type"] == "Directory", name
 
 
 def test_every_pod_meets_the_restricted_profile(default):
@@ -126,12 +132,12 @@ def test_stages_run_in_order_under_argo_cd_and_wait_for_the_same_rollout(default
 
 
 def test_redis_password_is_a_secret_never_a_literal(default):
-    secret = by_kind(default, "Secret")[0]
+    secret = next(s for s in by_kind(default, "Secret") if s["metadata"]["name"].endswith("-redis"))
     assert set(secret["data"]) == {"redis-password"}
     config = by_kind(default, "ConfigMap")[0]["data"]
     assert "@" not in config["MLOPS_REDIS_URL"]
     assert config["MLOPS_REDIS_PASSWORD_FILE"] == "/run/secrets/redis/redis-password"
-    existing = render(values={"redis": {"existingSecret": "mine"}})
+    existing = render(values={"redis": {"existingSecret": "mine"}, "mlflow": {"auth": {"existingSecret": "m2"}}})
     assert by_kind(existing, "Secret") == []
     for _, spec in pod_specs(existing):
         vol = next(v for v in spec["volumes"] if v["name"] == "redis-password")
@@ -143,7 +149,11 @@ def test_values_schema_refuses_bad_values():
 
     chart = helm.Chart.load(str(CHART))
     for bad in ({"image": {"tag": "latest"}}, {"pipeline": {"rows": "many"}},
-                {"sharedVolume": {"hostPath": "relative/path"}}, {"unknownKey": 1}):
+                {"sharedVolume": {"hostPath": "relative/path"}}, {"unknownKey": 1},
+                # an all-digit short commit given with --set (not --set-string) arrives as a number
+                {"image": {"tag": 1234567}},
+                # ReadWriteOncePod can never work: seven pods mount the volume
+                {"sharedVolume": {"accessMode": "ReadWriteOncePod"}}):
         with pytest.raises(helm.HelmValuesError):
             chart.validate_schema(chart.merge_values(bad))
 

@@ -108,3 +108,48 @@ def test_docker_compose_itself_accepts_the_file(tmp_path):
     for service in config["services"].values():
         for port in service.get("ports", []):
             assert port["host_ip"] == "127.0.0.1"
+
+
+def test_mlflow_requires_a_login_from_secret_files(compose):
+    mlflow = compose["services"]["mlflow"]
+    assert "--app-name=basic-auth" in mlflow["command"]
+    env = mlflow["environment"]
+    assert env["MLFLOW_AUTH_ADMIN_PASSWORD_FILE"] == "/run/secrets/mlflow_password"
+    assert env["MLFLOW_FLASK_SERVER_SECRET_KEY_FILE"] == "/run/secrets/mlflow_secret_key"
+    assert {"mlflow_password", "mlflow_secret_key"} <= set(mlflow["secrets"])
+    for name in PIPELINE_SERVICES:
+        service = compose["services"][name]
+        assert service["environment"]["MLFLOW_TRACKING_USERNAME"] == env["MLFLOW_AUTH_ADMIN_USERNAME"], name
+        assert service["environment"]["MLFLOW_TRACKING_PASSWORD_FILE"] == "/run/secrets/mlflow_password", name
+        assert "mlflow_password" in service["secrets"], name
+    assert set(compose["secrets"]["mlflow_password"]) == {"file"}
+
+
+@pytest.mark.skipif(shutil.which("docker") is None, reason="docker CLI not installed")
+@pytest.mark.parametrize("folder", [None, "given"])
+def test_a_dataset_folder_is_mounted_read_only_and_named_by_mlops_dataset(tmp_path, folder):
+    import json
+
+    secret = tmp_path / "pw"
+    secret.write_text("x")
+    env = {"PATH": "/usr/bin:/bin:/usr/local/bin", "HOME": str(ROOT.home()), "MLOPS_REDIS_PASSWORD_FILE": str(secret),
+           "MLOPS_MLFLOW_PASSWORD_FILE": str(secret), "MLOPS_MLFLOW_SECRET_KEY_FILE": str(secret)}
+    if folder:
+        (tmp_path / folder).mkdir()
+        env.update(MLOPS_DATASET_DIR=str(tmp_path / folder), MLOPS_DATASET_FILE="housing.yaml")
+    proc = subprocess.run(["docker", "compose", "-f", str(COMPOSE), "config", "--format", "json"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=60, env=env)
+    if "is not a docker command" in proc.stderr:
+        pytest.skip("docker compose v2 plugin not installed")
+    assert proc.returncode == 0, proc.stderr
+    config = json.loads(proc.stdout)
+    for name in PIPELINE_SERVICES:
+        service = config["services"][name]
+        mount = next(v for v in service["volumes"] if v["target"] == "/dataset")
+        assert mount["read_only"] is True, name
+        if folder:
+            assert (mount["type"], mount["source"]) == ("bind", str(tmp_path / folder)), name
+            assert service["environment"]["MLOPS_DATASET"] == "/dataset/housing.yaml", name
+        else:  # unset: an empty volume and no declaration, the built-in customers
+            assert mount["type"] == "volume", name
+            assert not service["environment"]["MLOPS_DATASET"], name

@@ -17,12 +17,28 @@ from tests.support import load_script
 minikube = load_script("minikube")
 
 
-class Recorder:
-    def __init__(self) -> None:
-        self.steps: list[minikube.Step] = []
+def jobs_json(*conditions: str) -> str:
+    """`kubectl get jobs -o json` with one Job per condition ("" for one still running)."""
+    return json.dumps({"items": [{"status": {"conditions": [{"type": c, "status": "True"}] if c else []}}
+                                 for c in conditions]})
 
-    def __call__(self, step: minikube.Step) -> None:
+
+class Recorder:
+    """Records the steps; a poll step gets ``answers`` in turn (default: every stage Job complete);
+    a step whose argv contains one of ``fail_on`` fails."""
+
+    def __init__(self, answers: list[str] | None = None, fail_on: tuple[str, ...] = ()) -> None:
+        self.steps: list[minikube.Step] = []
+        self.answers = list(answers or [])
+        self.fail_on = fail_on
+
+    def __call__(self, step: minikube.Step) -> str | None:
         self.steps.append(step)
+        if any(word in step.argv for word in self.fail_on):
+            raise minikube.StepFailed(f"{' '.join(step.argv)} exited 1")
+        if step.poll is not None:
+            return self.answers.pop(0) if self.answers else jobs_json(*["Complete"] * len(minikube.STAGES))
+        return None
 
     def commands(self) -> list[str]:
         return [" ".join(s.argv) for s in self.steps]
@@ -49,12 +65,15 @@ def plan():
 def test_the_plan_runs_the_blueprint_steps_in_order(plan):
     rec, _ = plan
     first_words = [" ".join(s.argv[:4]) for s in rec.steps]
-    order = ["minikube -p mlops start", "bash scripts/build_wheelhouse.sh", "docker build -t mlops-shared-volume:abc123",
-             "minikube -p mlops image", "helm upgrade --install mlops", "kubectl --context mlops -n",
-             "kubectl --context mlops -n", "kubectl --context mlops -n"]
+    order = ["minikube -p mlops start", "minikube -p mlops addons", "bash scripts/build_wheelhouse.sh",
+             "docker build -t mlops-shared-volume:abc123", "minikube -p mlops image",
+             "kubectl --context mlops create", "kubectl --context mlops label",
+             "helm upgrade --install mlops", "kubectl --context mlops -n", "kubectl --context mlops -n",
+             "kubectl --context mlops -n"]
     assert first_words == order
     assert rec.steps[-1].background and "port-forward" in rec.steps[-1].argv
     assert [s.argv[-1] for s in rec.steps if s.argv[3:5] == ("image", "load")] == ["mlops-shared-volume:abc123"]
+    assert ("minikube", "-p", "mlops", "addons", "enable", "metrics-server") in [s.argv for s in rec.steps]
 
 
 def test_helm_gets_the_chart_values_and_image_that_exist(plan):
@@ -63,22 +82,24 @@ def test_helm_gets_the_chart_values_and_image_that_exist(plan):
     assert helm[:5] == ("helm", "upgrade", "--install", minikube.RELEASE, minikube.CHART)
     assert (ROOT / helm[4] / "Chart.yaml").is_file()
     values = [helm[i + 1] for i, a in enumerate(helm) if a == "--values"]
-    assert values == [f"{minikube.CHART}/values.yaml", f"{minikube.CHART}/values-minikube.yaml"]
+    assert values == [f"{minikube.CHART}/values.yaml"]  # a PVC by default
     assert all((ROOT / v).is_file() for v in values)
     sets = [helm[i + 1] for i, a in enumerate(helm) if a == "--set"]
-    assert sets == ["image.repository=mlops-shared-volume", "image.tag=abc123", "pipeline.rows=5000"]
+    assert sets == ["image.repository=mlops-shared-volume", "pipeline.rows=5000"]
+    # --set-string: an all-digit short commit stays a string (the schema refuses a number)
+    assert [helm[i + 1] for i, a in enumerate(helm) if a == "--set-string"] == ["image.tag=abc123"]
     assert "--namespace" in helm and helm[helm.index("--namespace") + 1] == "mlops"
 
 
 def test_the_waits_and_the_port_forward_name_what_the_chart_renders(plan):
     rec, opts = plan
-    values = {**values_file("values-minikube.yaml"), "image": {"repository": "mlops-shared-volume", "tag": "abc123"}}
+    values = {"image": {"repository": "mlops-shared-volume", "tag": "abc123"}}
     objects = render(values=values, release=minikube.RELEASE, namespace=opts.namespace)
-    wait = next(s.argv for s in rec.steps if "wait" in s.argv)
-    selector = dict(kv.split("=") for kv in wait[wait.index("-l") + 1].split(","))
+    wait = next(s for s in rec.steps if s.poll is not None)
+    selector = dict(kv.split("=") for kv in wait.argv[wait.argv.index("-l") + 1].split(","))
     jobs = by_kind(objects, "Job")
     matched = [j for j in jobs if selector.items() <= j["metadata"]["labels"].items()]
-    assert len(matched) == len(jobs) == 5  # the wait covers every stage, nothing else
+    assert len(matched) == len(jobs) == len(minikube.STAGES) == 5  # the wait covers every stage, nothing else
     rollout = next(s.argv for s in rec.steps if "rollout" in s.argv)
     deployments = {f"deployment/{d['metadata']['name']}" for d in by_kind(objects, "Deployment")}
     assert rollout[rollout.index("status") + 1] in deployments
@@ -89,32 +110,38 @@ def test_the_waits_and_the_port_forward_name_what_the_chart_renders(plan):
     assert forward[-1].split(":")[0] == "8000"  # curl localhost:8000/predict, as in the blueprint
 
 
-def test_pvc_mode_drops_the_hostpath_values():
+def test_host_path_mode_adds_its_values_and_prepares_the_folder():
     rec = Recorder()
-    minikube.run_plan(minikube.deploy_plan(minikube.DeployOptions(image_tag="t", host_path=False)), rec)
+    minikube.run_plan(minikube.deploy_plan(minikube.DeployOptions(image_tag="t", host_path=True)), rec)
     helm = next(s.argv for s in rec.steps if s.argv[0] == "helm")
-    assert f"{minikube.CHART}/values-minikube.yaml" not in helm
+    assert f"{minikube.CHART}/values-minikube.yaml" in helm
+    prepare = next(s.argv for s in rec.steps if "ssh" in s.argv)
+    uid = str(values_file("values.yaml")["podSecurityContext"]["runAsUser"])
+    folder = values_file("values-minikube.yaml")["sharedVolume"]["hostPath"]
+    assert prepare[-1] == folder and prepare[prepare.index("-o") + 1] == uid and prepare[prepare.index("-g") + 1] == uid
+    assert rec.commands().index(" ".join(prepare)) < rec.commands().index(" ".join(helm))
 
 
 def test_argo_helpers_match_the_argo_objects():
     root = yaml.safe_load((ROOT / "argo" / "application.yaml").read_text())
-    for action in ("sync", "get", "delete"):
+    for action in ("sync", "get", "diff", "delete"):
         rec = Recorder()
         minikube.run_plan(minikube.argo_plan(action), rec)
         assert root["metadata"]["name"] in rec.steps[-1].argv, action
     rec = Recorder()
-    minikube.run_plan(minikube.argo_plan("apply", "https://git.example/fork.git"), rec)
-    secret = next(s.argv for s in rec.steps if "secret" in s.argv)
-    assert values_file("values-argocd.yaml")["redis"]["existingSecret"] in secret
-    assert rec.steps[-1].argv[-2:] == ("-f", "-")
-    with pytest.raises(ValueError, match="apply, sync, get or delete"):
+    minikube.run_plan(minikube.argo_plan("apply", "https://git.example/fork.git", secret_stream="s", root_app="r"), rec)
+    assert rec.steps[-1].argv[-2:] == ("-f", "-") and rec.steps[-1].stdin == "r"
+    with pytest.raises(ValueError, match="apply, sync, get, diff or delete"):
         minikube.argo_plan("explode")
 
 
-def test_down_uninstalls_then_deletes_the_cluster():
+def test_down_uninstalls_then_stops_the_cluster_and_deletes_only_when_asked():
     rec = Recorder()
-    minikube.run_plan(minikube.down_plan(), rec)
+    minikube.run_plan(minikube.down_plan(delete=minikube.down_options([])), rec)
     assert rec.commands()[0].startswith("helm uninstall mlops") and rec.steps[0].optional
+    assert rec.commands()[-1] == "minikube -p mlops stop"
+    rec = Recorder()
+    minikube.run_plan(minikube.down_plan(delete=minikube.down_options(["--delete"])), rec)
     assert rec.commands()[-1] == "minikube -p mlops delete"
 
 
@@ -153,14 +180,14 @@ def test_check_predict_retries_a_bounded_number_of_times():
 
 
 def test_deploy_arguments_are_parsed_in_any_order():
-    opts = minikube.deploy_options(["--set", "pipeline.rows=5000", "--pvc", "--set", "a.b=c"], "abc",
+    opts = minikube.deploy_options(["--set", "pipeline.rows=5000", "--host-path", "--set", "a.b=c"], "abc",
                                    git_commit="abc")
-    assert not opts.host_path and opts.image_tag == "abc"
-    assert opts.helm_set == ["pipeline.rows=5000", "a.b=c", "pipeline.gitCommit=abc"]
-    assert minikube.deploy_options([], "dev").host_path is True
+    assert opts.host_path and opts.image_tag == "abc" and opts.git_commit == "abc"
+    assert opts.helm_set == ["pipeline.rows=5000", "a.b=c"]
+    assert minikube.deploy_options([], "dev").host_path is False  # a PVC unless asked
 
 
-@pytest.mark.parametrize("argv", [["--set"], ["--pvc", "--sett", "a=b"]])
+@pytest.mark.parametrize("argv", [["--set"], ["--host-path", "--sett", "a=b"], ["--pvc"]])
 def test_bad_deploy_arguments_say_what_is_wrong_in_one_line(argv):
     with pytest.raises(minikube.UsageError) as err:
         minikube.deploy_options(argv, "dev")

@@ -70,9 +70,8 @@ MLOPS_PROMOTE_TOLERANCE: {{ .Values.pipeline.promoteTolerance | quote }}
 MLOPS_WAIT_SECONDS: {{ .Values.pipeline.waitSeconds | quote }}
 MLOPS_MODEL_POLL_SECONDS: {{ .Values.pipeline.modelPollSeconds | quote }}
 MLOPS_GIT_COMMIT: {{ .Values.pipeline.gitCommit | quote }}
-{{- if .Values.dataset.declaration }}
-MLOPS_DATASET: /etc/mlops/dataset/dataset.yaml
-{{- end }}
+{{- /* empty: the built-in customers (compose leaves it empty the same way) */}}
+MLOPS_DATASET: {{ ternary "/etc/mlops/dataset/dataset.yaml" "" (ne .Values.dataset.declaration "") | quote }}
 {{- end }}
 
 {{/* The rollout id: changes when the settings or the image change, never at random.
