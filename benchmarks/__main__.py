@@ -14,14 +14,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks import end_to_end, features, loading, serving
+from benchmarks import end_to_end, features, loading, monitor, serving
 from benchmarks.common import Run
 from benchmarks.report import write
 from tests.support import ROOT, redis_server, redis_url
 
 # section name -> (module, needs Redis)
 SECTIONS = {"features": (features, False), "loading": (loading, True), "serving": (serving, True),
-            "end_to_end": (end_to_end, True)}
+            "end_to_end": (end_to_end, True), "monitor": (monitor, False)}
 
 
 def machine() -> str:
