@@ -63,10 +63,11 @@ def parse_entity_id(value: Any, schema: Schema) -> int | str:
         text = value.strip()
         if not text.isdigit() or not text.isascii():
             raise UnprocessableEntity(f"{key} must be an integer, got {value[:40]!r}")
-        if len(text.lstrip("0")) > len(str(ENTITY_ID_MAX)):
+        significant = text.lstrip("0") or "0"
+        if len(significant) > len(str(ENTITY_ID_MAX)):
             # too long for an int64 (and past Python's int-from-text limit at 4300 digits)
             raise UnprocessableEntity(f"{key} must be between 0 and {ENTITY_ID_MAX}")
-        value = int(text)
+        value = int(significant)  # not int(text): leading zeros count towards that limit too
     if not isinstance(value, int):
         raise UnprocessableEntity(f"{key} must be an integer, got a {type(value).__name__}")
     if not 0 <= value <= ENTITY_ID_MAX:
@@ -119,17 +120,38 @@ def parse_query(args, sample_entity, schema: Schema) -> list:
     return [parse_entity_id(raw[0], schema)] if raw else [sample_entity]
 
 
+def _too_large(max_body_bytes: int) -> JSONHTTPException:
+    return JSONHTTPException(413, f"request body over {max_body_bytes} bytes; send fewer instances per request")
+
+
+def _read_until_end(stream, max_body_bytes: int) -> bytes:
+    """A body without Content-Length (chunked), read to its end, at most ``max_body_bytes``."""
+    parts, size = [], 0
+    while True:
+        part = stream.read(min(65536, max_body_bytes + 1 - size))
+        if not part:
+            return b"".join(parts)
+        parts.append(part)
+        size += len(part)
+        if size > max_body_bytes:
+            raise _too_large(max_body_bytes)
+
+
 def parse_request(request: Request, schema: Schema, *, max_batch: int, max_body_bytes: int,
                   sample_entity) -> tuple[list, bool]:
     """``(entity keys, is_batch)`` of a ``/predict`` request, GET or POST."""
     if request.method != "POST":
         return parse_query(request.args, sample_entity, schema), False
+    if request.content_length is None and "chunked" in request.headers.get("Transfer-Encoding", "").lower():
+        # A chunked body has no Content-Length. The server has taken the chunks apart
+        # (PEP 3333), so wsgi.input ends where the body ends; werkzeug would read it
+        # as empty, or cut it silently at max_content_length: read it here, whole or 413.
+        return parse_body(_read_until_end(request.environ["wsgi.input"], max_body_bytes), max_batch, schema)
     request.max_content_length = max_body_bytes
     try:
         body = request.get_data(cache=False)
     except RequestEntityTooLarge:
-        raise JSONHTTPException(413, f"request body over {max_body_bytes} bytes; "
-                                     "send fewer instances per request") from None
+        raise _too_large(max_body_bytes) from None
     return parse_body(body, max_batch, schema)
 
 

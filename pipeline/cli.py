@@ -173,14 +173,14 @@ def worker_app():
     """The app factory each granian worker calls, with what the serve command handed on."""
     import json
 
-    from pipeline.serve import create_app
+    from pipeline.serve import create_app, rsgi_app
 
     handed = json.loads(os.environ[WORKER_HANDOVER])
     settings = Settings.model_validate(handed["settings"])
     app = create_app(settings, multiprocess_dir=handed["multiprocess_dir"])
     threading.Thread(target=announce_when_ready, args=(app, settings, handed["ready_marker"]),
                      name="announce", daemon=True).start()
-    return app
+    return rsgi_app(app, settings)
 
 
 def announce_when_ready(app, settings: Settings, marker: str, *, limit_seconds: float = 600.0,
@@ -206,9 +206,12 @@ def announce_when_ready(app, settings: Settings, marker: str, *, limit_seconds: 
                 limit_seconds, settings.host, settings.port)
 
 
-def serve(settings: Settings) -> None:
-    """Serve with granian: ``settings.workers`` worker processes, ``settings.threads``
-    threads each running the WSGI app.
+def serve(settings: Settings, target: str = f"{__name__}:worker_app") -> None:
+    """Serve with granian: ``settings.workers`` worker processes, each running
+    the app on ``settings.threads`` threads behind granian's RSGI interface
+    (:class:`pipeline.serve.RSGIFront`: request bodies are read on the event
+    loop, bounded in size and time, never on an app thread). ``target`` is the
+    worker's app factory (tests serve the app over in-memory fakes).
 
     granian parses HTTP in Rust, so a request costs the Python workers only the
     app itself: in the benchmark (benchmarks/results) that more than halves
@@ -223,6 +226,7 @@ def serve(settings: Settings) -> None:
     import tempfile
 
     from granian.constants import Interfaces
+    from granian.http import HTTP1Settings
     from granian.log import LogLevels
     from granian.server import Server
 
@@ -241,9 +245,11 @@ def serve(settings: Settings) -> None:
     quiet = logging.getLogger().getEffectiveLevel() > logging.INFO  # `-q`
     try:
         Server(
-            target=f"{__name__}:worker_app", factory=True, interface=Interfaces.WSGI,
+            target=target, factory=True, interface=Interfaces.RSGI,
             address=settings.host, port=settings.port, workers=settings.workers,
-            blocking_threads=settings.threads, websockets=False, respawn_failed_workers=True,
+            websockets=False, respawn_failed_workers=True,
+            # headers that do not arrive in time: hyper closes the connection (no Python work waits)
+            http1_settings=HTTP1Settings(header_read_timeout=int(settings.body_timeout_seconds * 1000)),
             workers_kill_timeout=20, log_access=False,
             log_level=LogLevels.warning if quiet else LogLevels.info,
         ).serve()

@@ -7,16 +7,28 @@ Two readers, one interface (``read(entity_ids)``, ``reachable()``):
   bounded socket timeouts, no retries;
 - :class:`FeastSqliteReader`: Feast's SQLite online store, through Feast's SDK.
 
-:class:`OnlineFeatures` wraps either: once a lookup finds the store
-unreachable, lookups fail fast (503, no wait) for ``online_backoff_seconds``;
-then the next one tries the store again. So a hung Redis costs one socket
-timeout per back-off, not one per request, and requests do not queue behind
-each other's timeouts. The back-off runs on a clock the caller gives
-(``time.monotonic`` by default), so tests can move time themselves.
+:class:`OnlineFeatures` wraps either and decides when the store counts as down.
+A failure to connect (refused, reset, no route: the store is gone) makes
+lookups fail fast (503, no wait) for ``online_backoff_seconds`` at once; then
+the next lookup tries the store again. A late read (the command was sent, no
+answer within the socket timeout) is not enough on its own: on a busy machine
+a healthy Redis answers late now and then. That request gets its 503, and so
+do the requests that were already waiting behind it (they would otherwise wait
+out another timeout); the store is declared down for everyone only after
+``online_failures_before_backoff`` lookups in a row found it unreachable. A
+frozen store thus costs one socket timeout per back-off, not one per request,
+and one slow answer costs one request, not a back-off of them. The back-off
+runs on a clock the caller gives (``time.monotonic`` by default), so tests can
+move time themselves.
+
+Answers to clients say what is wrong in words; addresses, paths and exception
+texts go to the log only.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -24,9 +36,28 @@ from typing import Protocol
 
 import numpy as np
 
-from pipeline.errors import OnlineStoreUnavailable, UnknownEntity
+from pipeline.errors import OnlineStoreUnavailable, PipelineError, UnknownEntity
 from pipeline.schema import Schema
 from pipeline.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class StoreUnreachable(Exception):
+    """A lookup that found the store unreachable: ``late`` when a command was sent and
+    no answer came in time, else the store could not be reached at all. ``why`` is
+    the public wording; ``cause`` (with addresses) is for the log."""
+
+    def __init__(self, why: str, cause: BaseException | None = None, *, late: bool = False) -> None:
+        super().__init__(why)
+        self.why, self.cause, self.late = why, cause, late
+
+
+class StoreDown(OnlineStoreUnavailable):
+    """The 503 a client gets: what is wrong in words, no address or exception text."""
+
+    def __init__(self, why: str) -> None:
+        PipelineError.__init__(self, f"online store unreachable ({why}); retry shortly")
 
 
 class Reader(Protocol):
@@ -67,6 +98,8 @@ class RedisOnlineReader:
         self._local = threading.local()
 
     def _roundtrip(self, keys: list[bytes]) -> list[list[bytes | None]]:
+        import redis
+
         conn = getattr(self._local, "conn", None)
         if conn is None:
             conn = self._local.conn = self.client.connection_pool.make_connection()
@@ -76,8 +109,17 @@ class RedisOnlineReader:
             # for a dead connection nor retries after a send.
             conn.disconnect()
         try:
-            conn.send_packed_command([self.layout.hmget(keys)], check_health=False)
-            return [conn.read_response() for _ in keys]
+            try:
+                conn.connect()  # at once when connected; else the connect, bounded by its own timeout
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
+                raise StoreUnreachable("cannot connect", exc) from exc
+            try:
+                conn.send_packed_command([self.layout.hmget(keys)], check_health=False)
+                return [conn.read_response() for _ in keys]
+            except (redis.exceptions.TimeoutError, TimeoutError) as exc:
+                raise StoreUnreachable("no answer in time", exc, late=True) from exc
+            except (redis.exceptions.ConnectionError, ConnectionError) as exc:
+                raise StoreUnreachable("connection lost", exc) from exc
         except BaseException:
             conn.disconnect()  # unknown state (timeout, half-read replies): start afresh next time
             self._local.conn = None
@@ -91,43 +133,84 @@ class RedisOnlineReader:
     def reachable(self) -> tuple[bool, str]:
         try:
             self.client.ping()
-            return True, "redis"
+            return True, "redis: reachable"
         except Exception as exc:
-            return False, f"redis: {type(exc).__name__}: {exc}"
+            log.warning("serve: the online store (redis) does not answer a PING: %s: %s", type(exc).__name__, exc)
+            return False, "redis: unreachable (see the server log)"
 
 
 class FeastSqliteReader:
-    """Feast's SQLite online store, through Feast's SDK."""
+    """Feast's SQLite online store, through Feast's SDK.
+
+    The store is reopened when its file was replaced (another inode: the
+    pipeline rebuilt it, or it was deleted and made again); without that, the
+    open SQLite connection would keep reading the deleted file for ever. While
+    the file is missing, lookups fail (503) and ``reachable()`` says so.
+    """
 
     def __init__(self, settings: Settings, schema: Schema) -> None:
+        self.settings = settings
+        self.schema = schema
+        self.path = settings.feast_dir / "online_store.db"
+        self._lock = threading.Lock()
+        self.store, self._identity = None, None
+        self._open()
+
+    def _file_identity(self) -> tuple[int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        return st.st_dev, st.st_ino
+
+    def _open(self) -> None:
         from pipeline.feast import open_store
 
-        self.schema = schema
-        self.store = open_store(settings)
-        self.path = settings.feast_dir / "online_store.db"
+        self._identity = self._file_identity()
+        self.store = open_store(self.settings)
+
+    def _current_store(self):
+        identity = self._file_identity()
+        if identity is None:
+            raise StoreUnreachable("the online store's file is missing; run the pipeline (feast stage)")
+        if identity != self._identity:
+            with self._lock:
+                if identity != self._identity:
+                    log.info("serve: %s was replaced; reopening Feast's online store", self.path)
+                    self._open()
+        return self.store
 
     def read(self, entity_ids: Sequence[int]) -> list[list[float] | None]:
         from pipeline.feast import online_features
 
-        values = online_features(self.store, self.schema, list(entity_ids))
+        values = online_features(self._current_store(), self.schema, list(entity_ids))
         columns = [values[name] for name in self.schema.feature_names]
         return [None if any(col[i] is None for col in columns) else [col[i] for col in columns]
                 for i in range(len(entity_ids))]
 
     def reachable(self) -> tuple[bool, str]:
-        return self.path.is_file(), f"sqlite {self.path}"
+        if self._file_identity() is None:
+            log.warning("serve: the online store file %s is missing", self.path)
+            return False, "sqlite: the online store's file is missing; run the pipeline (feast stage)"
+        return True, "sqlite: present"
 
 
-def is_unreachable(exc: BaseException) -> bool:
-    """A failure that means the store cannot be reached (as opposed to a bug)."""
+def unreachable(exc: BaseException) -> StoreUnreachable | None:
+    """The failure as a :class:`StoreUnreachable` when it means the store cannot be
+    reached (as opposed to a bug), else None."""
     import redis
 
-    return isinstance(exc, (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
-                            ConnectionError, TimeoutError))
+    if isinstance(exc, StoreUnreachable):
+        return exc
+    if isinstance(exc, (redis.exceptions.TimeoutError, TimeoutError)):
+        return StoreUnreachable("no answer in time", exc, late=True)
+    if isinstance(exc, (redis.exceptions.ConnectionError, ConnectionError)):
+        return StoreUnreachable("cannot connect", exc)
+    return None
 
 
 class OnlineFeatures:
-    """Lookups through a reader, failing fast for a while once the store is unreachable.
+    """Lookups through a reader, failing fast for a while once the store is down.
 
     ``on_read(seconds)`` is told how long each read of the store took;
     ``on_unreachable()`` each lookup that failed because the store is
@@ -135,41 +218,73 @@ class OnlineFeatures:
     """
 
     def __init__(self, reader: Reader, schema: Schema, backoff_seconds: float, *,
+                 failures_before_backoff: int = 2,
                  clock: Callable[[], float] = time.monotonic,
                  on_read: Callable[[float], None] | None = None,
                  on_unreachable: Callable[[], None] | None = None) -> None:
         self.reader = reader
         self.schema = schema
         self.backoff_seconds = backoff_seconds
+        self.failures_before_backoff = failures_before_backoff
         self.clock = clock
         self._on_read = on_read or (lambda seconds: None)
         self._on_unreachable = on_unreachable or (lambda: None)
+        self._lock = threading.Lock()
         self._down_until = float("-inf")  # clock time until which lookups fail fast
-        self._last_error: BaseException | None = None
+        self._down_why = "recently unreachable"
+        self._failures = 0  # lookups in a row that found the store unreachable
+        self._late_at = float("-inf")  # when the last late read gave up
 
-    def lookup(self, entity_ids: list[int]) -> tuple[np.ndarray, list[dict[str, float]]]:
-        """Features of each entity, as a matrix in model order and as dicts."""
-        if self.clock() < self._down_until:
+    def lookup(self, entity_ids: list, arrived: float | None = None) -> tuple[np.ndarray, list[dict[str, float]]]:
+        """Features of each entity, as a matrix in model order and as dicts.
+
+        ``arrived``: when the request came in (on this object's clock); a request
+        that waited while a late read gave up fails at once instead of waiting
+        out another timeout."""
+        now = self.clock()
+        if now < self._down_until:
             self._on_unreachable()
-            raise OnlineStoreUnavailable(self._last_error or ConnectionError("store unreachable"))
+            raise StoreDown(self._down_why)
+        if self._failures and arrived is not None and arrived < self._late_at:
+            self._on_unreachable()
+            raise StoreDown("no answer in time")
         started = time.perf_counter()
         try:
             rows = self.reader.read(entity_ids)
         except Exception as exc:
-            if is_unreachable(exc):
-                self._last_error = exc
-                self._down_until = self.clock() + self.backoff_seconds
-                self._on_unreachable()
-                raise OnlineStoreUnavailable(exc) from exc
-            raise
+            failure = unreachable(exc)
+            if failure is None:
+                raise
+            self._failed(failure)
+            self._on_unreachable()
+            raise StoreDown(failure.why) from exc
         finally:
             self._on_read(time.perf_counter() - started)
+        if self._failures:
+            with self._lock:
+                self._failures = 0
+            log.info("serve: the online store answers again")
         unknown = [e for e, row in zip(entity_ids, rows) if row is None]
         if unknown:
             raise UnknownEntity(self.schema.join_key, unknown)
         names = self.schema.feature_names
         matrix = np.asarray(rows, dtype=np.float64).reshape(len(rows), len(names))
         return matrix, [dict(zip(names, row)) for row in rows]
+
+    def _failed(self, failure: StoreUnreachable) -> None:
+        cause = failure.cause or failure
+        with self._lock:
+            now = self.clock()
+            self._failures += 1
+            if failure.late:
+                self._late_at = now
+            if failure.late and self._failures < self.failures_before_backoff:
+                log.warning("serve: a late answer from the online store (%d of %d before backing off): %s: %s",
+                            self._failures, self.failures_before_backoff, type(cause).__name__, cause)
+                return
+            self._down_until, self._down_why = now + self.backoff_seconds, failure.why
+        log.warning("serve: the online store is unreachable (%s: %s); answering 503 for %.2fs, then trying again",
+                    type(cause).__name__, cause, self.backoff_seconds)
 
     def reachable(self) -> tuple[bool, str]:
         return self.reader.reachable()
@@ -184,4 +299,5 @@ def open_online(settings: Settings, schema: Schema, **options) -> OnlineFeatures
         reader: Reader = RedisOnlineReader(connect(settings, settings.online_timeout_seconds), schema)
     else:
         reader = FeastSqliteReader(settings, schema)
-    return OnlineFeatures(reader, schema, settings.online_backoff_seconds, **options)
+    return OnlineFeatures(reader, schema, settings.online_backoff_seconds,
+                          failures_before_backoff=settings.online_failures_before_backoff, **options)

@@ -55,9 +55,15 @@ class Settings(BaseSettings):
     online_timeout_seconds: float = Field(0.05, gt=0, description="Redis socket timeout of a lookup, no retries")
     online_backoff_seconds: float = Field(0.25, ge=0, description="after Redis was found unreachable, answer "
                                                                   "503 at once for this long")
+    online_failures_before_backoff: int = Field(2, ge=1, description="late Redis answers in a row before serving "
+                                                                     "declares the store down and backs off (a "
+                                                                     "refused connection backs off at once)")
     model_poll_seconds: float = Field(5.0, gt=0, description="how often serving checks the registry alias")
     max_body_bytes: int = Field(64 * 1024, ge=1024, description="largest POST /predict body accepted")
     max_batch: int = Field(1000, ge=1, description="most entities in one batch request")
+    body_timeout_seconds: float = Field(5.0, gt=0, description="serving: a request's headers and body must "
+                                                               "arrive within this long; a slower body is cut "
+                                                               "with a 408, slower headers close the connection")
     host: str = Field("127.0.0.1", description="serving: bind address")
     port: int = Field(8000, ge=0, le=65535, description="serving: port")
     workers: int = Field(2, ge=1, description="serving: worker processes")

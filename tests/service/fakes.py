@@ -80,9 +80,9 @@ class FakeReader:
         return [self.rows.get(int(e)) for e in entity_ids]
 
     def reachable(self) -> tuple[bool, str]:
-        if self.failure is not None:
-            return False, f"fake: {type(self.failure).__name__}: {self.failure}"
-        return True, "fake"
+        if self.failure is not None:  # worded as the real readers word it: no address, no exception text
+            return False, "fake: unreachable (see the server log)"
+        return True, "fake: reachable"
 
 
 class FakeClock:

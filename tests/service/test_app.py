@@ -205,3 +205,80 @@ def test_the_watcher_polls_on_its_clock_and_swaps_the_model(tmp_path):
         assert registry.loads == 2
     finally:
         fakes.watcher.stop()
+
+
+def chunked_post(client, payload: bytes):
+    """A POST as a WSGI server hands on a chunked body: no Content-Length, the chunks taken apart."""
+    import io
+
+    return client.open("/predict", method="POST", input_stream=io.BytesIO(payload),
+                       headers={"Transfer-Encoding": "chunked", "Content-Type": "application/json"})
+
+
+def test_a_chunked_body_is_read_whole_with_the_same_limit(client, fakes):
+    data = body(chunked_post(client, json.dumps({schema.join_key: 1007}).encode()))
+    assert data["prediction"] == pytest.approx(fakes.expected(1007), rel=1e-9)
+    resp = chunked_post(client, b'{"customer_id": ' + b" " * 70_000 + b"1007}")
+    assert resp.status_code == 413 and "over 65536 bytes" in body(resp)["message"]
+
+
+def test_one_late_answer_fails_that_request_only(client, fakes):
+    fakes.reader.failure = TimeoutError("Timeout reading from 10.1.2.3:6379")
+    resp = client.get("/predict")
+    assert resp.status_code == 503
+    assert body(resp)["message"] == "online store unreachable (no answer in time); retry shortly"
+    fakes.reader.failure = None
+    assert client.get("/predict").status_code == 200  # tried again at once: no back-off for one slow read
+    assert fakes.reader.reads == 2
+
+
+def test_late_answers_in_a_row_back_off(client, fakes):
+    backoff = fakes.settings.online_backoff_seconds
+    fakes.reader.failure = TimeoutError("timed out")
+    assert client.get("/predict").status_code == 503
+    fakes.reader.failure = None
+    assert client.get("/predict").status_code == 200  # the count starts again after an answer
+    fakes.reader.failure = TimeoutError("timed out")
+    assert [client.get("/predict").status_code for _ in range(2)] == [503, 503]
+    fakes.reader.failure = None
+    assert client.get("/predict").status_code == 503 and fakes.reader.reads == 4  # backing off: not tried
+    fakes.clock.advance(backoff * 1.1)
+    assert client.get("/predict").status_code == 200 and fakes.reader.reads == 5
+
+
+def test_requests_that_waited_behind_a_late_answer_fail_at_once(client, fakes):
+    """They already waited out one timeout; they are not made to wait out another."""
+    arrived = fakes.clock()
+    fakes.clock.advance(0.05)
+    fakes.reader.failure = TimeoutError("timed out")
+    assert client.get("/predict").status_code == 503 and fakes.reader.reads == 1
+    fakes.reader.failure = None
+    queued = client.get("/predict", environ_overrides={"mlops.arrived": arrived})
+    assert queued.status_code == 503 and fakes.reader.reads == 1  # not tried
+    later = client.get("/predict", environ_overrides={"mlops.arrived": fakes.clock()})
+    assert later.status_code == 200 and fakes.reader.reads == 2
+
+
+def test_503_bodies_and_readyz_name_no_address_and_no_exception_text(client, fakes):
+    fakes.reader.failure = ConnectionError("Error 111 connecting to redis.internal:6379. Connection refused.")
+    texts = [client.get("/predict").get_data(as_text=True), client.get("/readyz").get_data(as_text=True)]
+    for text in texts:
+        assert "6379" not in text and "redis.internal" not in text and "Error 111" not in text, text
+    assert body(client.get("/predict"))["message"].startswith("online store unreachable (")
+
+
+def test_the_redis_reader_words_its_failures_without_the_address():
+    import redis
+
+    from pipeline.online import OnlineFeatures, RedisOnlineReader
+    from tests.support import free_port
+
+    port = free_port()  # nothing listens there: refused
+    reader = RedisOnlineReader(redis.Redis(host="127.0.0.1", port=port, socket_timeout=0.05,
+                                           socket_connect_timeout=0.05, retry=None), schema)
+    assert reader.reachable() == (False, "redis: unreachable (see the server log)")
+    online = OnlineFeatures(reader, schema, 0.25)
+    with pytest.raises(Exception) as caught:
+        online.lookup([1000])
+    assert caught.value.message == "online store unreachable (cannot connect); retry shortly"
+    assert str(port) not in caught.value.message

@@ -22,8 +22,19 @@ from tests.service.fakes import ENTITIES, Fakes
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 COUNTS = {"inputs": 0, "5xx": 0}
 
+# Strings of digits: entity keys as text, from short ones to past Python's
+# int-from-text limit (4300 digits), with the padding and signs users add.
+digit_strings = st.one_of(
+    st.text(alphabet="0123456789", min_size=1, max_size=30),
+    st.integers(min_value=19, max_value=9000).map(lambda n: "9" * n),
+    st.integers(min_value=4290, max_value=4400).flatmap(
+        lambda n: st.text(alphabet="0123456789", min_size=n, max_size=n)),
+    st.tuples(st.sampled_from(["", " ", "+", "-", "0" * 5000, "\t"]),
+              st.text(alphabet="0123456789", min_size=1, max_size=25),
+              st.sampled_from(["", " ", "\n", ".0", "e3"])).map("".join),
+)
 json_leaf = st.one_of(
-    st.none(), st.booleans(), st.text(max_size=20),
+    st.none(), st.booleans(), st.text(max_size=20), digit_strings,
     st.integers(min_value=-(2**80), max_value=2**80),
     st.floats(allow_nan=True, allow_infinity=True),
 )
@@ -37,6 +48,8 @@ bodies = st.one_of(
     st.integers(min_value=1, max_value=3000).map(lambda depth: b"[" * depth + b"]" * depth),
     st.integers(min_value=1, max_value=3000).map(lambda depth: b'{"a":' * depth + b"1" + b"}" * depth),
     st.just(b'{"customer_id": ' + b"9" * 5000 + b"}"),
+    digit_strings.map(lambda d: json.dumps({schema.join_key: d}).encode()),
+    digit_strings.map(lambda d: json.dumps({"instances": [{schema.join_key: d}]}).encode()),
     st.just(b" " * 70_000),
 )
 
@@ -79,9 +92,22 @@ def test_any_body_gets_a_json_4xx_or_a_prediction(client, body):
 
 
 @FUZZ
-@given(query=st.text(max_size=60))
+@given(query=st.one_of(st.text(max_size=60), digit_strings))
 def test_any_query_value_gets_a_json_4xx_or_a_prediction(client, query):
     check(client.get("/predict", query_string={schema.join_key: query}))
+
+
+@FUZZ
+@given(digits=digit_strings)
+def test_a_key_given_as_a_string_of_digits_is_a_4xx_or_that_entity(client, fakes, digits):
+    """However many digits (past Python's 4300-digit limit too), in a query or in JSON."""
+    for resp in (client.get("/predict", query_string={schema.join_key: digits}),
+                 client.post("/predict", json={schema.join_key: digits})):
+        data = check(resp)
+        if resp.status_code == 200:
+            assert data[schema.join_key] == int(digits.strip())
+        else:
+            assert resp.status_code in (404, 422), data
 
 
 @FUZZ
