@@ -128,6 +128,16 @@ def online_features(store: FeatureStore, schema: Schema, entity_ids: list) -> di
     return store.get_online_features(features=schema.feature_refs(), entity_rows=rows).to_dict()
 
 
+def _holds(store: FeatureStore, schema: Schema, entity) -> bool:
+    """Whether the online store answers for ``entity``; a store whose file or
+    tables are gone (a restored or wiped volume, a Redis restart) does not."""
+    try:
+        return online_features(store, schema, [entity])[schema.feature_names[0]][0] is not None
+    except Exception as exc:  # e.g. sqlite3 "no such table", a registry that lost the view
+        log.info("feast: the online store cannot answer (%s: %s)", type(exc).__name__, exc)
+        return False
+
+
 def run(ctx: StageContext) -> StageResult:
     settings, features, schema = ctx.settings, ctx.upstream["features"], ctx.schema
     sample = features.outputs["sample_entity"]
@@ -142,8 +152,7 @@ def run(ctx: StageContext) -> StageResult:
     result = ctx.start(inputs)
     store = open_store(settings)
     if result.unchanged() and file_md5(settings.features_path) == inputs["features_md5"]:
-        values = online_features(store, schema, [sample])
-        if values[schema.feature_names[0]][0] is not None:
+        if _holds(store, schema, sample):
             return result.skip("registry applied and online store holds the latest features",
                                result.previous.outputs)
         log.info("feast: online store lost its data (sample entity %s missing); materializing again",
