@@ -21,6 +21,7 @@ import pandas as pd
 from pipeline.errors import SchemaError
 from pipeline.feast import open_store
 from pipeline.io import atomic_path
+from pipeline.monitor import reference
 from pipeline.plots import plot_fit
 from pipeline.registry import find_version_by_fingerprint, mlflow_session, register_model_version
 from pipeline.schema import Schema
@@ -234,6 +235,9 @@ def run(ctx: StageContext) -> StageResult:
         "coefficients": dict(zip(schema.feature_names, map(float, fit.coefficients))),
         "coefficient_abs_errors": errors,
         "fit_plot": str(plot_path),
+        # what the monitor compares recent traffic and features with (quantile bins per feature)
+        "reference": reference(frame.iloc[train_idx], schema.feature_names,
+                               predictions=fit.predict(x[train_idx]), timestamp=schema.timestamp),
     }
     return result.done(outputs, f"registered {settings.model_name} version {version.version} "
                                 f"(RMSE {score:.4g} on the {scored_on})")
