@@ -175,10 +175,7 @@ def storage_error(exc: BaseException, shared: Path) -> PipelineError | None:
             return SharedNotWritable(f"cannot write {where} ({getattr(cause, 'strerror', None) or text}); "
                                      f"make {shared} writable for this user (uid of the pods: 10001), "
                                      "or point MLOPS_SHARED_DIR at a folder that is")
-        if code in (errno.ENOTDIR, errno.EEXIST) and shared.exists() and not shared.is_dir():
-            return SharedNotAFolder(f"the shared folder {shared} is a file, not a folder; point "
-                                    "MLOPS_SHARED_DIR at a folder (it is created if missing)")
-    if shared.exists() and not shared.is_dir():
+    if shared.exists() and not shared.is_dir():  # ENOTDIR or EEXIST, from whichever writer met it first
         return SharedNotAFolder(f"the shared folder {shared} is a file, not a folder; point "
                                 "MLOPS_SHARED_DIR at a folder (it is created if missing)")
     return None
