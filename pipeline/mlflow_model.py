@@ -7,7 +7,10 @@ ever unpickles anything. The file depends only on NumPy, pandas and MLflow, so
 ``pipeline`` package installed.
 
 Loading this file (as MLflow does) registers the model object through
-``mlflow.models.set_model``; the ``pipeline`` package itself never imports it.
+``mlflow.models.set_model``. Serving does not load it that way: it builds the
+model from this module *as installed* (:meth:`LinearModel.from_weights`) and the
+weights JSON alone, so the copy of this file stored with a version is never run
+(pipeline/registry.py says why).
 """
 
 from __future__ import annotations
@@ -53,6 +56,13 @@ class LinearModel(mlflow.pyfunc.PythonModel):
             payload = json.load(fh)
         self.feature_names, self.intercept, self.coefficients = parse_weights(payload)
 
+    @classmethod
+    def from_weights(cls, payload: dict) -> LinearModel:
+        """The model of a weights JSON payload (checked by :func:`parse_weights`)."""
+        model = cls()
+        model.feature_names, model.intercept, model.coefficients = parse_weights(payload)
+        return model
+
     def predict_array(self, features: np.ndarray) -> np.ndarray:
         """The fast path for serving: a 2-D array in ``feature_names`` order."""
         return self.intercept + features @ self.coefficients
@@ -65,4 +75,5 @@ class LinearModel(mlflow.pyfunc.PythonModel):
         return self.predict_array(frame[self.feature_names].to_numpy(dtype=np.float64))
 
 
-mlflow.models.set_model(LinearModel())
+if __name__ != "pipeline.mlflow_model":  # loaded by MLflow from the stored file, not imported from the package
+    mlflow.models.set_model(LinearModel())

@@ -184,6 +184,19 @@ def set_alias(client: MlflowClient, name: str, alias: str, version: int) -> None
 
 # ------------------------------------------------------- serving the aliased model
 # What `serve` needs from the registry: load a version and check it, and follow the alias.
+#
+# Serving trusts no model file. It loads only this project's own format: an MLflow
+# "model from code" whose code is pipeline/mlflow_model.py and whose one artifact is
+# the weights JSON. It reads the version's MLmodel (YAML, parsed as data), checks
+# that it is that format, downloads the weights file alone, and builds the
+# LinearModel from the *installed* package: the code stored with the version is
+# never run, and nothing is unpickled (no mlflow.pyfunc.load_model, which would
+# unpickle a cloudpickled python_model or import a stored loader). Anything else
+# is refused, counted as mlops_model_loads_total{outcome="refused"} and logged.
+CODE_LOADER = "mlflow.pyfunc.loaders.code_model"
+MODEL_CODE_NAME = "mlflow_model.py"
+
+
 class LoadedModel:
     """A registered version, loaded and checked; ``predict`` takes rows in schema order."""
 
@@ -191,10 +204,21 @@ class LoadedModel:
 
     def __init__(self, name: str, version: int, alias: str, python_model: Any) -> None:
         self.name, self.version, self.alias = name, version, alias
-        self.python_model = python_model  # pipeline/mlflow_model.py's LinearModel, as MLflow loaded it
+        self.python_model = python_model  # pipeline/mlflow_model.py's LinearModel, built from the weights
 
     def predict(self, features: np.ndarray) -> np.ndarray:
         return self.python_model.predict_array(features)
+
+
+class ModelRefused(Exception):
+    """A version that is not this project's model format: never loaded, never retried.
+    ``str()`` is the public reason; details go to the log."""
+
+
+class ModelLoadFailed(Exception):
+    """A version of the right format that could not be loaded now (artifacts missing,
+    the tracking server down, bad weights): retried with back-off. ``str()`` is the
+    public reason."""
 
 
 def check_model(name: str, version: int, alias: str, inner: Any) -> LoadedModel:
@@ -202,22 +226,105 @@ def check_model(name: str, version: int, alias: str, inner: Any) -> LoadedModel:
     names = list(getattr(inner, "feature_names", []))
     probe = inner.predict_array(np.zeros((1, len(names))))
     if probe.shape != (1,) or not np.isfinite(probe).all():
-        raise ValueError(f"version {version} gives {probe!r} for a zero row")
+        raise ModelLoadFailed(f"version {version} does not answer a zero row with one finite number")
     return LoadedModel(name, version, alias, inner)
 
 
+def weights_path(pyfunc: dict) -> str | None:
+    """``artifacts/<name>.json``, the one artifact of this project's format, else None."""
+    import re
+
+    artifacts = pyfunc.get("artifacts")
+    if not isinstance(artifacts, dict) or set(artifacts) != {"weights"} or not isinstance(artifacts["weights"], dict):
+        return None
+    path = str(artifacts["weights"].get("path", ""))
+    folder, _, name = path.partition("/")
+    if folder != "artifacts" or not re.fullmatch(r"[A-Za-z0-9_.-]+\.json", name) or name.startswith("."):
+        return None
+    return path
+
+
+def check_format(mlmodel: dict, version: int) -> None:
+    """Refuse (:class:`ModelRefused`) an MLmodel that is not this project's format."""
+    flavors = mlmodel.get("flavors") if isinstance(mlmodel, dict) else None
+    pyfunc = flavors.get("python_function") if isinstance(flavors, dict) else None
+    problems = []
+    if not isinstance(pyfunc, dict):
+        problems.append("no python_function flavor")
+    else:
+        if set(flavors) != {"python_function"}:
+            problems.append(f"other flavors {sorted(set(flavors) - {'python_function'})}")
+        if "python_model" in pyfunc:
+            problems.append("a pickled python_model")
+        if pyfunc.get("loader_module") != CODE_LOADER:
+            problems.append(f"loader {pyfunc.get('loader_module')!r}")
+        if Path(str(pyfunc.get("model_code_path", ""))).name != MODEL_CODE_NAME:
+            problems.append("model code other than mlflow_model.py")
+        if weights_path(pyfunc) is None:
+            problems.append("artifacts other than one weights JSON file")
+        if pyfunc.get("code"):
+            problems.append("bundled code")
+    if problems:
+        log.error("serve: version %s is not this project's model format (%s); refused, nothing of it was run",
+                  version, "; ".join(problems))
+        raise ModelRefused(f"version {version} is not this project's model format (weights as data and "
+                           "pipeline/mlflow_model.py); it was not loaded")
+
+
 def load_model_version(name: str, version: int, alias: str, tracking_uri: str) -> LoadedModel:
-    """Download a registered version's artifacts, load it through MLflow and check it."""
+    """Check a registered version's format, download its weights JSON only, and build
+    the model from the installed package's code (see the comment above)."""
     import tempfile
 
-    # Resolve the artifacts through this registry explicitly, not MLflow's globals.
+    import yaml
+
+    from pipeline.mlflow_model import InvalidWeights, LinearModel
+
     client = open_client(tracking_uri)
-    source = client.get_model_version_download_uri(name, str(version))
-    with tempfile.TemporaryDirectory(prefix="mlops-model-") as tmp:
-        local = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tmp,
-                                                    tracking_uri=tracking_uri)
-        loaded = mlflow.pyfunc.load_model(local)
-    return check_model(name, version, alias, loaded.unwrap_python_model())
+    try:
+        source = client.get_model_version_download_uri(name, str(version)).rstrip("/")
+        with tempfile.TemporaryDirectory(prefix="mlops-model-") as tmp:
+            mlmodel = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{source}/MLmodel", dst_path=tmp,
+                                                               tracking_uri=tracking_uri))
+            text = mlmodel.read_text()
+    except Exception as exc:
+        log.error("serve: cannot read the MLmodel of version %s: %s: %s", version, type(exc).__name__, exc)
+        raise ModelLoadFailed(f"version {version}'s model description could not be downloaded") from exc
+    try:
+        description = yaml.safe_load(text)  # data only: safe_load builds no objects
+    except yaml.YAMLError as exc:
+        log.error("serve: version %s has an MLmodel that is not YAML: %s", version, exc)
+        raise ModelRefused(f"version {version}'s model description is not readable") from None
+    check_format(description, version)
+    try:
+        path = weights_path(description["flavors"]["python_function"])
+        with tempfile.TemporaryDirectory(prefix="mlops-model-") as tmp:
+            weights = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{source}/{path}",
+                                                               dst_path=tmp, tracking_uri=tracking_uri))
+            payload = json.loads(weights.read_text())
+    except Exception as exc:
+        log.error("serve: cannot read the weights of version %s: %s: %s", version, type(exc).__name__, exc)
+        raise ModelLoadFailed(f"version {version}'s weights could not be downloaded or read") from exc
+    try:
+        model = LinearModel.from_weights(payload)
+    except InvalidWeights as exc:
+        log.error("serve: version %s has unusable weights: %s", version, exc)
+        raise ModelLoadFailed(f"version {version}'s weights have the wrong shape or values") from exc
+    return check_model(name, version, alias, model)
+
+
+def sqlite_path(tracking_uri: str) -> Path | None:
+    """The file of a local SQLite tracking store, else None."""
+    return Path(tracking_uri.removeprefix("sqlite:///")) if tracking_uri.startswith("sqlite:///") else None
+
+
+def _dispose(client: MlflowClient) -> None:
+    """Close the pooled SQLite connections of a client's stores (they hold the old file open)."""
+    for store in (getattr(client, "_tracking_client", None) and client._tracking_client.store,
+                  client._get_registry_client().store):
+        engine = getattr(store, "engine", None)
+        if engine is not None:
+            engine.dispose()
 
 
 class ModelWatcher:
@@ -225,16 +332,30 @@ class ModelWatcher:
 
     ``resolve()`` gives the version the alias points at (None: no alias yet),
     ``loader`` loads one, ``on_load(outcome, version)`` hears of every attempt
-    ("ok" or "failed"). ``wait(stop, seconds)`` is the poll's pause: it returns
-    True once ``stop`` is set; tests give one driven by their own clock.
+    ("ok", "failed" or "refused"). ``wait(stop, seconds)`` is the poll's pause: it
+    returns True once ``stop`` is set; ``clock()`` the time the retry back-off is
+    counted on; tests give both, driven by their own clock.
+
+    A version that failed to load is tried again after ``retry_seconds``, doubling
+    up to ``retry_max_seconds``: its artifacts may come back. A refused version
+    (not this project's format) is not tried again. ``last_error`` says, in words,
+    why the version the alias names is not the one served; it is cleared as soon
+    as it no longer applies (the alias moved on, or the version loaded).
+
+    With a local SQLite registry, a replaced file (another inode: deleted and
+    rebuilt) is noticed and reopened; while the file is missing ``store_error``
+    says so and /readyz fails, and no empty store is created in its place.
     """
 
     def __init__(self, settings: Settings, *, resolve: Callable[[], int | None] | None = None,
                  loader: Callable[[str, int, str, str], LoadedModel] = load_model_version,
                  on_load: Callable[[str, int], None] | None = None,
                  wait: Callable[[Any, float], bool] | None = None,
-                 feature_names: Sequence[str] | None = None) -> None:
+                 clock: Callable[[], float] | None = None,
+                 feature_names: Sequence[str] | None = None,
+                 retry_seconds: float | None = None, retry_max_seconds: float = 300.0) -> None:
         import threading
+        import time
 
         self.settings = settings
         self.feature_names = feature_names  # what the online store serves, in model order
@@ -242,15 +363,39 @@ class ModelWatcher:
         self.loader = loader
         self._on_load = on_load or (lambda outcome, version: None)
         self._wait = wait or (lambda stop, seconds: stop.wait(seconds))
+        self.clock = clock or time.monotonic
+        self.retry_seconds = retry_seconds if retry_seconds is not None else settings.model_poll_seconds
+        self.retry_max_seconds = retry_max_seconds
         self.current: LoadedModel | None = None
         self.failed_version: int | None = None
+        self.refused: set[int] = set()
         self.last_error: str | None = None
+        self.store_error: str | None = None
+        self._attempts = 0  # failed loads of failed_version so far
+        self._retry_at = float("-inf")
         self._refresh_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._client: MlflowClient | None = None  # made once it can be, reused by every poll
+        self._store_identity: tuple[int, int] | None = None
 
     def _alias_target(self) -> int | None:
+        path = sqlite_path(self.settings.tracking_uri)
+        if path is not None:
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                log.error("serve: the registry's store %s is missing; still serving %s", path,
+                          self.current.version if self.current else "nothing")
+                self.store_error = "the model registry's store is missing; run the pipeline (train)"
+                return None
+            identity = (st.st_dev, st.st_ino)
+            if self._client is not None and identity != self._store_identity:
+                log.info("serve: the registry's store %s was replaced; reopening it", path)
+                _dispose(self._client)
+                self._client = None
+            self._store_identity = identity
+        self.store_error = None
         if self._client is None:
             self._client = open_client(self.settings.tracking_uri)
         mv = alias_version(self._client, self.settings.model_name, self.settings.model_alias)
@@ -260,26 +405,46 @@ class ModelWatcher:
         """Check the alias once; returns True when a new model was swapped in."""
         with self._refresh_lock:
             target = self.resolve()
-            if target is None or (self.current and self.current.version == target) \
-                    or target == self.failed_version:
+            if target is None or (self.current and self.current.version == target):
+                # nothing (else) to load: an error about another version no longer applies
+                self.failed_version, self.last_error, self._attempts = None, None, 0
                 return False
+            if target in self.refused:
+                return False
+            if target == self.failed_version and self.clock() < self._retry_at:
+                return False
+            if target != self.failed_version:
+                self._attempts = 0
             s = self.settings
             try:
                 model = self.loader(s.model_name, target, s.model_alias, s.tracking_uri)
                 names = list(getattr(model.python_model, "feature_names", []))
                 if self.feature_names is not None and names != list(self.feature_names):
-                    raise ValueError(f"version {target} expects features {names}, the store serves "
-                                     f"{list(self.feature_names)}")
-            except Exception as exc:  # keep serving the previous model, say why
-                self.failed_version, self.last_error = target, f"{type(exc).__name__}: {exc}"
+                    log.error("serve: version %s expects features %s, the store serves %s", target, names,
+                              list(self.feature_names))
+                    raise ModelLoadFailed(f"version {target} expects other features than the online store "
+                                          "serves")
+            except ModelRefused as exc:
+                self.refused.add(target)
+                self.failed_version, self.last_error = None, str(exc)
+                self._on_load("refused", target)
+                log.error("serve: version %s of %s refused, still serving %s", target, s.model_name,
+                          self.current.version if self.current else "nothing")
+                return False
+            except Exception as exc:  # keep serving the previous model, say why, try again later
+                self._attempts += 1
+                delay = min(self.retry_seconds * 2 ** (self._attempts - 1), self.retry_max_seconds)
+                self.failed_version, self._retry_at = target, self.clock() + delay
+                public = str(exc) if isinstance(exc, ModelLoadFailed) else f"version {target} could not be loaded"
+                self.last_error = f"{public}; still serving {self.current.version if self.current else 'nothing'}"
                 self._on_load("failed", target)
-                log.error("serve: version %s of %s failed to load, still serving %s: %s", target,
-                          s.model_name, self.current.version if self.current else "nothing",
-                          self.last_error)
+                log.error("serve: version %s of %s failed to load (attempt %d, next in %.0fs), still serving %s: "
+                          "%s: %s", target, s.model_name, self._attempts, delay,
+                          self.current.version if self.current else "nothing", type(exc).__name__, exc)
                 return False
             previous = self.current
             self.current = model  # one reference assignment: requests see old or new, whole
-            self.failed_version, self.last_error = None, None
+            self.failed_version, self.last_error, self._attempts = None, None, 0
             self._on_load("ok", target)
             log.info("serve: now serving %s version %d (was %s)", model.name, target,
                      previous.version if previous else "nothing")

@@ -12,8 +12,9 @@ Routes (the request contract and the OpenAPI document are in :mod:`pipeline.api`
 The model follows the registry alias (:class:`pipeline.registry.ModelWatcher`):
 it checks the alias every ``MLOPS_MODEL_POLL_SECONDS`` and swaps in a new
 version once it has loaded and passed its checks, so no request fails during
-the swap; a version that fails to load is logged, counted on ``/metrics`` and
-the previous model keeps serving. Features come from :mod:`pipeline.online`.
+the swap; a version that fails to load is logged, counted on ``/metrics``,
+tried again with back-off, and the previous model keeps serving; a version
+that is not this project's model format is refused without running any of it. Features come from :mod:`pipeline.online`.
 ``python -m pipeline serve`` runs the app under granian (see :mod:`pipeline.cli`).
 
 Metrics on ``/metrics`` (every family the service exposes, and nothing else):
@@ -24,7 +25,8 @@ Metrics on ``/metrics`` (every family the service exposes, and nothing else):
 - ``mlops_online_lookup_errors_total``: lookups that failed because the online store is unreachable.
 - ``mlops_predictions_total``: entities predicted.
 - ``mlops_model_version``: registry version of the model being served (0 before the first).
-- ``mlops_model_loads_total{outcome}``: model versions loaded, by outcome (``ok`` or ``failed``).
+- ``mlops_model_loads_total{outcome}``: model versions loaded, by outcome (``ok``, ``failed``: tried again
+  later, or ``refused``: not this project's model format, never run).
 """
 
 from __future__ import annotations
@@ -170,16 +172,20 @@ class PredictionService:
     def on_readyz(self, request: Request) -> Response:
         model = self.watcher.current
         store_ok, store_detail = self.online.reachable()
-        ready = model is not None and store_ok
+        registry_error = getattr(self.watcher, "store_error", None)
+        ready = model is not None and store_ok and registry_error is None
         body = {"ready": ready, "model_version": model.version if model else None,
                 "online_store": store_detail, "online_store_reachable": store_ok}
+        if registry_error:
+            body["model_registry"] = registry_error
         if self.watcher.last_error:
             body["model_error"] = self.watcher.last_error
         return json_response(body, 200 if ready else 503)
 
     def is_ready(self) -> bool:
         """What ``/readyz`` answers, without a request."""
-        return self.watcher.current is not None and self.online.reachable()[0]
+        return (self.watcher.current is not None and self.online.reachable()[0]
+                and getattr(self.watcher, "store_error", None) is None)
 
     # plumbing ---------------------------------------------------------------
     def dispatch_request(self, request: Request) -> tuple[str, Response]:

@@ -135,7 +135,7 @@ class Fakes:
                                      on_read=self.metrics.lookup.observe,
                                      on_unreachable=self.metrics.lookup_errors.inc)
         self.watcher = ModelWatcher(settings, resolve=self.registry.resolve, loader=self.registry.load,
-                                    on_load=self.metrics.model_loaded, wait=self.clock.wait,
+                                    on_load=self.metrics.model_loaded, wait=self.clock.wait, clock=self.clock,
                                     feature_names=schema.feature_names)
         if watch:
             self.watcher.start()

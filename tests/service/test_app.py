@@ -137,8 +137,9 @@ def test_a_version_that_fails_to_load_leaves_the_previous_one_serving(client, fa
     assert fakes.watcher.refresh() is False
     assert body(client.get("/predict"))["model"]["version"] == 1
     ready = body(client.get("/readyz"))
-    assert ready["ready"] and "expects features ['something', 'else']" in ready["model_error"]
-    assert fakes.watcher.refresh() is False and fakes.registry.loads == 2  # not retried
+    assert ready["ready"] and ready["model_error"] == ("version 2 expects other features than the online store "
+                                                       "serves; still serving 1")
+    assert fakes.watcher.refresh() is False and fakes.registry.loads == 2  # not before its back-off
     fakes.registry.versions[3] = TinyModel(intercept=1.0, coefficients=[0.0] * len(schema.feature_names))
     fakes.registry.alias = 3
     assert fakes.watcher.refresh() is True
@@ -148,6 +149,63 @@ def test_a_version_that_fails_to_load_leaves_the_previous_one_serving(client, fa
     assert 'mlops_model_loads_total{outcome="failed"} 1.0' in text and "mlops_model_version 3.0" in text
     assert 'mlops_model_loads_total{outcome="ok"} 2.0' in text
     assert "model_error" not in body(client.get("/readyz"))
+
+
+class Flaky:
+    """A registry whose version 2 fails to load until its artifacts come back."""
+
+    def __init__(self, registry) -> None:
+        self.registry, self.broken, self.attempts = registry, True, 0
+
+    def load(self, name, version, alias, uri):
+        if version == 2:
+            self.attempts += 1
+            if self.broken:
+                raise OSError("No such file or directory: '/volume/mlflow/artifacts/abc/weights.json'")
+        return self.registry.load(name, version, alias, uri)
+
+
+def test_a_version_that_failed_to_load_is_tried_again_with_back_off(tmp_path):
+    fakes = Fakes(make_settings(tmp_path, model_poll_seconds=5.0))
+    flaky = Flaky(fakes.registry)
+    fakes.watcher.loader = flaky.load
+    fakes.registry.versions[2] = TinyModel(intercept=-4.0)
+    fakes.registry.alias = 2
+    client = Client(fakes.app)
+    tried_at = []
+    for _ in range(40):  # 40 polls of 5 s on the fake clock: 200 s
+        if fakes.watcher.refresh():
+            break
+        tried_at.append(flaky.attempts)
+        fakes.clock.advance(5.0)
+        if fakes.clock() > 1000.0 + 100:
+            flaky.broken = False  # the artifacts came back
+    # tried after 0, 5, 15, 35, 75 s (back-off doubling from the poll period), then loaded at 155 s
+    assert sorted(set(tried_at)) == [1, 2, 3, 4, 5] and flaky.attempts == 6
+    assert body(client.get("/predict"))["model"]["version"] == 2
+    ready = body(client.get("/readyz"))
+    assert ready["ready"] and "model_error" not in ready
+    text = client.get("/metrics").get_data(as_text=True)
+    assert 'mlops_model_loads_total{outcome="failed"} 5.0' in text
+
+
+def test_a_stale_model_error_clears_when_the_alias_moves_back(client, fakes):
+    fakes.registry.versions[2] = TinyModel(feature_names=["x"])
+    fakes.registry.alias = 2
+    assert fakes.watcher.refresh() is False and "model_error" in body(client.get("/readyz"))
+    fakes.registry.alias = 1  # rolled back to the version being served
+    assert fakes.watcher.refresh() is False
+    assert "model_error" not in body(client.get("/readyz"))
+
+
+def test_model_errors_in_readyz_are_words_not_paths_or_exception_text(tmp_path):
+    fakes = Fakes(make_settings(tmp_path))
+    fakes.watcher.loader = Flaky(fakes.registry).load
+    fakes.registry.versions[2] = TinyModel()
+    fakes.registry.alias = 2
+    fakes.watcher.refresh()
+    error = body(Client(fakes.app).get("/readyz"))["model_error"]
+    assert error == "version 2 could not be loaded; still serving 1"
 
 
 def test_unreachable_online_store_is_a_503(client, fakes):
