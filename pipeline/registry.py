@@ -378,6 +378,7 @@ class ModelWatcher:
         self._thread: threading.Thread | None = None
         self._client: MlflowClient | None = None  # made once it can be, reused by every poll
         self._store_identity: tuple[int, int] | None = None
+        self._reload = False  # the store was replaced: load the aliased version even if its number is served
 
     def _alias_target(self) -> int | None:
         path = sqlite_path(self.settings.tracking_uri)
@@ -390,10 +391,14 @@ class ModelWatcher:
                 self.store_error = "the model registry's store is missing; run the pipeline (train)"
                 return None
             identity = (st.st_dev, st.st_ino)
-            if self._client is not None and identity != self._store_identity:
+            if self._store_identity is not None and identity != self._store_identity:
                 log.info("serve: the registry's store %s was replaced; reopening it", path)
-                _dispose(self._client)
+                if self._client is not None:
+                    _dispose(self._client)
                 self._client = None
+                # a rebuilt store numbers its versions afresh: its version 1 is another model, and
+                # what was learnt of the old store's versions (refused, failed) no longer holds
+                self._reload, self.refused, self.failed_version, self._attempts = True, set(), None, 0
             self._store_identity = identity
         self.store_error = None
         if self._client is None:
@@ -405,7 +410,8 @@ class ModelWatcher:
         """Check the alias once; returns True when a new model was swapped in."""
         with self._refresh_lock:
             target = self.resolve()
-            if target is None or (self.current and self.current.version == target):
+            served = self.current is not None and self.current.version == target and not self._reload
+            if target is None or served:
                 # nothing (else) to load: an error about another version no longer applies
                 self.failed_version, self.last_error, self._attempts = None, None, 0
                 return False
@@ -444,7 +450,7 @@ class ModelWatcher:
                 return False
             previous = self.current
             self.current = model  # one reference assignment: requests see old or new, whole
-            self.failed_version, self.last_error, self._attempts = None, None, 0
+            self.failed_version, self.last_error, self._attempts, self._reload = None, None, 0, False
             self._on_load("ok", target)
             log.info("serve: now serving %s version %d (was %s)", model.name, target,
                      previous.version if previous else "nothing")
