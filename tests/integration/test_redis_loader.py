@@ -56,7 +56,7 @@ def dump(client: redis.Redis) -> dict[bytes, dict[bytes, bytes]]:
 
 def test_the_loader_writes_the_bytes_feast_materialize_writes(features, redis_url):
     materialized_url, loaded_url = db_url(redis_url, 3), db_url(redis_url, 4)
-    settings, store = store_on(features["shared"] / "m", materialized_url, features["path"], schema)
+    settings, store = store_on(features["shared"] / "m", materialized_url, features["path"])
     frame = features["frame"]
     start = frame[schema.timestamp].min().to_pydatetime()
     end = (frame[schema.timestamp].max() + timedelta(seconds=1)).to_pydatetime()
@@ -72,7 +72,7 @@ def test_the_loader_writes_the_bytes_feast_materialize_writes(features, redis_ur
 
 def test_feast_sdk_reads_back_the_latest_row_of_every_entity(features, redis_url):
     url = db_url(redis_url, 5)
-    settings, store = store_on(features["shared"] / "sdk", url, features["path"], schema)
+    settings, store = store_on(features["shared"] / "sdk", url, features["path"])
     load_latest(connect(settings, 10), features["path"], schema)
     frame = features["frame"]
     latest = frame.sort_values(schema.timestamp).groupby(schema.join_key).last()
