@@ -50,6 +50,10 @@ PIPELINE: tuple[StageSpec, ...] = (
     StageSpec("promote", "move the registry alias to the new version if it is not worse",
               needs=("train",),
               promises=("alias", "alias_version", "reason")),
+    StageSpec("monitor", "compare recent predictions and the newest features with training: drift, "
+                         "freshness, quarantine rate, live error; write reports",
+              needs=("features", "feast", "train", "promote"),
+              promises=("report", "drifted_features")),
 )
 
 STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in PIPELINE)
