@@ -29,6 +29,8 @@ COMMANDS = {
     "serve": "serve /predict, /metrics, /healthz, /readyz with granian",
     "summary": "print the summary of the last run from the run records",
     "dataset": "check a data set declaration against its data, or infer one from a table",
+    "retrain": "run ingest to promote on the newest data; the promotion gate decides (--webhook: "
+               "Alertmanager's receiver)",
     "backup": "snapshot the shared volume to the object store (MLOPS_S3_*); --list, --verify",
     "restore": "bring an empty shared volume back from a snapshot in the object store",
 }
@@ -56,7 +58,7 @@ def parser() -> argparse.ArgumentParser:
     helps = {"init": COMMANDS["init"], **{s.name: s.summary for s in PIPELINE},
              **{k: v for k, v in COMMANDS.items() if k != "init"}}
     for name, text in helps.items():
-        data_flags = name == "run" or (name in STAGE_NAMES and spec(name).data_flags)
+        data_flags = name in ("run", "retrain") or (name in STAGE_NAMES and spec(name).data_flags)
         parents = [common] + ([data] if data_flags else [])
         p = sub.add_parser(name, parents=parents, help=text, description=text)
         if name == "serve":
@@ -71,6 +73,9 @@ def parser() -> argparse.ArgumentParser:
             p.add_argument("--snapshot", help="the snapshot --verify checks (default: the newest)")
         if name == "restore":
             p.add_argument("--snapshot", help="snapshot id from `backup --list` (default: the newest)")
+        if name == "retrain":
+            p.add_argument("--webhook", type=int, metavar="PORT",
+                           help="serve Alertmanager's webhook (POST /alerts starts one retrain) on PORT")
         if name == "dataset":
             action = p.add_subparsers(dest="dataset_action", required=True, metavar="check|infer")
             check = action.add_parser("check", help="validate a declaration against its source and report "
@@ -279,6 +284,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             from pipeline.summary import render
 
             print(render(settings))
+        elif args.command == "retrain":
+            from pipeline import retrain
+
+            if args.webhook:
+                from werkzeug.serving import run_simple
+
+                log.info("retrain: Alertmanager webhook on http://%s:%d/alerts", settings.host, args.webhook)
+                run_simple(settings.host, args.webhook, retrain.webhook_app(settings), threaded=True)
+            else:
+                print(retrain.retrain(settings).line())
         elif args.command == "summary":
             from pipeline.summary import render
 

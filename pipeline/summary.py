@@ -48,4 +48,25 @@ def render(settings: Settings) -> str:
     if promote:
         lines += ["", f"  alias '{promote.outputs['alias']}' -> version {promote.outputs['alias_version']}"
                       f"  ({promote.outputs['reason']})"]
+    monitor = records.get("monitor")
+    if monitor:
+        out = monitor.outputs
+        psi = {k: v for k, v in (out.get("psi") or {}).items() if v is not None}
+        live = out.get("live_rmse")
+        lines += ["", f"  monitor           {out.get('predictions_logged', 0)} logged predictions, drifted: "
+                      f"{', '.join(out.get('drifted_features') or []) or 'none'}"
+                      + (f", largest PSI {max(psi.values()):.3f} ({max(psi, key=psi.get)})" if psi else ""),
+                  f"  freshness         newest features {_age(out.get('freshness_seconds'))} old, "
+                  f"quarantine ratio {out.get('quarantine_ratio', 0):.2%}, live RMSE "
+                  + (f"{live:.4g}" if live is not None else "n/a (no labels for logged predictions yet)"),
+                  f"  report            {out.get('html')}"]
     return "\n".join(lines)
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f} {unit}"
+    return f"{seconds:.0f} s"
