@@ -23,6 +23,7 @@ class StageSpec:
     needs: tuple[str, ...] = ()  # upstream stages whose run records the body reads
     promises: tuple[str, ...] = ()  # keys of its record's outputs that others read
     data_flags: bool = False  # takes --rows/--seed on the command line
+    always_runs: bool = False  # a check of the present (time is an input): never "up to date"
 
     @property
     def module(self) -> str:
@@ -53,10 +54,12 @@ PIPELINE: tuple[StageSpec, ...] = (
     StageSpec("monitor", "compare recent predictions and the newest features with training: drift, "
                          "freshness, quarantine rate, live error; write reports",
               needs=("features", "feast", "train", "promote"),
-              promises=("report", "drifted_features")),
+              promises=("report", "drifted_features"), always_runs=True),
 )
 
 STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in PIPELINE)
+# The stages a re-run on unchanged inputs skips (all but the checks of the present).
+IDEMPOTENT: tuple[str, ...] = tuple(s.name for s in PIPELINE if not s.always_runs)
 _BY_NAME = {s.name: s for s in PIPELINE}
 
 
