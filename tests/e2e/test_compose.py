@@ -28,11 +28,11 @@ ONE_SHOT = ("init", *STAGES)
 
 
 class Compose:
-    def __init__(self, env: dict[str, str]) -> None:
-        self.env = env
+    def __init__(self, env: dict[str, str], project: str = PROJECT) -> None:
+        self.env, self.project = env, project
 
     def __call__(self, *args: str, check: bool = True, timeout: float = 900) -> subprocess.CompletedProcess:
-        proc = subprocess.run(["docker", "compose", "-p", PROJECT, *args], cwd=ROOT, env=self.env,
+        proc = subprocess.run(["docker", "compose", "-p", self.project, *args], cwd=ROOT, env=self.env,
                               capture_output=True, text=True, timeout=timeout)
         if check and proc.returncode != 0:
             raise AssertionError(f"docker compose {' '.join(args)} exited {proc.returncode}:\n"
@@ -48,7 +48,7 @@ class Compose:
         bad = [s for s, (state, code) in self.states().items() if state == "exited" and code != 0]
         logs = []
         for service in bad or ["serve"]:
-            proc = subprocess.run(["docker", "compose", "-p", PROJECT, "logs", "--tail", "40", service],
+            proc = subprocess.run(["docker", "compose", "-p", self.project, "logs", "--tail", "40", service],
                                   cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=60)
             logs.append(f"--- last log lines of {service} ---\n{proc.stdout}{proc.stderr}")
         return "\n".join(logs)
