@@ -36,7 +36,7 @@ def test_helm_lint_is_clean():
         assert [m for m in report["messages"] if m["severity"] >= 2] == [], report["messages"]
 
 
-@pytest.mark.parametrize("values, count", [({}, 16), (HOSTPATH, 15), (EVERYTHING, 24)],
+@pytest.mark.parametrize("values, count", [({}, 17), (HOSTPATH, 16), (EVERYTHING, 25)],
                          ids=["default", "hostPath", "everything"])
 def test_every_object_is_valid_kubernetes(values, count):
     import kubernetes_validate
@@ -45,7 +45,7 @@ def test_every_object_is_valid_kubernetes(values, count):
     version = latest_version()
     objects = render(values=values)
     # configmap, 2 secrets (redis, mlflow), the shared pvc (not with hostPath), redis's pvc,
-    # 3 deployments, 3 services, 5 jobs; with everything on: a ServiceMonitor, 4 NetworkPolicies,
+    # 3 deployments, 3 services, 6 jobs; with everything on: a ServiceMonitor, 4 NetworkPolicies,
     # the data set's ConfigMap, a HorizontalPodAutoscaler and a PodDisruptionBudget
     assert len(objects) == count
     for obj in objects:
@@ -70,7 +70,7 @@ def test_default_install_has_a_pvc_and_hostpath_switches_to_the_node_folder(defa
     assert claims(hostpath) == ["mlops-shared-volume-redis"]  # Redis's append-only file keeps its own
     mounting = [(name, spec) for name, spec in pod_specs(hostpath)
                 if any(v["name"] == "shared" for v in spec["volumes"])]
-    assert len(mounting) == 7  # every pod but redis
+    assert len(mounting) == 8  # every pod but redis
     for name, spec in mounting:
         shared = next(v for v in spec["volumes"] if v["name"] == "shared")
         assert shared["hostPath"]["path"] == "/tmp/mlops-shared", name
@@ -80,7 +80,7 @@ def test_default_install_has_a_pvc_and_hostpath_switches_to_the_node_folder(defa
 
 def test_every_pod_meets_the_restricted_profile(default):
     specs = pod_specs(default)
-    assert len(specs) == 8  # 5 stage Jobs, serve, redis, mlflow
+    assert len(specs) == 9  # 6 stage Jobs, serve, redis, mlflow
     for name, spec in specs:
         psc = spec["securityContext"]
         assert psc["runAsNonRoot"] is True and psc["seccompProfile"]["type"] == "RuntimeDefault", name

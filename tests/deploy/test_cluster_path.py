@@ -104,7 +104,7 @@ def test_claims_are_not_in_a_wave_before_their_first_consumer():
 @pytest.mark.parametrize("values", [{}, values_file("values-minikube.yaml")], ids=["pvc", "hostPath"])
 def test_pods_sharing_a_one_node_volume_are_kept_together(values):
     sharing = [(n, s) for n, s in pod_specs(render(values=values)) if any(v["name"] == "shared" for v in s["volumes"])]
-    assert len(sharing) == 7
+    assert len(sharing) == 8
     objects = render(values=values)
     labels = {o["metadata"]["name"]: o["spec"]["template"]["metadata"]["labels"]
               for o in by_kind(objects, "Deployment") + by_kind(objects, "Job")}
@@ -112,7 +112,7 @@ def test_pods_sharing_a_one_node_volume_are_kept_together(values):
         term = spec["affinity"]["podAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][0]
         assert term["topologyKey"] == "kubernetes.io/hostname"
         selected = [n for n, lab in labels.items() if term["labelSelector"]["matchLabels"].items() <= lab.items()]
-        assert len(selected) == 7, name  # the term selects exactly the pods that mount the volume
+        assert len(selected) == 8, name  # the term selects exactly the pods that mount the volume
     spread = render(values={"sharedVolume": {"accessMode": "ReadWriteMany"}})
     assert all("affinity" not in s for _, s in pod_specs(spread))
 

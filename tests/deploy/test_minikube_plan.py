@@ -99,7 +99,7 @@ def test_the_waits_and_the_port_forward_name_what_the_chart_renders(plan):
     selector = dict(kv.split("=") for kv in wait.argv[wait.argv.index("-l") + 1].split(","))
     jobs = by_kind(objects, "Job")
     matched = [j for j in jobs if selector.items() <= j["metadata"]["labels"].items()]
-    assert len(matched) == len(jobs) == len(minikube.STAGES) == 5  # the wait covers every stage, nothing else
+    assert len(matched) == len(jobs) == len(minikube.STAGES) == 6  # the wait covers every stage, nothing else
     rollout = next(s.argv for s in rec.steps if "rollout" in s.argv)
     deployments = {f"deployment/{d['metadata']['name']}" for d in by_kind(objects, "Deployment")}
     assert rollout[rollout.index("status") + 1] in deployments
