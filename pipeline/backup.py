@@ -35,7 +35,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from pipeline.io import TMP_PREFIX, atomic_path, pipeline_lock
-from pipeline.objectstore import ObjectStoreError, client, describe, dvc_remote
+from pipeline.errors import ObjectStoreError
+from pipeline.objectstore import client, describe, dvc_remote
 from pipeline.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -5,7 +5,7 @@ layer turns a :class:`PipelineError` into JSON with ``http_status``.
 
 Exit codes: 1 other, 2 configuration, 3 upstream missing, 4 bad data, 5 lock
 busy, 6 tracking or online store, 7 no model, 8 shared folder is not a folder,
-9 shared folder not writable, 10 disk full.
+9 shared folder not writable, 10 disk full, 11 object store.
 """
 
 from __future__ import annotations
@@ -136,6 +136,12 @@ class UnknownEntity(PipelineError):
 
 class LayoutChanged(PipelineError):
     """Feast's helpers no longer produce the Redis layout pipeline/redis_layout.py writes."""
+
+
+class ObjectStoreError(PipelineError):
+    """The object store is not configured, unreachable, or refused a request."""
+
+    exit_code = 11
 
 
 class SharedNotAFolder(PipelineError):

@@ -33,19 +33,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.errors import PipelineError
+from pipeline.errors import ObjectStoreError
 from pipeline.settings import Settings
 
 log = logging.getLogger(__name__)
 
 LOOPBACK = "127.0.0.1"
 ROLES = ("backup", "serve")
-
-
-class ObjectStoreError(PipelineError):
-    """The object store is not configured, unreachable, or refused a request."""
-
-    exit_code = 11
 
 
 # ------------------------------------------------------------------- client

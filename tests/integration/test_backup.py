@@ -22,7 +22,8 @@ from pipeline.cli import run_stages
 from pipeline.dag import STAGE_NAMES
 from pipeline.dataset import CUSTOMERS as schema
 from pipeline.io import file_md5, read_record
-from pipeline.objectstore import ObjectStoreError, client
+from pipeline.errors import ObjectStoreError
+from pipeline.objectstore import client
 from pipeline.serve import create_app
 from tests.service.fakes import metrics_in_memory
 from tests.support import ROOT, clean_env, make_settings, pipeline_cli, seaweedfs
