@@ -128,6 +128,18 @@ def online_features(store: FeatureStore, schema: Schema, entity_ids: list) -> di
     return store.get_online_features(features=schema.feature_refs(), entity_rows=rows).to_dict()
 
 
+def _mark_loaded(settings: Settings, schema: Schema, features_md5: str) -> None:
+    """Set the marker that says the whole view is in Redis (written last: a load cut short has none)."""
+    import redis
+
+    from pipeline.redis_layout import connect, loaded_marker
+
+    try:
+        connect(settings, LOAD_TIMEOUT_SECONDS).set(loaded_marker(schema), features_md5)
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+        raise OnlineStoreUnavailable(exc) from exc
+
+
 def _holds(store: FeatureStore, schema: Schema, entity) -> bool:
     """Whether the online store answers for ``entity``; a store whose file or
     tables are gone (a restored or wiped volume, a Redis restart) does not."""
@@ -153,6 +165,8 @@ def run(ctx: StageContext) -> StageResult:
     store = open_store(settings)
     if result.unchanged() and file_md5(settings.features_path) == inputs["features_md5"]:
         if _holds(store, schema, sample):
+            if settings.redis_url:
+                _mark_loaded(settings, schema, inputs["features_md5"])  # stores loaded before the marker existed
             return result.skip("registry applied and online store holds the latest features",
                                result.previous.outputs)
         log.info("feast: online store lost its data (sample entity %s missing); materializing again",
@@ -172,8 +186,8 @@ def run(ctx: StageContext) -> StageResult:
 
         log.info("feast: loading the latest features per entity into Redis (Feast's layout)")
         try:
-            loaded = load_latest(connect(settings, LOAD_TIMEOUT_SECONDS), settings.features_path, schema,
-                                 progress=log_progress())
+            client = connect(settings, LOAD_TIMEOUT_SECONDS)
+            loaded = load_latest(client, settings.features_path, schema, progress=log_progress())
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
             raise OnlineStoreUnavailable(exc) from exc
         store.registry.apply_materialization(store.get_feature_view(schema.feature_view), schema.project,
@@ -186,6 +200,8 @@ def run(ctx: StageContext) -> StageResult:
     values = online_features(store, schema, [sample])
     if values[schema.feature_names[0]][0] is None:
         raise OnlineStoreIncomplete(how, sample)
+    if settings.redis_url:
+        _mark_loaded(settings, schema, inputs["features_md5"])
     outputs = {
         "project": schema.project,
         "feature_view": schema.feature_view,

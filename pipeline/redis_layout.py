@@ -238,6 +238,13 @@ class FeastRedisLayout:
                 f"{same_values}); pin the Feast version in constraints.txt or update FeastRedisLayout")
 
 
+def loaded_marker(schema: Schema) -> bytes:
+    """The key the feast stage sets once the whole feature view is in Redis (its value: the
+    features file's md5). A Redis that restarted empty has no marker, so /readyz can tell
+    "reachable" from "holds the features"."""
+    return f"mlops:loaded:{schema.project}:{schema.feature_view}".encode()
+
+
 # ---------------------------------------------------------------- loading
 def latest_rows(features_path: Path, schema: Schema) -> np.ndarray:
     """A mask over the file's rows: the latest event per entity (on a tie, the later row).
