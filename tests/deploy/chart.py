@@ -38,6 +38,9 @@ def pod_specs(objects: list[dict]) -> list[tuple[str, dict]]:
     for obj in objects:
         if obj["kind"] in ("Deployment", "Job"):
             specs.append((f"{obj['kind']}/{obj['metadata']['name']}", obj["spec"]["template"]["spec"]))
+        elif obj["kind"] == "CronJob":
+            specs.append((f"CronJob/{obj['metadata']['name']}",
+                          obj["spec"]["jobTemplate"]["spec"]["template"]["spec"]))
     return specs
 
 

@@ -209,14 +209,85 @@ template:
         imagePullPolicy: {{ $.Values.image.pullPolicy }}
         command: [{{ include "shared-volume.entrypoint" $ | quote }}, "python", "-m", "pipeline", {{ .stage | quote }}]
         {{- include "shared-volume.pipelineEnv" $ | nindent 8 }}
+          {{- if .objectStore }}
+          {{- include "shared-volume.objectStoreEnv" $ | nindent 10 }}
+          {{- end }}
         securityContext:
           {{- include "shared-volume.containerSecurityContext" $ | nindent 10 }}
         resources:
           {{- toYaml (index $.Values.jobs .stage).resources | nindent 10 }}
         volumeMounts:
           {{- include "shared-volume.volumeMounts" $ | nindent 10 }}
+          {{- if .objectStore }}
+          - name: s3-keys
+            mountPath: /run/secrets/s3
+            readOnly: true
+          {{- end }}
     volumes:
       {{- include "shared-volume.volumes" $ | nindent 6 }}
+      {{- if .objectStore }}
+      - name: s3-keys
+        secret:
+          secretName: {{ include "shared-volume.objectStoreSecret" $ }}
+          defaultMode: 0440
+      {{- end }}
+{{- end }}
+
+{{/* One scheduled run of a pipeline command (monitor, retrain, backup): the stage Jobs' pod
+     spec, under a CronJob that never runs two at once (the pipeline lock would serialize them
+     anyway; Forbid keeps a slow run from piling up waiting pods). Call with
+     (dict "ctx" $ "stage" "retrain" "schedule" "0 3 * * 0" ["objectStore" true]). */}}
+{{- define "shared-volume.cronJob" -}}
+{{- $ := .ctx -}}
+apiVersion: batch/v1
+kind: CronJob
+metadata:
+  name: {{ printf "%s-%s" (include "shared-volume.fullname" $ | trunc 40 | trimSuffix "-") .stage }}
+  namespace: {{ $.Release.Namespace }}
+  labels:
+    {{- include "shared-volume.labels" $ | nindent 4 }}
+    app.kubernetes.io/component: {{ .stage }}
+    mlops/role: scheduled
+  annotations:
+    # After the stage Jobs and the server: the first scheduled run finds their records.
+    argocd.argoproj.io/sync-wave: "7"
+spec:
+  schedule: {{ .schedule | quote }}
+  concurrencyPolicy: Forbid
+  startingDeadlineSeconds: 600
+  successfulJobsHistoryLimit: 3
+  failedJobsHistoryLimit: 3
+  jobTemplate:
+    metadata:
+      labels:
+        {{- include "shared-volume.labels" $ | nindent 8 }}
+        app.kubernetes.io/component: {{ .stage }}
+        mlops/role: scheduled
+    spec:
+      {{- include "shared-volume.jobSpec" . | nindent 6 }}
+{{- end }}
+
+{{/* The name of the Secret holding the object store's keys (keys: access_key, secret_key). */}}
+{{- define "shared-volume.objectStoreSecret" -}}
+{{- default (printf "%s-objectstore" (include "shared-volume.fullname" .)) .Values.objectStore.existingSecret }}
+{{- end }}
+
+{{/* The MLOPS_S3_* settings of a pod that talks to the object store (keys as files). */}}
+{{- define "shared-volume.objectStoreEnv" -}}
+- name: MLOPS_S3_ENDPOINT
+  value: {{ required "objectStore.endpoint is required with objectStore.enabled: the S3 endpoint URL (https://s3.eu-west-1.amazonaws.com, http://minio:9000)" .Values.objectStore.endpoint | quote }}
+- name: MLOPS_S3_BUCKET
+  value: {{ .Values.objectStore.bucket | quote }}
+- name: MLOPS_S3_PREFIX
+  value: {{ .Values.objectStore.prefix | quote }}
+- name: MLOPS_S3_REGION
+  value: {{ .Values.objectStore.region | quote }}
+- name: MLOPS_S3_ACCESS_KEY_FILE
+  value: /run/secrets/s3/access_key
+- name: MLOPS_S3_SECRET_KEY_FILE
+  value: /run/secrets/s3/secret_key
+- name: MLOPS_BACKUP_KEEP
+  value: {{ .Values.backup.keep | quote }}
 {{- end }}
 
 {{/* A stage Job's name: the stage and a hash of its own spec. Call with (dict "ctx" $ "stage" "train"). */}}
