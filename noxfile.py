@@ -189,8 +189,38 @@ def offline_images(session: nox.Session) -> dict[str, str]:
     return {k: os.environ.get(k, v) for k, v in OFFLINE.items()}
 
 
+def s3_identities(bucket: str) -> tuple[dict, dict[str, tuple[str, str]]]:
+    """SeaweedFS's identities for compose's object store and their generated keys: the same
+    roles and rights as pipeline/objectstore.py's ``identities`` (backup: read, list, write,
+    tagging; serve: read, list), which tests/deploy/test_compose_file.py holds this to."""
+    actions = {"backup": [f"Read:{bucket}", f"List:{bucket}", f"Write:{bucket}", f"Tagging:{bucket}"],
+               "serve": [f"Read:{bucket}", f"List:{bucket}"]}
+    keys = {role: (f"{role}-{secrets.token_hex(8)}", secrets.token_urlsafe(30)) for role in actions}
+    doc = {"identities": [{"name": role, "credentials": [{"accessKey": keys[role][0], "secretKey": keys[role][1]}],
+                           "actions": rights} for role, rights in actions.items()]}
+    return doc, keys
+
+
+def write_s3_secrets(session: nox.Session) -> None:
+    """The object store profile's secrets, written once like the passwords: the identities
+    file SeaweedFS reads and one key file per identity and key (never printed)."""
+    folder = SECRET.parent
+    if (folder / "s3_identities.json").exists():
+        return
+    doc, keys = s3_identities("mlops")
+    files = {"s3_identities.json": json.dumps(doc, indent=2) + "\n"}
+    for role, (access, secret) in keys.items():
+        files[f"s3_{role}_access_key"], files[f"s3_{role}_secret_key"] = access, secret
+    folder.mkdir(mode=0o700, exist_ok=True)
+    for name, text in sorted(files.items(), key=lambda item: item[0] == "s3_identities.json"):
+        (folder / name).write_text(text)  # the identities last: present means complete
+        (folder / name).chmod(0o644)  # read inside the containers; the folder keeps other users out
+    session.log(f"wrote new object store identities and keys to {folder}")
+
+
 def compose_env(session: nox.Session) -> dict[str, str]:
-    """Environment for docker compose: image names, the password file, the git commit."""
+    """Environment for docker compose: image names, the password files, the object store's
+    identities and keys, the git commit."""
     env = offline_images(session)
     for path, what, size in ((SECRET, "Redis password", 24), (MLFLOW_SECRET, "MLflow password", 24),
                              (MLFLOW_KEY, "MLflow server's CSRF key", 32)):
@@ -199,6 +229,7 @@ def compose_env(session: nox.Session) -> dict[str, str]:
             path.write_text(secrets.token_hex(size))
             path.chmod(0o644)  # read inside the containers; the folder keeps other users out
             session.log(f"wrote a new {what} to {path}")
+    write_s3_secrets(session)
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT)
     if commit.returncode == 0:
         env["MLOPS_GIT_COMMIT"] = commit.stdout.strip()

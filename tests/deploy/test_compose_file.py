@@ -47,7 +47,10 @@ def test_stages_are_chained_on_successful_completion(compose):
 def test_nothing_is_published_beyond_loopback_and_redis_not_at_all(compose):
     published = {name: s.get("ports", []) for name, s in compose["services"].items()}
     assert published["redis"] == []
-    assert set(n for n, p in published.items() if p) == {"serve", "mlflow"}
+    by_default = {n for n, p in published.items() if p and not compose["services"][n].get("profiles")}
+    assert by_default == {"serve", "mlflow"}
+    # the monitoring profile's UIs; the exporter, the retrain webhook and S3 stay internal
+    assert {n for n, p in published.items() if p} - by_default == {"prometheus", "alertmanager"}
     for name, ports in published.items():
         for port in ports:
             assert str(port).startswith("127.0.0.1:"), (name, port)
@@ -153,3 +156,89 @@ def test_a_dataset_folder_is_mounted_read_only_and_named_by_mlops_dataset(tmp_pa
         else:  # unset: an empty volume and no declaration, the built-in customers
             assert mount["type"] == "volume", name
             assert not service["environment"]["MLOPS_DATASET"], name
+
+
+# The optional profiles: off by default, so `docker compose up` and the e2e run what they did.
+
+PROFILED = {"monitor-exporter": "monitoring", "prometheus": "monitoring", "alertmanager": "monitoring",
+            "retrain": "monitoring", "seaweedfs": "objectstore", "backup": "objectstore", "restore": "restore"}
+
+
+def test_the_monitoring_and_objectstore_services_are_under_profiles(compose):
+    services = compose["services"]
+    for name, profile in PROFILED.items():
+        assert profile in services[name].get("profiles", []), name
+    unprofiled = {n for n, s in services.items() if not s.get("profiles")}
+    assert unprofiled == {"init", "redis", "mlflow", *STAGES, "serve"}
+    for name in PROFILED:
+        s = services[name]
+        assert s["read_only"] is True and s["cap_drop"] == ["ALL"], name
+        assert "no-new-privileges:true" in s["security_opt"] and not str(s["user"]).startswith("0"), name
+        if s.get("restart") == "unless-stopped":
+            assert s["healthcheck"]["test"], name
+
+
+def test_the_monitoring_profile_runs_what_monitoring_expects(compose):
+    services = compose["services"]
+    exporter = services["monitor-exporter"]
+    assert exporter["command"] == ["python", "-m", "pipeline.monitor_exporter", "--port", "9108"]
+    assert exporter["volumes"][0] == "shared:/shared:ro" and exporter["expose"] == ["9108"]
+    assert not exporter["secrets"]  # it reads one report: no Redis, no MLflow
+    assert services["retrain"]["command"] == ["python", "-m", "pipeline", "retrain", "--webhook", "9095"]
+    # monitoring/: what Prometheus scrapes and where Alertmanager sends retrain alerts are these services
+    scrape = yaml.safe_load((ROOT / "monitoring" / "prometheus" / "prometheus.yml").read_text())
+    targets = {t for job in scrape["scrape_configs"] for c in job["static_configs"] for t in c["targets"]}
+    targets |= {t for a in scrape["alerting"]["alertmanagers"] for c in a["static_configs"] for t in c["targets"]}
+    for target in targets:
+        host, port = target.split(":")
+        assert port in [str(p) for p in services[host]["expose"]], target
+    alertmanager = yaml.safe_load((ROOT / "monitoring" / "alertmanager" / "alertmanager.yml").read_text())
+    urls = [w["url"] for r in alertmanager["receivers"] for w in r.get("webhook_configs", [])]
+    assert urls == ["http://retrain:9095/alerts"]
+    for name, folder in (("prometheus", "prometheus"), ("alertmanager", "alertmanager")):
+        assert f"./monitoring/{folder}:/etc/{folder}:ro" in services[name]["volumes"], name
+        assert re.fullmatch(r"\$\{MLOPS_%s_IMAGE:-prom/%s:v[\d.]+\}" % (name.upper(), name),
+                            services[name]["image"]), name
+
+
+def test_the_objectstore_profile_backs_up_with_key_files_the_settings_know(compose):
+    services = compose["services"]
+    store = services["seaweedfs"]
+    assert store["command"][:2] == ["weed", "mini"] and "-s3.config=/run/secrets/s3_identities" in store["command"]
+    assert store["volumes"] == ["objectstore:/shared"] and "objectstore" in compose["volumes"]
+    assert store["secrets"] == ["s3_identities"] and not store.get("ports")
+    for name in ("backup", "restore"):
+        service = services[name]
+        assert service["command"] == ["python", "-m", "pipeline", name]
+        env = service["environment"]
+        assert env["MLOPS_S3_ENDPOINT"] == "http://seaweedfs:8333"
+        assert "-bucket=" + env["MLOPS_S3_BUCKET"] in store["command"]
+        for key in ("access_key", "secret_key"):
+            assert env[f"MLOPS_S3_{key.upper()}_FILE"] == f"/run/secrets/s3_{key}", name
+            assert f"s3_{key}" in service["secrets"], name
+        assert service["depends_on"]["seaweedfs"]["condition"] == "service_healthy"
+    assert "init" not in services["restore"].get("depends_on", {})  # restore wants an empty volume
+    for secret in ("s3_identities", "s3_access_key", "s3_secret_key"):
+        assert set(compose["secrets"][secret]) == {"file"}, secret
+
+
+def test_noxfiles_seaweedfs_identities_are_the_object_stores():
+    """noxfile.py writes compose's identities without importing the pipeline (nox runs
+    without its dependencies): the roles and rights must be pipeline/objectstore.py's."""
+    import ast
+    import json
+    import secrets
+
+    from pipeline.objectstore import identities
+
+    tree = ast.parse((ROOT / "noxfile.py").read_text())
+    function = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "s3_identities")
+    function.returns = None
+    namespace = {"secrets": secrets, "json": json}
+    exec(compile(ast.Module(body=[function], type_ignores=[]), "noxfile.py", "exec"), namespace)
+    ours, keys = namespace["s3_identities"]("mlops")
+    theirs, _ = identities("mlops")
+    rights = lambda doc: {i["name"]: i["actions"] for i in doc["identities"]}
+    assert rights(ours) == rights(theirs)
+    assert {i["name"]: (i["credentials"][0]["accessKey"], i["credentials"][0]["secretKey"])
+            for i in ours["identities"]} == keys
