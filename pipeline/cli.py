@@ -185,7 +185,16 @@ def worker_app():
     app = create_app(settings, multiprocess_dir=handed["multiprocess_dir"])
     threading.Thread(target=announce_when_ready, args=(app, settings, handed["ready_marker"]),
                      name="announce", daemon=True).start()
-    return rsgi_app(app, settings)
+    front = rsgi_app(app, settings)
+    # Everything imported and built so far (MLflow, Feast, pandas: about a million
+    # objects) lives as long as the worker: keep it out of the garbage collector's
+    # full passes, which otherwise stalled a worker for 200-300 ms now and then
+    # (seen as slow 503s in tests/faults/test_redis_outage.py).
+    import gc
+
+    gc.collect()
+    gc.freeze()
+    return front
 
 
 def announce_when_ready(app, settings: Settings, marker: str, *, limit_seconds: float = 600.0,

@@ -8,10 +8,11 @@ Two readers, one interface (``read(entity_ids)``, ``reachable()``):
 - :class:`FeastSqliteReader`: Feast's SQLite online store, through Feast's SDK.
 
 :class:`OnlineFeatures` wraps either and decides when the store counts as down.
-A failure to connect (refused, reset, no route: the store is gone) makes
-lookups fail fast (503, no wait) for ``online_backoff_seconds`` at once; then
+A failure to connect (refused, reset, no route: the store is gone, or says
+so) makes lookups fail fast (503, no wait) for ``online_backoff_seconds`` at once; then
 the next lookup tries the store again. A late read (the command was sent, no
-answer within the socket timeout) is not enough on its own: on a busy machine
+answer within the socket timeout; a connect or AUTH without an answer in time
+too) is not enough on its own: on a busy machine
 a healthy Redis answers late now and then. That request gets its 503, and so
 do the requests that were already waiting behind it (they would otherwise wait
 out another timeout); the store is declared down for everyone only after
@@ -110,8 +111,11 @@ class RedisOnlineReader:
             conn.disconnect()
         try:
             try:
-                conn.connect()  # at once when connected; else the connect, bounded by its own timeout
-            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
+                conn.connect()  # at once when connected; else connect and AUTH, each bounded by the timeout
+            except (redis.exceptions.TimeoutError, TimeoutError) as exc:
+                # no answer in time (to the handshake, or to AUTH): as late as a late read
+                raise StoreUnreachable("no answer in time", exc, late=True) from exc
+            except (redis.exceptions.ConnectionError, OSError) as exc:  # refused, reset, no route
                 raise StoreUnreachable("cannot connect", exc) from exc
             try:
                 conn.send_packed_command([self.layout.hmget(keys)], check_health=False)

@@ -233,6 +233,12 @@ class PredictionService:
 
 
 # ------------------------------------------------------------ the HTTP front
+# A request taken up by the event loop this soon after an app call ran inline on it
+# arrived while that call ran (the loop takes up waiting requests at once when free,
+# within a millisecond or two; more on a loaded machine).
+QUEUED_SLACK_SECONDS = 0.02
+
+
 class BodyTooLarge(Exception):
     pass
 
@@ -275,6 +281,8 @@ class RSGIFront:
         self.body_timeout_seconds = body_timeout_seconds
         self.max_body_bytes = max_body_bytes
         self.executor = ThreadPoolExecutor(threads, thread_name_prefix="app") if threads > 1 else None
+        # the last app call run on the loop (inline): requests picked up just after it waited for it
+        self._call_started = self._call_ended = float("-inf")
 
     # granian's hooks
     def __rsgi_init__(self, loop) -> None:
@@ -288,6 +296,10 @@ class RSGIFront:
         if scope.proto != "http":  # no websockets here
             return
         started, arrived = time.perf_counter(), time.monotonic()
+        if arrived - self._call_ended < QUEUED_SLACK_SECONDS:
+            # Picked up as the loop came free: this request arrived while the app
+            # call before it ran (inline, one at a time), so it has waited since then.
+            arrived = min(arrived, self._call_started)
         try:
             body = await asyncio.wait_for(self._read_body(scope, protocol), self.body_timeout_seconds)
         except asyncio.TimeoutError:
@@ -304,7 +316,11 @@ class RSGIFront:
         environ[ARRIVED] = arrived
         try:
             if self.executor is None:
-                status, headers, payload = call_wsgi(self.service, environ)
+                self._call_started = time.monotonic()
+                try:
+                    status, headers, payload = call_wsgi(self.service, environ)
+                finally:
+                    self._call_ended = time.monotonic()
             else:
                 status, headers, payload = await asyncio.get_running_loop().run_in_executor(
                     self.executor, call_wsgi, self.service, environ)
