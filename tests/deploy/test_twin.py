@@ -12,7 +12,7 @@ import yaml
 from tests.deploy.chart import by_kind, render
 from tests.deploy.test_compose_file import COMPOSE
 
-TWINNED = ("ingest", "features", "feast", "train", "promote", "serve", "mlflow")
+TWINNED = ("ingest", "features", "feast", "train", "promote", "monitor", "serve", "mlflow")
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,7 @@ def test_every_compose_service_has_a_twin_with_the_same_command(compose, chart):
 
 def test_the_same_variable_names(compose, chart):
     containers, config = chart
-    for service in ("ingest", "features", "feast", "train", "promote", "serve"):
+    for service in ("ingest", "features", "feast", "train", "promote", "monitor", "serve"):
         ours = {k for k in compose[service]["environment"] if k.startswith(("MLOPS_", "MLFLOW_"))}
         assert ours == env_names(containers[service], config), service
 
