@@ -293,9 +293,12 @@ def compose_up(session: nox.Session) -> None:
 
 @nox.session(python=False)
 def compose_down(session: nox.Session) -> None:
-    """Stop the compose twin and delete its volume."""
-    session.run("docker", "compose", "--profile", "debug", "down", "--volumes", "--remove-orphans",
-                external=True)
+    """Stop the compose twin (every profile) and delete its volumes but the object store's (the backups)."""
+    profiles = [arg for name in ("debug", "monitoring", "objectstore", "restore") for arg in ("--profile", name)]
+    session.run("docker", "compose", *profiles, "down", "--remove-orphans", external=True)
+    for volume in ("shared", "prometheus", "alertmanager", "dataset"):
+        session.run("docker", "volume", "rm", "--force", f"mlops-shared-volume_{volume}", external=True,
+                    silent=True)
 
 
 @nox.session(python=PYTHON)

