@@ -348,7 +348,7 @@ def render_manifests(session: nox.Session) -> Path:
     out = Path(session.create_tmp()) / "manifests"
     shutil.rmtree(out, ignore_errors=True)
     session.run("python", "scripts/render_chart.py", str(out), "helm/shared-volume/values-minikube.yaml",
-                "helm/shared-volume/values-argocd.yaml")
+                "helm/shared-volume/values-argocd.yaml", "helm/shared-volume/ci/monitoring-values.yaml")
     return out
 
 
