@@ -300,8 +300,12 @@ class RSGIFront:
             # Picked up as the loop came free: this request arrived while the app
             # call before it ran (inline, one at a time), so it has waited since then.
             arrived = min(arrived, self._call_started)
+        headers = scope.headers
         try:
-            body = await asyncio.wait_for(self._read_body(scope, protocol), self.body_timeout_seconds)
+            if "transfer-encoding" not in headers and headers.get("content-length", "0").strip() == "0":
+                body = b""  # no body (a GET): nothing to wait for, no round trip through granian
+            else:
+                body = await asyncio.wait_for(self._read_body(scope, protocol), self.body_timeout_seconds)
         except asyncio.TimeoutError:
             return self._refuse(scope, protocol, started, 408, "request body not received within "
                                 f"{self.body_timeout_seconds:g} s; send the whole body at once")
