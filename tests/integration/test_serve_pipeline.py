@@ -148,8 +148,10 @@ def test_a_hung_store_costs_one_timeout_per_back_off_not_one_per_request(tmp_pat
         started = time.monotonic()
         assert client.get("/predict").status_code == 503
         took.append(time.monotonic() - started)
-    assert took[0] >= 0.2  # the first lookup waits for the socket timeout...
-    assert max(took[1:]) < 0.1  # ...the next ones, inside the back-off, answer at once
+    # the first two lookups wait for the socket timeout (one late answer alone is not
+    # "down": MLOPS_ONLINE_FAILURES_BEFORE_BACKOFF is 2)...
+    assert min(took[:2]) >= 0.2
+    assert max(took[2:]) < 0.1  # ...the next ones, inside the back-off, answer at once
     clock.advance(0.6)
     started = time.monotonic()
     assert client.get("/predict").status_code == 503
