@@ -19,6 +19,9 @@ from pipeline.errors import BadRequest, UnprocessableEntity
 from pipeline.schema import ENTITY_ID_MAX, ENTITY_KEY_MAX_BYTES, Schema
 
 
+ARRIVED = "mlops.arrived"  # environ key: when the front received the request (time.monotonic)
+
+
 # ----------------------------------------------------------------- errors
 class JSONHTTPException(HTTPException):
     """An HTTP error whose body is JSON (the ``Error`` schema below), never werkzeug's HTML page."""

@@ -178,7 +178,8 @@ def worker_app():
     """The app factory each granian worker calls, with what the serve command handed on."""
     import json
 
-    from pipeline.serve import create_app, rsgi_app
+    from pipeline.front import rsgi_app
+    from pipeline.serve import create_app
 
     handed = json.loads(os.environ[WORKER_HANDOVER])
     settings = Settings.model_validate(handed["settings"])
@@ -223,7 +224,7 @@ def announce_when_ready(app, settings: Settings, marker: str, *, limit_seconds: 
 def serve(settings: Settings, target: str = f"{__name__}:worker_app") -> None:
     """Serve with granian: ``settings.workers`` worker processes, each running
     the app on ``settings.threads`` threads behind granian's RSGI interface
-    (:class:`pipeline.serve.RSGIFront`: request bodies are read on the event
+    (:class:`pipeline.front.RSGIFront`: request bodies are read on the event
     loop, bounded in size and time, never on an app thread). ``target`` is the
     worker's app factory (tests serve the app over in-memory fakes).
 

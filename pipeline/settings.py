@@ -60,6 +60,8 @@ class Settings(BaseSettings):
                                                                      "refused connection backs off at once)")
     model_poll_seconds: float = Field(5.0, gt=0, description="how often serving checks the registry alias")
     max_body_bytes: int = Field(64 * 1024, ge=1024, description="largest POST /predict body accepted")
+    prediction_log: bool = Field(True, description="log what /predict served to <shared>/monitoring/predictions "
+                                                   "(Parquet, off the request path) for the monitor")
     max_batch: int = Field(1000, ge=1, description="most entities in one batch request")
     body_timeout_seconds: float = Field(5.0, gt=0, description="serving: a request's headers and body must "
                                                                "arrive within this long; a slower body is cut "

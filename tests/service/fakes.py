@@ -3,7 +3,7 @@ in milliseconds with no pipeline run, no Feast and no MLflow store.
 
 The app gets the real :class:`~pipeline.online.OnlineFeatures` (back-off and
 all) over a :class:`FakeReader`, and the real
-:class:`~pipeline.registry.ModelWatcher` (checks and swap) over a
+:class:`~pipeline.watcher.ModelWatcher` (checks and swap) over a
 :class:`FakeRegistry`; only the stores behind them are replaced. A
 :class:`FakeClock` moves time when the test says so.
 """
@@ -19,7 +19,8 @@ import numpy as np
 
 from pipeline.dataset import CUSTOMERS as schema
 from pipeline.online import OnlineFeatures
-from pipeline.registry import LoadedModel, ModelWatcher, check_model
+from pipeline.registry import LoadedModel, check_model
+from pipeline.watcher import ModelWatcher
 from pipeline.serve import Metrics, PredictionService, create_app
 from pipeline.settings import Settings
 

@@ -26,7 +26,7 @@ def worker_app():
     from prometheus_client import values
 
     from pipeline.cli import WORKER_HANDOVER
-    from pipeline.serve import rsgi_app
+    from pipeline.front import rsgi_app
     from pipeline.settings import Settings
     from tests.service.fakes import Fakes
 

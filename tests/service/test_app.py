@@ -119,7 +119,7 @@ def test_metrics_are_exactly_the_documented_families(client):
     families = exposed_families(client.get("/metrics").get_data(as_text=True))
     assert not {f for f in families if f.startswith("feast_")}
     assert families == documented_families()
-    assert len(families) == 7
+    assert len(families) == 8
 
 
 def test_no_model_yet_is_a_503_that_says_what_to_run(tmp_path):

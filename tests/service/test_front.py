@@ -1,4 +1,4 @@
-"""The RSGI front (pipeline/serve.py) without a server: fake RSGI scope and
+"""The RSGI front (pipeline/front.py) without a server: fake RSGI scope and
 protocol objects on an asyncio loop. What a request sees of its arrival, which
 the online store uses to fail at once those that waited behind a late read."""
 
@@ -8,7 +8,8 @@ import asyncio
 import json
 import time
 
-from pipeline.serve import ARRIVED, RSGIFront
+from pipeline.api import ARRIVED
+from pipeline.front import RSGIFront
 
 
 class Headers(dict):
