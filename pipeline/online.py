@@ -135,12 +135,20 @@ class RedisOnlineReader:
         return [self.layout.decode(raw) for raw in rows]
 
     def reachable(self) -> tuple[bool, str]:
+        """Redis answers and holds the feature view: the feast stage's marker is there
+        (a Redis that restarted empty answers PING but would 404 every entity)."""
+        from pipeline.redis_layout import loaded_marker
+
         try:
-            self.client.ping()
-            return True, "redis: reachable"
+            loaded = self.client.exists(loaded_marker(self.layout.schema))
         except Exception as exc:
-            log.warning("serve: the online store (redis) does not answer a PING: %s: %s", type(exc).__name__, exc)
+            log.warning("serve: the online store (redis) does not answer: %s: %s", type(exc).__name__, exc)
             return False, "redis: unreachable (see the server log)"
+        if not loaded:
+            log.warning("serve: redis answers but holds no %s features (no marker from the feast stage)",
+                        self.layout.schema.feature_view)
+            return False, "redis: reachable but holds no features for this feature view; run the feast stage"
+        return True, "redis: reachable, features loaded"
 
 
 class FeastSqliteReader:

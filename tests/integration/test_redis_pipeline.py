@@ -172,3 +172,29 @@ def test_the_fast_redis_reader_reads_exactly_what_feast_sdk_reads(run):
             assert ours[i] == expected, entity  # bit for bit
     assert ours[-1] is None and ours[-2] is None
     assert sum(r is not None for r in ours) == ROWS // 5
+
+
+def test_an_emptied_redis_is_not_ready_until_the_feast_stage_loads_it_again(run, server):
+    """A Redis that restarted without its data answers PING, but /readyz says it holds no
+    features; the feast stage notices the empty store and loads it again."""
+    import redis as redis_py
+
+    from tests.support import wait_until
+
+    settings = run["settings"]
+    host, port, db, password = settings.redis_parts()
+    client = redis_py.Redis(host=host, port=port, db=db, password=password)
+    client.flushdb()
+    try:
+        def status() -> tuple[int, dict]:
+            try:
+                return 200, get_json(f"{server}/readyz")
+            except urllib.error.HTTPError as exc:
+                return exc.code, json.loads(exc.read())
+
+        code, body = wait_until(lambda: (s := status())[0] == 503 and s, 10, "/readyz to fail")
+        assert "holds no features" in body["online_store"] and host not in json.dumps(body)
+    finally:
+        out = pipeline_cli(["feast"], run["env"]).stdout
+    assert "materializing again" in out or "online store lost its data" in out
+    wait_until(lambda: status()[0] == 200, 10, "/readyz to pass again")
