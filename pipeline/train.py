@@ -21,7 +21,7 @@ import pandas as pd
 from pipeline.errors import SchemaError
 from pipeline.feast import open_store
 from pipeline.io import atomic_path
-from pipeline.monitor import reference
+from pipeline.drift import reference
 from pipeline.plots import plot_fit
 from pipeline.registry import find_version_by_fingerprint, mlflow_session, register_model_version
 from pipeline.schema import Schema
