@@ -68,7 +68,6 @@ def client(fakes):
 def report(figures):
     yield
     figures["fuzz: request bodies and queries tried (hypothesis)"] = COUNTS["inputs"]
-    figures["fuzz: 5xx answers (hypothesis)"] = COUNTS["5xx"]
 
 
 def check(resp) -> dict:
