@@ -132,6 +132,11 @@ def _refuse(dataset: Dataset, report: Report) -> None:
     if key.empty:
         raise DatasetError(f"entity.column: {key.empty} row(s) have no {d.entity.column!r}; every row needs its "
                            "key: fill them or drop those rows")
+    if d.timestamp is None and len(report.keys) < min(report.rows, DISTINCT_LIMIT):
+        raise DatasetError(f"timestamp: {d.entity.column!r} repeats ({len(report.keys)} keys in {report.rows} "
+                           "rows) and no timestamp.column is declared, so every row of a key would get the same "
+                           "event time and the point-in-time join could not tell them apart; declare "
+                           "timestamp.column, or make the key unique")
     if d.entity.type == "int" and not report.all_digit_keys:
         raise DatasetError(f"entity.type: {d.entity.column!r} holds keys that are not whole numbers; declare "
                            "type: string (or leave the type out to read it from the data)")
@@ -155,7 +160,11 @@ def infer(data: str | Path, name: str | None = None, rows: int = 100_000, relati
     path = Path(data)
     probe = Declaration.model_construct(source=Source.model_construct(path=str(path), synthetic=None))
     files = source_files(probe, Path.cwd())
-    table = _sample(files[0], rows)
+    try:
+        table = _sample(files[0], rows)
+    except (pa.ArrowInvalid, OSError, IndexError) as exc:
+        raise DatasetError(f"{files[0].name} cannot be read as a table ({str(exc).splitlines()[0]}); give a "
+                           "CSV file with a header row or a Parquet file") from None
     numeric = [f.name for f in table.schema if pa.types.is_integer(f.type) or pa.types.is_floating(f.type)]
     stamps = [f.name for f in table.schema if pa.types.is_timestamp(f.type) or pa.types.is_date(f.type)]
     idish = [c for c in table.column_names if c.lower() == "id" or c.lower().endswith(("_id", "id"))]

@@ -226,8 +226,9 @@ def source_files(declaration: Declaration, base: Path) -> list[Path]:
     path = Path(raw) if Path(raw).is_absolute() else base / raw
     if any(ch in raw for ch in "*?["):
         files = [Path(p) for p in sorted(glob.glob(str(path), recursive=True))]
-    elif path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file())
+    elif path.is_dir():  # hidden folders (.ipynb_checkpoints, .git) hold copies, not data
+        files = sorted(p for p in path.rglob("*")
+                       if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
     elif path.is_file():
         files = [path]
     else:

@@ -38,12 +38,9 @@ class Thresholds:
 
     @classmethod
     def of(cls, settings) -> Thresholds:
-        """From the settings where they declare the fields (``monitor_psi_threshold`` ...), else defaults."""
-        d = cls()
-        return cls(psi=getattr(settings, "monitor_psi_threshold", d.psi),
-                   ks=getattr(settings, "monitor_ks_threshold", d.ks),
-                   window_seconds=getattr(settings, "monitor_window_seconds", d.window_seconds),
-                   min_rows=getattr(settings, "monitor_min_rows", d.min_rows))
+        """From the settings (``MLOPS_MONITOR_PSI_THRESHOLD`` ...)."""
+        return cls(psi=settings.monitor_psi_threshold, ks=settings.monitor_ks_threshold,
+                   window_seconds=settings.monitor_window_seconds, min_rows=settings.monitor_min_rows)
 
 
 def quantile_edges(values: np.ndarray, bins: int = 10) -> np.ndarray:

@@ -221,6 +221,7 @@ def run(ctx: StageContext) -> StageResult:
         result.previous is not None
         and settings.features_path.is_file() and settings.labels_path.is_file()
         and result.previous.outputs.get("features_md5") == file_md5(settings.features_path)
+        and result.previous.outputs.get("labels_md5") == file_md5(settings.labels_path)
     )
     if result.unchanged() and outputs_intact:
         return result.skip(f"features for DVC {raw_hash} are in place", result.previous.outputs)

@@ -83,6 +83,8 @@ class RSGIFront:
     def __rsgi_del__(self, loop) -> None:
         if self.executor is not None:
             self.executor.shutdown(wait=False)
+        if getattr(self.service, "predlog", None) is not None:
+            self.service.predlog.close(timeout=5)  # a graceful stop (SIGTERM) writes what was queued
 
     async def __rsgi__(self, scope, protocol) -> None:
         if scope.proto != "http":  # no websockets here

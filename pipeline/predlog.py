@@ -27,6 +27,7 @@ import contextlib
 import logging
 import os
 import re
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -41,7 +42,7 @@ from pipeline.io import TMP_PREFIX, atomic_path
 log = logging.getLogger(__name__)
 
 FEATURE_PREFIX = "feature."
-FILE_RE = re.compile(r"^pred-(\d+)-(\d+)-(\d+)-(\d+)\.parquet$")
+FILE_RE = re.compile(r"^pred-(\d+)-(\d+)-(?:[A-Za-z0-9_.]+-)?(\d+)-(\d+)\.parquet$")  # first, last, [host,] pid, seq
 BASE_COLUMNS = ("time", "entity_key", "prediction", "model_version", "request_id")
 
 
@@ -57,6 +58,10 @@ def remove_old_temps(folder: Path, age_seconds: float) -> int:
                 tmp.unlink()
                 removed += 1
     return removed
+
+
+# This host's name, made safe for a file name (a serve pod's name on a cluster).
+WRITER = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname())[:40] or "host"
 
 
 def predictions_dir(shared: Path) -> Path:
@@ -200,10 +205,11 @@ class PredictionLog:
         try:
             table = to_table(rows)
             times = table.column("time")
-            first = int(rows[0][0] * 1000)
+            first = int(min(r[0] for r in rows) * 1000)  # threads may queue out of order
             last = int(max(r[0] for r in rows) * 1000)
             self._seq += 1
-            path = self.folder / f"pred-{first:013d}-{last:013d}-{os.getpid()}-{self._seq:06d}.parquet"
+            # the host too: serve pods on one volume can share a pid
+            path = self.folder / f"pred-{first:013d}-{last:013d}-{WRITER}-{os.getpid()}-{self._seq:06d}.parquet"
             with atomic_path(path) as tmp:
                 pq.write_table(table, tmp, compression="zstd")
             self.written += len(times)

@@ -30,9 +30,9 @@ class Decision:
 
 
 def decide(candidate_version: int, candidate_rmse: float, current_version: int | None,
-           current_rmse: float | None, tolerance: float, comparable: str | None = None) -> Decision:
+           current_rmse: float | None, tolerance: float, not_comparable: str | None = None) -> Decision:
     """Promote the first version, and any later one whose RMSE is at most
-    ``(1 + tolerance)`` times the current version's. ``comparable`` names why
+    ``(1 + tolerance)`` times the current version's. ``not_comparable`` names why
     the two scores cannot be compared (another data set, another evaluation):
     then the candidate, trained on what is declared now, is promoted."""
     def made(promote: bool, reason: str) -> Decision:
@@ -42,8 +42,8 @@ def decide(candidate_version: int, candidate_rmse: float, current_version: int |
         return made(True, "no version holds the alias yet: the first one is promoted")
     if current_version == candidate_version:
         return made(False, f"version {candidate_version} already holds the alias")
-    if comparable:
-        return made(True, f"version {current_version} {comparable}: its score does not compare; the version "
+    if not_comparable:
+        return made(True, f"version {current_version} {not_comparable}: its score does not compare; the version "
                           "trained on the declared data set is promoted")
     limit = current_rmse * (1.0 + tolerance)
     if candidate_rmse <= limit:
@@ -64,13 +64,21 @@ def run(ctx: StageContext) -> StageResult:
         current_mv = alias_version(client, settings.model_name, settings.model_alias)
         current_rmse, current_scored_on, current_dataset = version_score(current_mv) if current_mv else (
             None, "", None)
-        comparable = None
+        not_comparable = None
+        current_refs = current_mv.tags.get("mlops.feature_refs") if current_mv else None
+        target = current_mv.tags.get("mlops.target") if current_mv else None
         if current_mv and current_dataset not in (None, schema.dataset):
-            comparable = f"was trained on the data set {current_dataset!r}"
+            not_comparable = f"was trained on the data set {current_dataset!r}"
+        elif current_refs is not None and current_refs != ",".join(schema.feature_refs()):
+            # the declaration changed its features under the same name: the old model cannot
+            # even read what the online store now serves
+            not_comparable = "takes other features than the data set now declares"
+        elif target is not None and target != schema.target:
+            not_comparable = f"predicts {target!r}, not {schema.target!r}"
         elif current_mv and current_scored_on != scored_on:
-            comparable = f"was scored on the {current_scored_on}, this one on the {scored_on}"
+            not_comparable = f"was scored on the {current_scored_on}, this one on the {scored_on}"
         decision = decide(candidate, candidate_rmse, int(current_mv.version) if current_mv else None,
-                          current_rmse, settings.promote_tolerance, comparable)
+                          current_rmse, settings.promote_tolerance, not_comparable)
         if decision.promote:
             set_alias(client, settings.model_name, settings.model_alias, candidate)
         served = alias_version(client, settings.model_name, settings.model_alias)

@@ -62,6 +62,13 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(64 * 1024, ge=1024, description="largest POST /predict body accepted")
     prediction_log: bool = Field(True, description="log what /predict served to <shared>/monitoring/predictions "
                                                    "(Parquet, off the request path) for the monitor")
+    monitor_psi_threshold: float = Field(0.2, gt=0, description="monitor: PSI above which a feature counts as "
+                                                                "drifted")
+    monitor_ks_threshold: float = Field(0.1, gt=0, le=1, description="monitor: KS statistic above which a feature "
+                                                                     "counts as drifted")
+    monitor_window_seconds: float = Field(86400.0, gt=0, description="monitor: how far back the prediction log is "
+                                                                     "read")
+    monitor_min_rows: int = Field(100, ge=1, description="monitor: fewer values than this are not judged for drift")
     max_batch: int = Field(1000, ge=1, description="most entities in one batch request")
     body_timeout_seconds: float = Field(5.0, gt=0, description="serving: a request's headers and body must "
                                                                "arrive within this long; a slower body is cut "

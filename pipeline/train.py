@@ -207,6 +207,7 @@ def run(ctx: StageContext) -> StageResult:
                 lineage={
                     "mlops.dataset": schema.dataset,
                     "mlops.dataset_version": schema.version,
+                    "mlops.target": schema.target,
                     "mlops.raw_dvc_hash": features.outputs["raw_dvc_hash"],
                     "mlops.features_md5": features.outputs["features_md5"],
                     "mlops.labels_md5": features.outputs["labels_md5"],
@@ -220,6 +221,9 @@ def run(ctx: StageContext) -> StageResult:
                               "standard_errors": dict(zip(["intercept", *schema.feature_names], map(float, se))),
                               "truth": truth},
             )
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)  # a long-running retrain webhook trains many times in one process
     outputs = {
         "model_name": settings.model_name,
         "model_version": int(version.version),

@@ -107,3 +107,24 @@ def test_infer_writes_a_declaration_that_checks(tmp_path):
     assert d.declaration.timestamp.column == "day"
     assert d.declaration.features["visits"].type == "int" and d.declaration.features["spend"].max == 4.5
     assert datacheck.check(d).rows == 3
+
+
+def test_repeated_keys_without_a_timestamp_are_refused(tmp_path):
+    path = declared(tmp_path, "house_id,rooms,area,price\nA,1,2,3\nA,2,3,4\nB,1,1,1\n")
+    with pytest.raises(DatasetError, match="declare timestamp.column"):
+        datacheck.check(load(path))
+
+
+def test_infer_on_an_unreadable_table_is_one_line(tmp_path):
+    (tmp_path / "bad.csv").write_text("a,b\n1,2,3\n")
+    with pytest.raises(DatasetError, match="cannot be read as a table"):
+        datacheck.infer(tmp_path / "bad.csv")
+
+
+def test_a_folder_source_leaves_hidden_folders_out(tmp_path):
+    (tmp_path / "data" / ".ipynb_checkpoints").mkdir(parents=True)
+    for where in ("data/h.csv", "data/.ipynb_checkpoints/h-checkpoint.csv"):
+        (tmp_path / where).write_text("house_id,rooms,area,price\nA,1,2,3\n")
+    (tmp_path / "h.yaml").write_text("name: h\nsource: {path: data}\nentity: {column: house_id}\n"
+                                     "target: price\nfeatures: [rooms, area]\n")
+    assert [f.name for f in load(tmp_path / "h.yaml").files()] == ["h.csv"]

@@ -22,5 +22,5 @@ def test_same_version_is_not_promoted_again():
 
 
 def test_a_version_of_another_data_set_never_keeps_the_alias():
-    d = decide(4, 50.0, 3, 5.0, 0.05, comparable="was trained on the data set 'customers'")
+    d = decide(4, 50.0, 3, 5.0, 0.05, not_comparable="was trained on the data set 'customers'")
     assert d.promote and "customers" in d.reason and "does not compare" in d.reason
