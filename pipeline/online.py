@@ -69,6 +69,16 @@ class Reader(Protocol):
         """Whether the store answers now, and a word on which store it is."""
 
 
+def _said(message: str, *args) -> None:
+    """Log a readiness problem once, not on every probe (a probe comes every few seconds)."""
+    if _said.last != message:
+        _said.last = message
+        log.warning(message, *args)
+
+
+_said.last = None
+
+
 def _closed_while_idle(conn) -> bool:
     """An idle connection with something to read (or an EOF) is no longer usable."""
     import redis
@@ -142,12 +152,13 @@ class RedisOnlineReader:
         try:
             loaded = self.client.exists(loaded_marker(self.layout.schema))
         except Exception as exc:
-            log.warning("serve: the online store (redis) does not answer: %s: %s", type(exc).__name__, exc)
+            _said("serve: the online store (redis) does not answer: %s: %s", type(exc).__name__, exc)
             return False, "redis: unreachable (see the server log)"
         if not loaded:
-            log.warning("serve: redis answers but holds no %s features (no marker from the feast stage)",
-                        self.layout.schema.feature_view)
+            _said("serve: redis answers but holds no %s features (no marker from the feast stage)",
+                  self.layout.schema.feature_view)
             return False, "redis: reachable but holds no features for this feature view; run the feast stage"
+        _said.last = None
         return True, "redis: reachable, features loaded"
 
 
@@ -202,8 +213,9 @@ class FeastSqliteReader:
 
     def reachable(self) -> tuple[bool, str]:
         if self._file_identity() is None:
-            log.warning("serve: the online store file %s is missing", self.path)
+            _said("serve: the online store file %s is missing", self.path)
             return False, "sqlite: the online store's file is missing; run the pipeline (feast stage)"
+        _said.last = None
         return True, "sqlite: present"
 
 
