@@ -301,6 +301,12 @@ def _load(path: str | None, mtime_ns: int) -> Dataset:
     return Dataset(parse(text, file.name), file.resolve())
 
 
+def schema_for(path: Path | None, ingest_record=None) -> Schema:
+    """The schema of the data set ``path`` declares, with the entity key's type as the
+    ingest run record found it where the declaration leaves it open."""
+    return load(path).schema(ingest_record.outputs.get("entity_type") if ingest_record else None)
+
+
 def load(path: Path | None) -> Dataset:
     """The data set a ``MLOPS_DATASET`` value names (None: the built-in customers)."""
     if path is None:

@@ -244,7 +244,7 @@ def _copy_source(ctx: StageContext) -> StageResult:
     raw = _fresh_raw_dir(settings)
     written: list[str] = []
     pending: list[pa.RecordBatch] = []
-    rows, all_digits, sample = 0, True, None
+    rows, sample = 0, None
     started = time.monotonic()
 
     def flush() -> None:  # one part of at most about CHUNK_ROWS rows, written atomically
@@ -259,7 +259,6 @@ def _copy_source(ctx: StageContext) -> StageResult:
     for _, batch in source.batches(dataset, ingested_at):
         key = batch.column(0)
         sample = sample if sample is not None else _first_key(key)
-        all_digits = all_digits and _only_digits(key)
         pending.append(batch)
         rows += batch.num_rows
         if sum(b.num_rows for b in pending) >= CHUNK_ROWS:
@@ -268,11 +267,8 @@ def _copy_source(ctx: StageContext) -> StageResult:
                      rows / max(time.monotonic() - started, 1e-9))
     if pending and rows:
         flush()
-    if not written:
-        raise DatasetError(f"source.path: the files of {dataset.name} hold no rows; point it at your data")
     _drop_parts_but(raw, set(written))
-    declared = dataset.declaration.entity.type
-    entity_type = declared or ("int" if all_digits else "string")
+    entity_type = dataset.declaration.entity.type or found.entity_type  # declared, or what the check read
     log.info("ingest: versioning %s with DVC", raw)
     dvc_hash = versioning.add_and_push(settings.shared, raw)
     outputs = {
@@ -284,13 +280,6 @@ def _copy_source(ctx: StageContext) -> StageResult:
     }
     return result.done(outputs, f"{rows} rows of {dataset.name} from {len(files)} file(s) in "
                                 f"{len(written)} part(s), DVC {dvc_hash}")
-
-
-def _only_digits(column: pa.Array) -> bool:
-    """Every non-empty key is a whole number (then the entity key is an int64)."""
-    text = pc.ascii_trim_whitespace(column)
-    filled = pc.if_else(pc.equal(text, ""), "0", text)
-    return bool(pc.all(pc.match_substring_regex(filled, r"^[0-9]{1,18}$")).as_py())
 
 
 def _first_key(column: pa.Array) -> str | None:

@@ -250,10 +250,9 @@ def create_app(settings: Settings, *, schema: Schema | None = None, online=None,
 
     records = {name: read_record(settings.runs_dir, name) for name in ("ingest", "features")}
     if schema is None:
-        from pipeline.dataset import load
+        from pipeline.dataset import schema_for
 
-        ingest = records["ingest"]
-        schema = load(settings.dataset).schema(ingest.outputs.get("entity_type") if ingest else None)
+        schema = schema_for(settings.dataset, records["ingest"])
     metrics = metrics or Metrics(multiprocess_dir)
     if online is None:
         from pipeline.online import open_online

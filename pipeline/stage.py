@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.dag import StageSpec, spec
-from pipeline.dataset import Dataset, load
+from pipeline.dataset import Dataset, load, schema_for
 from pipeline.io import (RunRecord, fingerprint, pipeline_lock, read_record, utcnow, wait_for_record,
                          write_record)
 from pipeline.schema import Schema
@@ -77,8 +77,7 @@ class StageContext:
     @property
     def schema(self) -> Schema:
         """The data set's schema; the entity key's type as ingest found it, where not declared."""
-        ingest = self.upstream.get("ingest")
-        return self.dataset.schema(ingest.outputs.get("entity_type") if ingest else None)
+        return schema_for(self.settings.dataset, self.upstream.get("ingest"))
 
     def start(self, inputs: dict[str, Any]) -> StageResult:
         """Begin this stage's run on ``inputs`` (fingerprinted, beside its last record)."""

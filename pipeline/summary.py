@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pipeline.dag import STAGE_NAMES
-from pipeline.dataset import load
+from pipeline.dataset import schema_for
 from pipeline.io import read_record
 from pipeline.settings import Settings
 
@@ -11,7 +11,7 @@ from pipeline.settings import Settings
 def render(settings: Settings) -> str:
     records = {name: read_record(settings.runs_dir, name) for name in STAGE_NAMES}
     ingest, features, train, promote = (records[n] for n in ("ingest", "features", "train", "promote"))
-    schema = load(settings.dataset).schema(ingest.outputs.get("entity_type") if ingest else None)
+    schema = schema_for(settings.dataset, ingest)
     lines = [f"Pipeline summary ({settings.shared}, data set {schema.dataset!r})", ""]
     lines += [f"  {name:<9} {rec.status:<8} {rec.seconds:7.1f}s  {rec.message}" if rec
               else f"  {name:<9} not run" for name, rec in records.items()]
