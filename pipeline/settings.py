@@ -38,6 +38,8 @@ class Settings(BaseSettings):
                                                                "Kubernetes secret)")
     redis_ca_file: Path | None = Field(None, description="CA certificate that signed a `rediss://` (TLS) "
                                                          "server's; unset: the system's CAs")
+    redis_cluster: bool = Field(False, description="the Redis URL names a node of a Redis Cluster: Feast "
+                                                   "(`redis_type: redis_cluster`) and serving route keys by slot")
     mlflow_tracking_uri: str | None = Field(
         default=None, validation_alias=AliasChoices("MLFLOW_TRACKING_URI"),
         description="MLflow tracking server or store; unset: `sqlite:///<shared>/mlflow/mlflow.db`")
@@ -47,6 +49,18 @@ class Settings(BaseSettings):
     model_alias: str = Field("production", description="registry alias that promote moves and serve follows")
     rows: int = Field(10_000, ge=10, description="rows ingest generates for a synthetic data set")
     seed: int = Field(42, ge=0, description="seed of the generator and of the train/holdout split")
+    synthetic_batch: int = Field(0, ge=0, description="synthetic data set: which batch ingest generates; batch n's "
+                                                      "event times follow batch n-1's (newer data for the monitor "
+                                                      "and retrain)")
+    synthetic_drift: str | None = Field(None, description="synthetic data set: shift features, `feature=shift[,...]` "
+                                                          "in the feature's standard deviations (a drifted batch "
+                                                          "for the monitor); unset: no shift")
+    train_chunk_rows: int = Field(1_000_000, ge=1000, description="train: rows per chunk of the streamed "
+                                                                  "point-in-time retrieval and least squares; "
+                                                                  "memory grows with this, not with the data")
+    dask_scheduler: str | None = Field(None, description="Dask scheduler (`tcp://host:8786`, or `local` for a "
+                                                         "LocalCluster of worker processes): features and train's "
+                                                         "statistics run per partition there; unset: one process")
     promote_tolerance: float = Field(0.05, ge=0, description="relative holdout-RMSE slack a new version may "
                                                              "have over the current one and still be promoted")
     wait_seconds: float = Field(0.0, ge=0, description="how long a stage waits for its upstream's run record")
@@ -94,6 +108,9 @@ class Settings(BaseSettings):
     s3_secret_key_file: Path | None = Field(None, description="file holding the S3 secret key (a secret); "
                                                               "unset: `AWS_SECRET_ACCESS_KEY` or botocore's "
                                                               "chain")
+    lakehouse: bool = Field(False, description="with MLOPS_S3_ENDPOINT: raw data and features live in the object "
+                                               "store (`s3://<bucket>/<prefix>lakehouse/`), Feast's offline store "
+                                               "reads them there (docs/objectstore.md)")
     backup_keep: int = Field(7, ge=1, description="backup: complete snapshots kept; older ones and the "
                                                   "files only they referenced are deleted")
 
@@ -110,7 +127,7 @@ class Settings(BaseSettings):
 
     @field_validator("dataset", "redis_url", "redis_password", "redis_password_file", "redis_ca_file",
                      "mlflow_tracking_uri",
-                     "git_commit", "run_id", "s3_endpoint", "s3_prefix", "s3_access_key_file",
+                     "git_commit", "run_id", "s3_endpoint", "synthetic_drift", "dask_scheduler", "s3_prefix", "s3_access_key_file",
                      "s3_secret_key_file", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: str | None) -> str | None:
