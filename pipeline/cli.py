@@ -47,6 +47,10 @@ def parser() -> argparse.ArgumentParser:
     data = argparse.ArgumentParser(add_help=False)
     data.add_argument("--rows", type=int, help="synthetic rows (MLOPS_ROWS, default 10000)")
     data.add_argument("--seed", type=int, help="generator and split seed (MLOPS_SEED, default 42)")
+    data.add_argument("--batch", type=int, dest="synthetic_batch", metavar="N",
+                      help="synthetic batch: event times after batch N-1's (MLOPS_SYNTHETIC_BATCH, default 0)")
+    data.add_argument("--drift", dest="synthetic_drift", metavar="FEATURE=SHIFT[,...]",
+                      help="shift synthetic features by SHIFT standard deviations (MLOPS_SYNTHETIC_DRIFT)")
 
     top = argparse.ArgumentParser(
         prog="python -m pipeline",
@@ -128,7 +132,7 @@ def backup_command(settings: Settings, args: argparse.Namespace) -> None:
 
 def build_settings(args: argparse.Namespace) -> Settings:
     overrides = {key: value for key in ("shared_dir", "redis_url", "wait_seconds", "rows", "seed",
-                                        "host", "port", "workers")
+                                        "synthetic_batch", "synthetic_drift", "host", "port", "workers")
                  if (value := getattr(args, key, None)) is not None}
     try:
         return Settings(**overrides)

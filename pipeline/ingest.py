@@ -5,6 +5,17 @@ declared columns only, as text in CSV parts, so the features stage validates
 every source alike. The built-in synthetic customers are generated instead:
 seeded, with a known truth (:func:`generate_chunk` is pure). Parts are written
 atomically, then the folder is put under DVC.
+
+Batches and drift (the monitor's drill, docs/monitoring.md): batch ``n``
+(``MLOPS_SYNTHETIC_BATCH``) holds the same customers observed over the ``SPAN``
+after batch ``n-1``'s, drawn from a seed stream of its own; the raw folder then
+holds that batch (a newer snapshot, not an append). ``MLOPS_SYNTHETIC_DRIFT``
+(``feature=shift,...``) moves a feature's values by ``shift`` standard
+deviations of its generated distribution (:mod:`pipeline.synthetic_drift`) *before* the
+target is drawn: the covariate moves, the truth stays (covariate shift). Values
+are then rounded (integer features) and clipped to the declared bounds, since
+the features stage quarantines a value outside them; a large shift therefore
+piles values up at a bound. Batch 0 without drift is the data it always was.
 """
 
 from __future__ import annotations
@@ -24,6 +35,7 @@ import pyarrow.csv as pa_csv
 
 from pipeline import datacheck, source, versioning
 from pipeline.dataset import CUSTOMERS, DatasetError
+from pipeline.synthetic_drift import parse_drift, shift_features
 from pipeline.io import atomic_path, file_md5, remove_stale_temps
 from pipeline.stage import StageContext, StageResult
 
@@ -93,23 +105,27 @@ def _draw_features(rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
     }
 
 
-def generate_chunk(rows: int, seed: int, index: int,
-                   bad_fraction: float = DEFAULT_BAD_FRACTION) -> tuple[pd.DataFrame, dict[str, int]]:
-    """Rows ``[index*CHUNK_ROWS, ...)`` of the data set of ``rows`` rows.
+def generate_chunk(rows: int, seed: int, index: int, bad_fraction: float = DEFAULT_BAD_FRACTION,
+                   batch: int = 0, drift: dict[str, float] | None = None) -> tuple[pd.DataFrame, dict[str, int]]:
+    """Rows ``[index*CHUNK_ROWS, ...)`` of batch ``batch`` of the data set of ``rows`` rows.
 
     Returns the chunk (as the CSV will hold it) and how many bad rows of each
     kind were injected, so the features stage's quarantine can be checked.
+    Batch ``n``'s event times start ``n * SPAN`` after batch 0's; ``drift``
+    shifts features (see the module's docstring).
     """
     first = index * CHUNK_ROWS
     n = min(CHUNK_ROWS, rows - first)
     if n <= 0:
         raise ValueError(f"chunk {index} is past the end of {rows} rows")
-    rng = np.random.default_rng([seed, index])
+    # batch 0 keeps the stream it always had (same data, same DVC hash); batch n its own
+    rng = np.random.default_rng([seed, index] if batch == 0 else [seed, index, batch])
     position = np.arange(first, first + n)
     entities = ENTITY_BASE + position % n_entities(rows)
     step_us = SPAN.value // 1000 / rows
-    stamps = START + pd.to_timedelta((position * step_us).astype(np.int64), unit="us")
+    stamps = START + batch * SPAN + pd.to_timedelta((position * step_us).astype(np.int64), unit="us")
     features = _draw_features(rng, n)
+    shift_features(features, drift or {})
     target = TRUTH.intercept + sum(
         TRUTH.coefficients[name] * features[name].astype(float) for name in SYNTHETIC.feature_names
     ) + rng.normal(0.0, TRUTH.noise_sd, n)
@@ -174,11 +190,15 @@ def _synthetic(ctx: StageContext, bad_fraction: float) -> StageResult:
                            f"({', '.join(SYNTHETIC.raw_columns)}); give source.path for your own data")
     rows = declared.rows or settings.rows
     seed = declared.seed if declared.seed is not None else settings.seed
+    batch, drift = settings.synthetic_batch, parse_drift(settings.synthetic_drift)
     inputs = {"rows": rows, "seed": seed, "bad_fraction": bad_fraction,
               "generator_version": GENERATOR_VERSION, "dataset": ctx.schema.version}
+    # Recorded only when set, so batch 0 without drift keeps the fingerprint it always had
+    # (a folder ingested before batches existed is not ingested again).
+    inputs.update({"batch": batch} if batch else {}, **({"drift": drift} if drift else {}))
     result = ctx.start(inputs)
     if result.unchanged() and versioning.changed_files(settings.shared) == []:
-        return result.skip("raw data for these rows and seed is already versioned",
+        return result.skip("raw data for these rows, seed, batch and drift is already versioned",
                            result.previous.outputs)
 
     raw = _fresh_raw_dir(settings)
@@ -188,7 +208,7 @@ def _synthetic(ctx: StageContext, bad_fraction: float) -> StageResult:
     injected = dict.fromkeys(BAD_KINDS, 0)
     started = time.monotonic()
     for index in range(parts):
-        frame, bad = generate_chunk(rows, seed, index, bad_fraction)
+        frame, bad = generate_chunk(rows, seed, index, bad_fraction, batch, drift)
         for kind, count in bad.items():
             injected[kind] += count
         with atomic_path(raw / part_name(index)) as tmp:
@@ -209,8 +229,11 @@ def _synthetic(ctx: StageContext, bad_fraction: float) -> StageResult:
         "dvc_hash": dvc_hash,
         "truth": TRUTH.as_dict(),
         "dataset": ctx.dataset.name,
+        "batch": batch,
+        "drift": drift,
     }
-    return result.done(outputs, f"{rows} rows in {parts} part(s), DVC {dvc_hash}")
+    shifted = f", batch {batch}" + (f" shifted {drift}" if drift else "") if batch or drift else ""
+    return result.done(outputs, f"{rows} rows in {parts} part(s){shifted}, DVC {dvc_hash}")
 
 
 def _fresh_raw_dir(settings) -> Path:
@@ -229,6 +252,9 @@ def _drop_parts_but(raw: Path, wanted: set[str]) -> None:
 def _copy_source(ctx: StageContext) -> StageResult:
     """The declared columns of the user's files, as text, into CSV parts under DVC."""
     settings, dataset = ctx.settings, ctx.dataset
+    if settings.synthetic_batch or settings.synthetic_drift:
+        raise DatasetError(f"MLOPS_SYNTHETIC_BATCH and MLOPS_SYNTHETIC_DRIFT shape the synthetic data set only; "
+                           f"{dataset.name} is read from its files: unset them")
     files = dataset.files()
     inputs = {"dataset": ctx.schema.version,
               "files": [{"name": f.name, "bytes": f.stat().st_size, "md5": file_md5(f)} for f in files]}

@@ -12,6 +12,8 @@ fails when the two differ.
 
 from __future__ import annotations
 
+import math
+import re
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
@@ -53,8 +55,9 @@ class Settings(BaseSettings):
                                                       "event times follow batch n-1's (newer data for the monitor "
                                                       "and retrain)")
     synthetic_drift: str | None = Field(None, description="synthetic data set: shift features, `feature=shift[,...]` "
-                                                          "in the feature's standard deviations (a drifted batch "
-                                                          "for the monitor); unset: no shift")
+                                                          "in standard deviations of the feature's generated "
+                                                          "distribution, clipped to its declared bounds (a drifted "
+                                                          "batch for the monitor); unset: no shift")
     train_chunk_rows: int = Field(1_000_000, ge=1000, description="train: rows per chunk of the streamed "
                                                                   "point-in-time retrieval and least squares; "
                                                                   "memory grows with this, not with the data")
@@ -108,9 +111,11 @@ class Settings(BaseSettings):
     s3_secret_key_file: Path | None = Field(None, description="file holding the S3 secret key (a secret); "
                                                               "unset: `AWS_SECRET_ACCESS_KEY` or botocore's "
                                                               "chain")
-    lakehouse: bool = Field(False, description="with MLOPS_S3_ENDPOINT: raw data and features live in the object "
-                                               "store (`s3://<bucket>/<prefix>lakehouse/`), Feast's offline store "
-                                               "reads them there (docs/objectstore.md)")
+    lakehouse: bool = Field(False, description="with MLOPS_S3_ENDPOINT: raw data (DVC's remote), features and "
+                                               "labels (Parquet by event day) and a local MLflow store's "
+                                               "artifacts live in the object store under "
+                                               "`s3://<bucket>/<prefix>lakehouse/`; Feast's offline store reads "
+                                               "them there (docs/objectstore.md#lakehouse)")
     backup_keep: int = Field(7, ge=1, description="backup: complete snapshots kept; older ones and the "
                                                   "files only they referenced are deleted")
 
@@ -133,6 +138,13 @@ class Settings(BaseSettings):
     def _empty_is_unset(cls, value: str | None) -> str | None:
         return value or None
 
+    @model_validator(mode="after")
+    def _lakehouse_needs_a_store(self):
+        if self.lakehouse and not self.s3_endpoint:
+            raise ValueError("MLOPS_LAKEHOUSE is on but MLOPS_S3_ENDPOINT is unset: set the object store "
+                             "(docs/objectstore.md) or unset MLOPS_LAKEHOUSE")
+        return self
+
     @field_validator("redis_url")
     @classmethod
     def _check_redis_url(cls, value: str | None) -> str | None:
@@ -151,6 +163,28 @@ class Settings(BaseSettings):
                     "port and database; fix it, or unset it to use Feast's SQLite online store"
                 )
         return value
+
+    @field_validator("synthetic_drift")
+    @classmethod
+    def _check_synthetic_drift(cls, value: str | None) -> str | None:
+        """``feature=shift[,...]``, shifts finite numbers, each feature once; returned as
+        ``feature=shift,...`` (sorted) so one drift is written one way. Whether the
+        features exist is ingest's check (it knows the generator's)."""
+        if value is None:
+            return None
+        shifts: dict[str, float] = {}
+        for item in value.split(","):
+            match = re.fullmatch(r"\s*([A-Za-z_][A-Za-z0-9_]*)\s*=\s*([-+]?[0-9.]+(?:[eE][-+]?[0-9]+)?)\s*", item)
+            try:
+                shift = float(match.group(2)) if match else math.nan
+            except ValueError:
+                shift = math.nan
+            if not math.isfinite(shift) or match.group(1) in shifts:
+                raise ValueError(f"MLOPS_SYNTHETIC_DRIFT {value!r} is not `feature=shift[,...]` with each feature "
+                                 "once and shifts in standard deviations (`monthly_spend=1.5,age=-0.5`); "
+                                 "fix it or unset it")
+            shifts[match.group(1)] = shift
+        return ",".join(f"{name}={shift!r}" for name, shift in sorted(shifts.items())) or None
 
     # ----------------------------------------------------------------- layout
     @property
@@ -199,6 +233,15 @@ class Settings(BaseSettings):
                 self.mlflow_dir, self.runs_dir, self.dvc_remote_dir]
 
     @property
+    def lakehouse_uri(self) -> str | None:
+        """``s3://<bucket>/<prefix>lakehouse`` with the lakehouse on, else None:
+        DVC's remote, features, labels and MLflow artifacts live under it."""
+        if not self.lakehouse:
+            return None
+        prefix = (self.s3_prefix or "").strip("/")
+        return "s3://" + "/".join(p for p in (self.s3_bucket, prefix, "lakehouse") if p)
+
+    @property
     def tracking_uri(self) -> str:
         if self.mlflow_tracking_uri:
             return self.mlflow_tracking_uri
@@ -207,9 +250,12 @@ class Settings(BaseSettings):
     @property
     def artifact_location(self) -> str | None:
         """Where a new experiment keeps artifacts: on the volume for a local
-        store; the tracking server's own choice (proxied) for a server."""
+        store (in the object store with the lakehouse on); the tracking
+        server's own choice (proxied) for a server."""
         if self.tracking_uri.startswith(("http://", "https://")):
             return None
+        if self.lakehouse_uri:
+            return f"{self.lakehouse_uri}/mlflow"
         return (self.mlflow_dir / "artifacts").as_uri()
 
     # ----------------------------------------------------------------- redis
