@@ -17,10 +17,21 @@
 #       Debian bookworm with python3 (3.11), venv and pip: the base image.
 #   $MLOPS_OFFLINE_REDIS_IMAGE   (default mlops-offline/redis:7-bookworm)
 #       Debian bookworm with redis-server, started like the official image.
+#   $MLOPS_OFFLINE_PROMETHEUS_IMAGE    (default mlops-offline/prometheus:bookworm)
+#   $MLOPS_OFFLINE_ALERTMANAGER_IMAGE  (default mlops-offline/alertmanager:bookworm)
+#       Debian's prometheus (2.42) and prometheus-alertmanager (0.25) packages, laid
+#       out like the official prom/* images so compose.yaml runs either: the binary
+#       at /bin/prometheus or /bin/alertmanager (the official ENTRYPOINT), wget for
+#       the healthcheck, a /prometheus or /alertmanager data folder owned by nobody.
+#
+# Only what is missing is built; `time scripts/build_offline_images.sh` reports
+# each image's build (about a minute per image from a nearby mirror).
 set -euo pipefail
 
 PYTHON_IMAGE=${MLOPS_OFFLINE_PYTHON_IMAGE:-mlops-offline/python:3.11-bookworm}
 REDIS_IMAGE=${MLOPS_OFFLINE_REDIS_IMAGE:-mlops-offline/redis:7-bookworm}
+PROMETHEUS_IMAGE=${MLOPS_OFFLINE_PROMETHEUS_IMAGE:-mlops-offline/prometheus:bookworm}
+ALERTMANAGER_IMAGE=${MLOPS_OFFLINE_ALERTMANAGER_IMAGE:-mlops-offline/alertmanager:bookworm}
 SUITE=bookworm
 
 # apt_mirror SUITE: the first URI apt's sources give for exactly SUITE (not
@@ -60,22 +71,26 @@ docker info >/dev/null 2>&1 || { echo "error: the Docker engine does not answer;
 
 have_image() { [ -z "${FORCE:-}" ] && docker image inspect "$1" >/dev/null 2>&1; }
 
-# build IMAGE PACKAGES CHANGE...: debootstrap a minimal bookworm root with
-# PACKAGES, trim it, and `docker import` it with the given Dockerfile changes.
+# build IMAGE PACKAGES [--setup FUNCTION] CHANGE...: debootstrap a minimal bookworm
+# root with PACKAGES, trim it, run FUNCTION ROOT on it (if given), and `docker
+# import` it with the given Dockerfile changes.
 build() {
-  local image=$1 packages=$2; shift 2
+  local image=$1 packages=$2 setup=""; shift 2
+  if [ "${1:-}" = --setup ]; then setup=$2; shift 2; fi
   if have_image "$image"; then echo "== $image: present"; return; fi
   local root; root=$(mktemp -d /tmp/mlops-rootfs.XXXXXX)
   trap 'rm -rf "$root"' RETURN
+  local started=$SECONDS
   echo "== $image: debootstrap $SUITE with $packages"
   debootstrap --variant=minbase --include="$packages" "$SUITE" "$root" "$MIRROR" >"$root.log" 2>&1 \
     || { tail -20 "$root.log" >&2; exit 1; }
   rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/lib/apt/lists/* "$root"/usr/share/doc/* "$root"/usr/share/man/*
+  [ -z "$setup" ] || "$setup" "$root"
   rm -f "$root.log"
   local args=()
   for change in "$@"; do args+=(--change "$change"); done
   tar -C "$root" -c . | docker import "${args[@]}" - "$image" >/dev/null
-  echo "== $image: built ($(docker image inspect -f '{{.Size}}' "$image" | awk '{printf "%.0f MB", $1/1e6}'))"
+  echo "== $image: built in $((SECONDS - started))s ($(docker image inspect -f '{{.Size}}' "$image" | awk '{printf "%.0f MB", $1/1e6}'))"
 }
 
 build "$PYTHON_IMAGE" "python3,python3-venv,python3-pip,ca-certificates,tini" \
@@ -88,3 +103,31 @@ build "$REDIS_IMAGE" "redis-server,redis-tools" \
   'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
   'EXPOSE 6379' 'WORKDIR /data' \
   'CMD ["redis-server", "--bind", "0.0.0.0", "--protected-mode", "no", "--save", "", "--appendonly", "no"]'
+
+# Like prom/prometheus and prom/alertmanager: the binary where their ENTRYPOINT names
+# it, a data folder nobody (65534, compose's user) owns, so a fresh named volume
+# mounted there takes that ownership. No web UI assets beyond what the package
+# needs: the API is what compose and the tests use. The Debian packages' own
+# service users and configs are left unused (compose mounts monitoring/*).
+prometheus_layout() {
+  ln -sf /usr/bin/prometheus "$1/bin/prometheus"
+  ln -sf /usr/bin/promtool "$1/bin/promtool"
+  install -d -o 65534 -g 65534 "$1/prometheus"
+}
+alertmanager_layout() {
+  ln -sf /usr/bin/prometheus-alertmanager "$1/bin/alertmanager"
+  ln -sf /usr/bin/amtool "$1/bin/amtool"
+  install -d -o 65534 -g 65534 "$1/alertmanager"
+}
+
+build "$PROMETHEUS_IMAGE" "prometheus,wget" --setup prometheus_layout \
+  'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
+  'EXPOSE 9090' 'USER 65534' 'WORKDIR /prometheus' \
+  'ENTRYPOINT ["/bin/prometheus"]' \
+  'CMD ["--config.file=/etc/prometheus/prometheus.yml", "--storage.tsdb.path=/prometheus"]'
+
+build "$ALERTMANAGER_IMAGE" "prometheus-alertmanager,wget" --setup alertmanager_layout \
+  'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
+  'EXPOSE 9093' 'USER 65534' 'WORKDIR /alertmanager' \
+  'ENTRYPOINT ["/bin/alertmanager"]' \
+  'CMD ["--config.file=/etc/alertmanager/alertmanager.yml", "--storage.path=/alertmanager"]'
