@@ -2,18 +2,21 @@
 (must stay a few microseconds), and the monitor's drift pass over 10^6 logged
 predictions (wall time and peak memory, in a child process of its own).
 
-    python -m benchmarks.monitor FOLDER   # the child: read the log, PSI/KS per feature
+    python -m benchmarks.monitor FOLDER REFERENCE   # the child: the monitor's drift pass over the log
+
+The child imports only what the drift pass needs (not the benchmark harness),
+and takes the training reference from a JSON file, as the monitor takes it
+from train's run record.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-
-from benchmarks.common import child_peak, log
 
 FEATURES = ("age", "tenure_months", "monthly_spend", "support_calls", "sessions_per_week", "discount_rate",
             "late_payments", "satisfaction")
@@ -64,32 +67,43 @@ def write_log(folder: Path, rows: int, per_file: int = 50_000) -> None:
                        compression="zstd")
 
 
-def drift_pass(folder: Path) -> None:
-    """What the monitor does with the log: read the window, PSI and KS per feature and for predictions."""
-    from pipeline import monitor
-    from pipeline.predlog import FEATURE_PREFIX, read_log
+def reference(path: Path) -> None:
+    """A training reference for ``FEATURES`` and the predictions, as train records it."""
+    from pipeline.drift import describe
 
     rng = np.random.default_rng(1)
-    th = monitor.Thresholds()
-    table = read_log(folder, time.time() - 2 * 3600, time.time())
-    for name in FEATURES:
-        ref = monitor.describe(rng.normal(size=100_000))
-        monitor.drift(ref, table.column(FEATURE_PREFIX + name).to_numpy(zero_copy_only=False), th)
-    monitor.drift(monitor.describe(rng.normal(size=100_000)),
-                  table.column("prediction").to_numpy(zero_copy_only=False), th)
+    path.write_text(json.dumps({"features": {name: describe(rng.normal(size=100_000)) for name in FEATURES},
+                                "prediction": describe(rng.normal(size=100_000))}))
+
+
+def drift_pass(folder: Path, reference_path: Path) -> None:
+    """What the monitor does with the log: scan the window (projected columns, time filter, files outside
+    it skipped by name), tally PSI and KS per feature and for the predictions."""
+    from pipeline.drift import Thresholds, log_drift
+    from pipeline.predlog import scan_log
+
+    ref = json.loads(reference_path.read_text())
+    since, until = time.time() - 2 * 3600, time.time()
+    _, prediction, rows = log_drift(lambda columns: scan_log(folder, since, until, columns), ref, FEATURES,
+                                    Thresholds())
+    assert rows > 0 and prediction["psi"] is not None, "the drift pass read nothing"
 
 
 def bench(run, results: dict) -> None:
+    from benchmarks.common import child_peak, log
+
     count = 20_000 if run.smoke else 1_000_000
     results["append"] = append_cost(count)
     log(f"monitor: append {results['append']['append_us']} us, dropped {results['append']['dropped_append_us']} us")
     rows = 20_000 if run.smoke else 1_000_000
     folder = run.work / "monitor-log"
     write_log(folder, rows)
-    seconds, peak = child_peak([sys.executable, "-m", "benchmarks.monitor", str(folder)], run.env)
+    ref = run.work / "monitor-reference.json"
+    reference(ref)
+    seconds, peak = child_peak([sys.executable, "-m", "benchmarks.monitor", str(folder), str(ref)], run.env)
     results["drift_pass"] = {"rows": rows, "seconds": seconds, "peak_mib": peak}
     log(f"monitor: drift pass over {rows} logged predictions: {seconds}s, peak {peak} MiB")
 
 
 if __name__ == "__main__":
-    drift_pass(Path(sys.argv[1]))
+    drift_pass(Path(sys.argv[1]), Path(sys.argv[2]))

@@ -1,9 +1,12 @@
 """The monitor stage: drift, freshness, data quality and live error, as a report.
 
-The statistics are in :mod:`pipeline.drift` (pure). :func:`run` reads the recent prediction log
-(:mod:`pipeline.predlog`), the newest offline features and the upstream run
-records, and writes ``<shared>/monitoring/report.json`` and
-``report.html`` (plots inline), each atomically.
+The statistics are in :mod:`pipeline.drift` (pure); the page and its figures in
+:mod:`pipeline.monitor_report`. :func:`run` reads the prediction log's window
+(:func:`pipeline.predlog.scan_log`: only the columns it needs, batch by batch),
+the offline features newer than the training reference and the upstream run
+records, writes ``<shared>/monitoring/report.json``, ``report.html`` and the
+figures' PNGs, each atomically, and then logs them to the MLflow run of the
+model version the alias serves (:func:`pipeline.monitor_report.log_to_mlflow`).
 
 Train records the training reference; for a model trained before it did, the
 monitor builds it once per model version from the features Parquet rows and
@@ -12,8 +15,6 @@ keeps it beside the report.
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import logging
 import time
@@ -22,17 +23,17 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
+import pyarrow as pa
 
 from pipeline.drift import (EPS, SKETCH, Thresholds, bin_fractions, describe, drift, freshness,  # noqa: F401
-                            ks, live_error, psi, quantile_edges, reference)
+                            ks, live_error, log_drift, psi, quantile_edges, reference, tally)
 from pipeline.io import atomic_write_bytes, atomic_write_json
-from pipeline.predlog import FEATURE_PREFIX, predictions_dir, read_log
+from pipeline.predlog import predictions_dir, scan_log
 from pipeline.settings import Settings
 from pipeline.stage import StageContext, StageResult
 
 log = logging.getLogger(__name__)
+
 
 # ------------------------------------------------------------------- reading
 def model_predictions(train_outputs: dict, frame: pd.DataFrame, feature_names) -> np.ndarray | None:
@@ -63,42 +64,66 @@ def training_reference(settings: Settings, schema, train_outputs: dict, folder: 
     return ref
 
 
-def newest_features(settings: Settings, schema, after: str | None) -> pd.DataFrame:
-    """Offline feature rows with an event time after ``after`` (the reference's newest)."""
-    table = pq.read_table(settings.features_path, columns=[schema.timestamp, *schema.feature_names])
-    if after:
-        column = table.column(schema.timestamp)
-        cut = pd.Timestamp(after)
-        if column.type.tz is None and cut.tzinfo is not None:
-            cut = cut.tz_convert("UTC").tz_localize(None)
-        table = table.filter(pc.greater(column, cut.to_pydatetime()))
-    return table.to_pandas()
+def _time_filter(dataset, column: str, op: str, when):
+    """``column <op> when`` for a dataset whose timestamp column may or may not carry a zone."""
+    import pyarrow.dataset as ds
+
+    kind = dataset.schema.field(column).type
+    cut = pd.Timestamp(when)
+    zone = getattr(kind, "tz", None)
+    if zone is None and cut.tzinfo is not None:
+        cut = cut.tz_convert("UTC").tz_localize(None)
+    elif zone is not None and cut.tzinfo is None:
+        cut = cut.tz_localize("UTC")
+    field, value = ds.field(column), pa.scalar(cut.to_pydatetime(), kind)
+    return {">": field > value, ">=": field >= value, "<=": field <= value}[op]
+
+
+def newest_drift(settings: Settings, schema, ref: dict, thresholds: Thresholds) -> tuple[dict[str, dict], int]:
+    """Drift of the offline feature rows newer than the reference's newest event time."""
+    import pyarrow.dataset as ds
+
+    dataset = ds.dataset(settings.features_path, format="parquet")
+    after = ref.get("event_time_max")
+    where = _time_filter(dataset, schema.timestamp, ">", after) if after else None
+    names = list(schema.feature_names)
+    return tally(dataset.to_batches(columns=names, filter=where, batch_size=65_536),
+                 {n: ref["features"][n] for n in names}, lambda n: n, thresholds)
+
+
+def labelled_error(settings: Settings, schema, since: float, until: float) -> dict:
+    """Live error of the window's predictions that a label (arriving at or after them) can match."""
+    import pyarrow.dataset as ds
+
+    dataset = ds.dataset(settings.labels_path, format="parquet")
+    since_ts = pd.Timestamp(since, unit="s", tz="UTC")
+    labels = dataset.to_table(columns=[schema.join_key, schema.timestamp, schema.target],
+                              filter=_time_filter(dataset, schema.timestamp, ">=", since_ts)).to_pandas()
+    if not len(labels):
+        return live_error(None, labels, schema.join_key, schema.timestamp, schema.target)
+    # only a prediction made before the newest label can have one: read just those
+    newest = pd.Timestamp(labels[schema.timestamp].max())
+    newest = newest.tz_localize("UTC") if newest.tzinfo is None else newest
+    batches = list(scan_log(predictions_dir(settings.shared), since, min(until, newest.timestamp()),
+                            ["entity_key", "time", "prediction"]))
+    frame = pa.Table.from_batches(batches).to_pandas() if batches else None
+    return live_error(frame, labels, schema.join_key, schema.timestamp, schema.target)
 
 
 # ------------------------------------------------------------------- report
 def build_report(settings: Settings, schema, upstream: dict, now: float, thresholds: Thresholds,
                  folder: Path) -> dict:
-    features_rec, feast_rec, train_rec = (upstream.get(n) for n in ("features", "feast", "train"))
+    features_rec, feast_rec, train_rec, promote_rec = (upstream.get(n)
+                                                       for n in ("features", "feast", "train", "promote"))
     train_out = train_rec.outputs if train_rec else {}
     ref = training_reference(settings, schema, train_out, folder)
     names = list(schema.feature_names)
 
     since = now - thresholds.window_seconds
-    logged = read_log(predictions_dir(settings.shared), since, now)
-    frame = logged.to_pandas() if logged is not None else pd.DataFrame()
-    logged_drift = {name: drift(ref["features"][name], frame[FEATURE_PREFIX + name].to_numpy(dtype=float)
-                                if FEATURE_PREFIX + name in frame else np.array([]), thresholds)
-                    for name in names}
-    prediction = (drift(ref["prediction"], frame["prediction"].to_numpy(dtype=float)
-                        if "prediction" in frame else np.array([]), thresholds)
-                  if ref.get("prediction") else {"psi": None, "note": "no reference predictions"})
-
-    newest = newest_features(settings, schema, ref.get("event_time_max"))
-    offline_drift = {name: drift(ref["features"][name], newest[name].to_numpy(dtype=float), thresholds)
-                     for name in names}
-
-    labels = pd.read_parquet(settings.labels_path)
-    live = live_error(frame if len(frame) else None, labels, schema.join_key, schema.timestamp, schema.target)
+    logged_drift, prediction, logged_rows = log_drift(
+        lambda columns: scan_log(predictions_dir(settings.shared), since, now, columns), ref, names, thresholds)
+    offline_drift, newest_rows = newest_drift(settings, schema, ref, thresholds)
+    live = labelled_error(settings, schema, since, now)
     metrics = train_out.get("metrics", {})
     live["holdout_rmse"] = metrics.get("holdout_rmse", metrics.get("train_rmse"))
     live["holdout_mae"] = metrics.get("holdout_mae", metrics.get("train_mae"))
@@ -110,13 +135,15 @@ def build_report(settings: Settings, schema, upstream: dict, now: float, thresho
         "generated_at": pd.Timestamp(now, unit="s", tz="UTC").isoformat(),
         "generated_at_seconds": now,
         "dataset": schema.dataset,
-        "model": {"name": train_out.get("model_name"), "version": train_out.get("model_version")},
+        "model": {"name": train_out.get("model_name"), "version": train_out.get("model_version"),
+                  "alias": promote_rec.outputs.get("alias") if promote_rec else None,
+                  "served_version": promote_rec.outputs.get("alias_version") if promote_rec else None},
         "thresholds": {"psi": thresholds.psi, "ks": thresholds.ks, "window_seconds": thresholds.window_seconds,
-                       "min_rows": thresholds.min_rows},
+                       "min_rows": thresholds.min_rows, "stale_seconds": thresholds.stale_seconds},
         "reference": {k: ref.get(k) for k in ("source", "rows", "bins", "event_time_max", "model_version")},
-        "predictions_logged": int(len(frame)),
+        "predictions_logged": int(logged_rows),
         "features": logged_drift,
-        "offline_features": {"rows": int(len(newest)), "features": offline_drift},
+        "offline_features": {"rows": int(newest_rows), "features": offline_drift},
         "prediction": prediction,
         "freshness": freshness(now, f_out.get("event_time_max"),
                                ((feast_rec.outputs.get("materialized") or {}).get("end") if feast_rec else None)),
@@ -126,74 +153,9 @@ def build_report(settings: Settings, schema, upstream: dict, now: float, thresho
         "drifted_features": drifted,
         "_reference_features": {n: {"edges": ref["features"][n]["edges"],
                                     "fractions": ref["features"][n]["fractions"]} for n in names},
+        "_reference_prediction": ({"fractions": ref["prediction"]["fractions"]} if ref.get("prediction")
+                                  else None),
     }
-
-
-def render_html(report: dict) -> str:
-    """A self-contained page: figures tables and plots (PNG inline), for people and screenshots."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    refs = report["_reference_features"]
-    names = list(refs)
-    fig, axes = plt.subplots(1 + len(names), 1, figsize=(8, 2.4 * (1 + len(names))), squeeze=False)
-    ax = axes[0][0]
-    live_psi = [report["features"][n]["psi"] or 0 for n in names]
-    off_psi = [report["offline_features"]["features"][n]["psi"] or 0 for n in names]
-    x = np.arange(len(names))
-    ax.bar(x - 0.2, live_psi, 0.4, label="prediction log", color="#3b7dd8")
-    ax.bar(x + 0.2, off_psi, 0.4, label="newest features", color="#e08a2c")
-    ax.axhline(report["thresholds"]["psi"], color="red", linestyle="--", label="threshold")
-    ax.set_xticks(x, names)
-    ax.set_title("PSI per feature")
-    ax.legend(fontsize=8)
-    for i, name in enumerate(names):
-        ax = axes[i + 1][0]
-        ref = np.asarray(refs[name]["fractions"])
-        bins = np.arange(len(ref))
-        ax.bar(bins - 0.2, ref, 0.4, label="training", color="#999999")
-        for source, color, shift in (("features", "#3b7dd8", 0.2),):
-            live = report[source][name].get("live_fractions")
-            if live:
-                ax.bar(bins + shift, live, 0.4, label="prediction log", color=color)
-        ax.set_title(f"{name}: share per training decile")
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
-    plt.close(fig)
-    png = base64.b64encode(buf.getvalue()).decode()
-
-    def num(v, fmt="{:.3f}"):
-        return "n/a" if v is None else fmt.format(v)
-
-    rows = "".join(
-        f"<tr class='{'bad' if report['features'][n]['drifted'] or report['offline_features']['features'][n]['drifted'] else ''}'>"
-        f"<td>{n}</td><td>{num(report['features'][n]['psi'])}</td><td>{num(report['features'][n]['ks'])}</td>"
-        f"<td>{num(report['offline_features']['features'][n]['psi'])}</td>"
-        f"<td>{num(report['offline_features']['features'][n]['ks'])}</td></tr>" for n in names)
-    fresh, live, q = report["freshness"], report["live"], report["quarantine"]
-    return f"""<!doctype html><html><head><meta charset="utf-8"><title>mlops monitor</title>
-<style>body{{font-family:sans-serif;margin:1.5em;background:#fff;color:#222}}
-table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 10px}}
-tr.bad td{{background:#fbd5d5}}.cards span{{display:inline-block;margin:0 1em 1em 0;padding:.6em 1em;
-background:#eef3fb;border-radius:6px}}</style></head><body>
-<h1>Monitor: {report['dataset']} model v{report['model']['version']}</h1>
-<p>generated {report['generated_at']}; {report['predictions_logged']} logged predictions in the window;
-reference: {report['reference']['source']} ({report['reference']['rows']} rows)</p>
-<div class="cards"><span>offline freshness {num(fresh['offline_seconds'], '{:.0f}')} s</span>
-<span>online freshness {num(fresh['online_seconds'], '{:.0f}')} s</span>
-<span>quarantine ratio {num(q['ratio'], '{:.2%}')}</span>
-<span>prediction PSI {num(report['prediction'].get('psi'))}</span>
-<span>live RMSE {num(live['rmse'])} ({live['matched']} labelled; holdout {num(live['holdout_rmse'])})</span></div>
-<table><tr><th>feature</th><th>PSI (log)</th><th>KS (log)</th><th>PSI (newest)</th><th>KS (newest)</th></tr>
-{rows}</table>
-<p>drifted: {', '.join(report['drifted_features']) or 'none'}</p>
-<img alt="drift plots" src="data:image/png;base64,{png}">
-</body></html>
-"""
 
 
 def monitoring_dir(settings: Settings) -> Path:
@@ -201,8 +163,11 @@ def monitoring_dir(settings: Settings) -> Path:
 
 
 def run(ctx: StageContext, clock: Callable[[], float] = time.time,
-        thresholds: Thresholds | None = None) -> StageResult:
-    """The stage body; ``clock`` and ``thresholds`` are injectable (tests advance the clock)."""
+        thresholds: Thresholds | None = None, tracking: bool = True) -> StageResult:
+    """The stage body; ``clock`` and ``thresholds`` are injectable (tests advance the clock);
+    ``tracking=False`` leaves MLflow alone."""
+    from pipeline.monitor_report import figures, log_to_mlflow, render_html
+
     settings, schema = ctx.settings, ctx.schema
     thresholds = thresholds or Thresholds.of(settings)
     now = clock()
@@ -213,10 +178,16 @@ def run(ctx: StageContext, clock: Callable[[], float] = time.time,
                         "now": now})
     folder = monitoring_dir(settings)
     report = build_report(settings, schema, ctx.upstream, now, thresholds, folder)
-    html = render_html(report)
+    pngs = figures(report)
     report_path, html_path = folder / "report.json", folder / "report.html"
+    for name, png in pngs.items():
+        atomic_write_bytes(folder / name, png)
     atomic_write_json(report_path, report)
-    atomic_write_bytes(html_path, html.encode())
+    atomic_write_bytes(html_path, render_html(report, pngs).encode())
+    # The report is written first: an MLflow outage costs the run's history entry, never the report,
+    # the exporter's gauges or the alerts (docs/monitoring.md, "History in MLflow").
+    tracked = (log_to_mlflow(settings, report, {**pngs, "report.json": report_path.read_bytes()}, now)
+               if tracking else {"logged": False, "reason": "not asked to"})
     outputs = {
         "report": str(report_path), "html": str(html_path),
         "predictions_logged": report["predictions_logged"],
@@ -227,7 +198,11 @@ def run(ctx: StageContext, clock: Callable[[], float] = time.time,
         "online_freshness_seconds": report["freshness"]["online_seconds"],
         "quarantine_ratio": report["quarantine"]["ratio"],
         "live_rmse": report["live"]["rmse"],
+        "mlflow": tracked,
     }
     drifted = ", ".join(report["drifted_features"]) or "none"
+    rmse = report["live"]["rmse"]
+    where = (f"logged to MLflow run {tracked['run_id']} (version {tracked['model_version']})" if tracked["logged"]
+             else f"not logged to MLflow ({tracked['reason']})")
     return result.done(outputs, f"{report['predictions_logged']} logged predictions; drifted: {drifted}; "
-                                f"live RMSE {report['live']['rmse'] if report['live']['rmse'] is not None else 'n/a'}")
+                                f"live RMSE {rmse if rmse is not None else 'n/a'}; {where}")

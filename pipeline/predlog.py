@@ -30,6 +30,7 @@ import re
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -265,6 +266,40 @@ def read_log(folder: Path, since: float | None = None, until: float | None = Non
     if not tables:
         return None
     return pa.concat_tables(tables, promote_options="default")
+
+
+def column_type(name: str) -> pa.DataType:
+    """A log column's type, as :func:`to_table` writes it."""
+    if name.startswith(FEATURE_PREFIX) or name == "prediction":
+        return pa.float64()
+    return pa.timestamp("us", "UTC") if name == "time" else pa.string()
+
+
+def scan_log(folder: Path, since: float | None, until: float | None, columns: list[str],
+             batch_rows: int = 65_536) -> Iterator[pa.RecordBatch]:
+    """The entries with ``since <= time <= until``, ``columns`` only, batch by batch.
+
+    Files wholly outside the window are skipped by their names; the others are
+    read through one ``pyarrow.dataset`` scan with the column projection and the
+    time filter pushed down, so memory holds a few batches whatever the log's
+    size. A column a file lacks (a feature added since) comes back null."""
+    since_ms = int(since * 1000) if since is not None else None
+    until_ms = int(until * 1000) if until is not None else None
+    paths = [str(f.path) for f in log_files(folder, since_ms) if until_ms is None or f.first_ms <= until_ms]
+    if not paths:
+        return
+    import pyarrow.dataset as ds
+
+    schema = pa.schema([(name, column_type(name)) for name in dict.fromkeys(["time", *columns])])
+    dataset = ds.dataset(paths, schema=schema, format="parquet")
+    window = None
+    if since is not None:
+        window = ds.field("time") >= _ts(since)
+    if until is not None:
+        cut = ds.field("time") <= _ts(until)
+        window = cut if window is None else window & cut
+    yield from dataset.to_batches(columns=list(columns), filter=window, batch_size=batch_rows,
+                                  batch_readahead=2, fragment_readahead=2)
 
 
 def _ts(seconds: float) -> pa.Scalar:

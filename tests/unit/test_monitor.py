@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 
 from pipeline import monitor
+from pipeline.drift import Tally
 from pipeline.monitor import Thresholds
 
 
@@ -100,3 +101,59 @@ def test_freshness_is_now_minus_the_newest_time():
     out = monitor.freshness(now, "2024-05-01T11:00:00+00:00", "2024-05-01T11:59:00+00:00")
     assert out["offline_seconds"] == 3600 and out["online_seconds"] == 60
     assert monitor.freshness(now, None, None)["online_seconds"] is None
+
+
+def test_ks_statistic_is_scipys_including_ties():
+    from scipy import stats
+
+    rng = np.random.default_rng(4)
+    for reference_sample, sample in ((rng.integers(0, 5, 1001).astype(float), rng.integers(0, 6, 3000).astype(float)),
+                                     (rng.normal(size=1001), rng.normal(0.2, 1.1, 5000)),
+                                     (np.sort(rng.normal(size=1001)), rng.normal(size=7))):
+        statistic, pvalue = monitor.ks(reference_sample, sample)
+        expected = stats.ks_2samp(reference_sample, sample)
+        assert statistic == pytest.approx(expected.statistic, abs=1e-12)
+        assert 0 <= pvalue <= 1
+    # the asymptotic p-value tells a shift from noise as scipy's does
+    same = monitor.ks(rng.normal(size=1001), rng.normal(size=20_000))[1]
+    moved = monitor.ks(rng.normal(size=1001), rng.normal(0.3, 1, 20_000))[1]
+    assert same > 0.01 and moved < 1e-6
+
+
+def test_drift_in_batches_equals_drift_in_one_pass():
+    rng = np.random.default_rng(5)
+    ref = monitor.describe(rng.normal(size=20_000))
+    values = rng.normal(0.15, 1.2, 30_000)
+    values[::97] = np.nan  # a null in the log: not counted
+    whole = monitor.drift(ref, values, Thresholds())
+    tally = Tally(ref)
+    for part in np.array_split(values, 7):
+        tally.add(part)
+    batched = tally.result(Thresholds())
+    assert batched["n"] == whole["n"] == int(np.isfinite(values).sum())
+    for key in ("psi", "ks", "ks_pvalue", "mean_shift_sigmas"):
+        assert batched[key] == pytest.approx(whole[key], rel=1e-9), key
+    assert batched["live_fractions"] == pytest.approx(whole["live_fractions"])
+
+
+def test_the_log_scan_reads_the_window_only(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.predlog import scan_log, to_table
+
+    def write(first: float, last: float, features: dict, name_first=None):
+        rows = [(t, i, features, 1.0, 1, "r") for i, t in enumerate(np.linspace(first, last, 10))]
+        name = f"pred-{int((name_first or first) * 1000):013d}-{int(last * 1000):013d}-host-1-{int(first):06d}.parquet"
+        pq.write_table(to_table(rows), tmp_path / name)
+
+    write(100, 190, {"a": 1.0, "b": 2.0})  # straddles the window's start at 150
+    write(200, 290, {"a": 3.0})  # written before feature b existed
+    (tmp_path / f"pred-{10_000:013d}-{90_000:013d}-host-1-000009.parquet").write_bytes(b"not parquet")  # before
+    (tmp_path / f"pred-{900_000:013d}-{990_000:013d}-host-1-000010.parquet").write_bytes(b"not parquet")  # after
+    batches = list(scan_log(tmp_path, 150, 300, ["feature.a", "feature.b"]))
+    table = pa.Table.from_batches(batches)
+    assert table.column_names == ["feature.a", "feature.b"]  # projected: no time, keys or request ids
+    assert table.column("feature.a").to_pylist() == [1.0] * 5 + [3.0] * 10  # 150..190, then 200..290
+    assert table.column("feature.b").null_count == 10
+    assert list(scan_log(tmp_path / "missing", 0, 1, ["prediction"])) == []
