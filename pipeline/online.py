@@ -4,7 +4,8 @@ Two readers, one interface (``read(entity_ids)``, ``reachable()``):
 
 - :class:`RedisOnlineReader`: straight from Redis in Feast's layout (the
   bytes come from :mod:`pipeline.redis_layout`): one HMGET per entity,
-  bounded socket timeouts, no retries;
+  bounded socket timeouts, no retries; on a Redis Cluster each HMGET goes to
+  the master of its key's slot (:mod:`pipeline.redis_cluster`);
 - :class:`FeastSqliteReader`: Feast's SQLite online store, through Feast's SDK.
 
 :class:`OnlineFeatures` wraps either and decides when the store counts as down.
@@ -38,6 +39,7 @@ from typing import Protocol
 import numpy as np
 
 from pipeline.errors import OnlineStoreUnavailable, PipelineError, UnknownEntity
+from pipeline.redis_cluster import closed_while_idle
 from pipeline.schema import Schema
 from pipeline.settings import Settings
 
@@ -79,16 +81,6 @@ def _said(message: str, *args) -> None:
 _said.last = None
 
 
-def _closed_while_idle(conn) -> bool:
-    """An idle connection with something to read (or an EOF) is no longer usable."""
-    import redis
-
-    try:
-        return conn.can_read(timeout=0)
-    except (redis.exceptions.ConnectionError, OSError):
-        return True
-
-
 class RedisOnlineReader:
     """The feature view read straight from Redis, in Feast's own layout.
 
@@ -98,13 +90,14 @@ class RedisOnlineReader:
     the client's per-command layers (pool checkout, retry and observability
     hooks: about half of a lookup's CPU here); a connection that fails is
     dropped, and the next lookup opens a fresh one. A test holds the reader
-    equal to ``get_online_features``.
+    equal to ``get_online_features``. With ``routes`` (a Redis Cluster) the
+    HMGETs go by slot, one connection per node and thread, and ``client`` is unused.
     """
 
-    def __init__(self, client, schema: Schema) -> None:
+    def __init__(self, client, schema: Schema, routes=None) -> None:
         from pipeline.redis_layout import FeastRedisLayout
 
-        self.client = client
+        self.client, self.routes = client, routes
         self.layout = FeastRedisLayout(schema)
         self._local = threading.local()
 
@@ -114,7 +107,7 @@ class RedisOnlineReader:
         conn = getattr(self._local, "conn", None)
         if conn is None:
             conn = self._local.conn = self.client.connection_pool.make_connection()
-        elif _closed_while_idle(conn):
+        elif closed_while_idle(conn):
             # The server closed it (its `timeout`, a restart, a proxy). Reconnect
             # before sending, as redis-py's pool does, so a request never pays
             # for a dead connection nor retries after a send.
@@ -141,7 +134,11 @@ class RedisOnlineReader:
 
     def read(self, entity_ids: Sequence) -> list[list[float] | None]:
         """Feature values per entity, in schema order; None for an unknown entity."""
-        rows = self._roundtrip(self.layout.keys(entity_ids))
+        keys = self.layout.keys(entity_ids)
+        if self.routes is None:
+            rows = self._roundtrip(keys)
+        else:  # errors are redis-py's: unreachable() below tells a late answer from a refusal
+            rows = self.routes.roundtrip(keys, self.layout.hmget, lambda key: ["HMGET", key, *self.layout.fields])
         return [self.layout.decode(raw) for raw in rows]
 
     def reachable(self) -> tuple[bool, str]:
@@ -150,7 +147,8 @@ class RedisOnlineReader:
         from pipeline.redis_layout import loaded_marker
 
         try:
-            loaded = self.client.exists(loaded_marker(self.layout.schema))
+            client = self.client if self.routes is None else self.routes.client
+            loaded = client.exists(loaded_marker(self.layout.schema))
         except Exception as exc:
             _said("serve: the online store (redis) does not answer: %s: %s", type(exc).__name__, exc)
             return False, "redis: unreachable (see the server log)"
@@ -317,10 +315,15 @@ class OnlineFeatures:
 def open_online(settings: Settings, schema: Schema, **options) -> OnlineFeatures:
     """The configured store: Redis when ``MLOPS_REDIS_URL`` is set, Feast's SQLite
     store otherwise. ``options`` go to :class:`OnlineFeatures`."""
-    if settings.redis_url:
+    if settings.redis_url and settings.redis_cluster:
+        from pipeline.redis_cluster import ClusterRoutes, cluster_options
+
+        routes = ClusterRoutes(cluster_options(settings, settings.online_timeout_seconds))
+        reader: Reader = RedisOnlineReader(None, schema, routes)
+    elif settings.redis_url:
         from pipeline.redis_layout import connect
 
-        reader: Reader = RedisOnlineReader(connect(settings, settings.online_timeout_seconds), schema)
+        reader = RedisOnlineReader(connect(settings, settings.online_timeout_seconds), schema)
     else:
         reader = FeastSqliteReader(settings, schema)
     return OnlineFeatures(reader, schema, settings.online_backoff_seconds,

@@ -14,9 +14,8 @@ commands that use them: the HMGET that ``/predict`` reads with
 feast stage, instead of ``feast materialize`` on Redis). When it is made it
 runs that very packing and decoding on probe values and compares them with
 Feast's own helpers and protos, so a Feast release that changes the layout
-fails loudly here instead of writing keys Feast cannot read. Tests hold the
-loader to the bytes ``feast materialize`` writes and the reader to
-``get_online_features``.
+fails loudly here. Tests hold the loader to the bytes ``feast materialize``
+writes (on one Redis and on a Redis Cluster) and the reader to Feast's SDK.
 """
 
 from __future__ import annotations
@@ -33,7 +32,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import redis
 
-from pipeline.errors import LayoutChanged
+from pipeline.errors import ConfigError, LayoutChanged
+from pipeline.redis_cluster import NodeConnections, cluster_options, connect_cluster, exchange
 from pipeline.schema import ENTITY_ID_MAX, Schema
 from pipeline.settings import Settings
 
@@ -46,7 +46,10 @@ LOAD_BATCH_ROWS = 20_000
 
 def connect(settings: Settings, timeout_seconds: float):
     """A redis-py client for the online store: bounded socket timeouts, no retries,
-    so an unreachable Redis is an error within ``timeout_seconds``."""
+    so an unreachable Redis is an error within ``timeout_seconds``. A
+    ``RedisCluster`` with ``MLOPS_REDIS_CLUSTER`` (:mod:`pipeline.redis_cluster`)."""
+    if settings.redis_cluster:
+        return connect_cluster(cluster_options(settings, timeout_seconds))
     host, port, db, password = settings.redis_parts()
     return redis.Redis(host=host, port=port, db=db, password=password, socket_timeout=timeout_seconds,
                        socket_connect_timeout=timeout_seconds, retry=None, **settings.redis_tls_options())
@@ -268,13 +271,12 @@ def load_latest(client, features_path: Path, schema: Schema,
                 progress: Callable[[int, int], None] | None = None) -> int:
     """Write the latest features of every entity into Redis in Feast's layout.
 
-    What ``feast materialize`` writes for a window holding every row: one HSET
-    per entity (:meth:`FeastRedisLayout.hset`), pipelined in batches on one
-    redis-py connection. Overwrites, so a re-run after an interruption
-    finishes the job. Returns the number of entities written. Integer keys only
-    (their fixed length is what makes the packing fast); the feast stage lets
-    ``feast materialize`` write string-keyed data sets.
-    """
+    What ``feast materialize`` writes for a window holding every row: one HSET per
+    entity (:meth:`FeastRedisLayout.hset`), pipelined in batches on one connection
+    (a ``RedisCluster``: one per master, each HSET to its key's slot's master).
+    Overwrites, so a re-run finishes an interrupted load. Returns the number of
+    entities written. Integer keys only (their fixed length makes the packing
+    fast); string keys are left to ``feast materialize``."""
     if not schema.int_keys:
         raise ValueError("load_latest packs integer entity keys only")
     layout = FeastRedisLayout(schema)
@@ -282,7 +284,8 @@ def load_latest(client, features_path: Path, schema: Schema,
     total, written, offset = int(wanted.sum()), 0, 0
     columns = [schema.join_key, schema.timestamp, *schema.feature_names]
     parquet = pq.ParquetFile(features_path)
-    conn = client.connection_pool.get_connection()
+    cluster = isinstance(client, redis.cluster.RedisCluster)
+    conn = NodeConnections(client) if cluster else client.connection_pool.get_connection()
     try:
         for batch in parquet.iter_batches(batch_size=LOAD_BATCH_ROWS, columns=columns):
             take = wanted[offset:offset + batch.num_rows]
@@ -290,21 +293,28 @@ def load_latest(client, features_path: Path, schema: Schema,
             if not take.any():
                 continue
             batch = batch.filter(pa.array(take))
+            ids = batch.column(schema.join_key).to_numpy()
             matrix = np.column_stack([batch.column(name).to_numpy() for name in schema.feature_names])
-            commands = layout.hset(batch.column(schema.join_key).to_numpy(),
-                                   batch.column(schema.timestamp).cast(pa.timestamp("us", tz="UTC"))
+            commands = layout.hset(ids, batch.column(schema.timestamp).cast(pa.timestamp("us", tz="UTC"))
                                    .cast(pa.int64()).to_numpy(), matrix)
-            conn.send_packed_command([b"".join(commands)], check_health=False)
-            for _ in commands:
-                conn.read_response()  # an error reply raises here
+            if cluster:
+                exchange(client, layout.keys(ids), lambda at: b"".join(commands[i] for i in at), conn,
+                         lambda i: client.execute_command(*split_command(commands[i])))
+            else:
+                conn.send_packed_command([b"".join(commands)], check_health=False)
+                for _ in commands:
+                    conn.read_response()  # an error reply raises here
             written += len(commands)
             if progress:
                 progress(written, total)
+    except redis.exceptions.MovedError:
+        conn.disconnect()
+        raise ConfigError("MLOPS_REDIS_URL names a node of a Redis Cluster: set MLOPS_REDIS_CLUSTER=true") from None
     except BaseException:
         conn.disconnect()  # replies may be left unread
         raise
     finally:
-        client.connection_pool.release(conn)
+        conn.release() if cluster else client.connection_pool.release(conn)
     return written
 
 

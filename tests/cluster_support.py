@@ -1,0 +1,136 @@
+"""A real Redis Cluster for tests and benchmarks: 3 masters and 3 replicas of Debian's
+redis-server on free loopback ports, append-only files, a password.
+
+Nothing here imports pytest. :func:`redis_cluster` raises :class:`NoRedisServer`
+where redis-server or redis-cli is missing (the tests turn that into a skip
+locally and a failure on CI).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import signal
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import redis
+
+from tests.support import LOOPBACK, free_port, stop, wait_until
+
+NODE_TIMEOUT_MS = 1000  # how long a silent master takes to be declared failed
+
+
+class NoRedisServer(RuntimeError):
+    """Debian's redis-server and redis-cli are needed (.ci/run installs them)."""
+
+
+@dataclass
+class Cluster:
+    ports: list[int]
+    password: str
+    procs: dict[int, subprocess.Popen] = field(default_factory=dict)
+
+    def url(self, port: int | None = None) -> str:
+        """The URL of one node, as MLOPS_REDIS_URL names it."""
+        return f"redis://:{self.password}@{LOOPBACK}:{port or self.ports[0]}/0"
+
+    def node(self, port: int) -> redis.Redis:
+        """A plain client to one node (no slot routing)."""
+        return redis.Redis(host=LOOPBACK, port=port, password=self.password, socket_timeout=5)
+
+    def client(self) -> redis.cluster.RedisCluster:
+        live = next(p for p in self.ports if self.procs[p].poll() is None)
+        return redis.cluster.RedisCluster(host=LOOPBACK, port=live, password=self.password, socket_timeout=5)
+
+    def masters(self) -> dict[int, list[tuple[int, int]]]:
+        """Port of each live master and its slot ranges, as a live node sees them."""
+        live = next(p for p in self.ports if self.procs[p].poll() is None)
+        out: dict[int, list[tuple[int, int]]] = {}
+        for start, end, master, *_ in self.node(live).execute_command("CLUSTER SLOTS"):
+            out.setdefault(int(master[1]), []).append((int(start), int(end)))
+        return out
+
+    def master_of(self, slot: int) -> int:
+        return next(port for port, ranges in self.masters().items()
+                    if any(start <= slot <= end for start, end in ranges))
+
+    def ok(self) -> bool:
+        """Every live node says cluster_state:ok and agrees on 3 masters covering all slots."""
+        try:
+            for port in self.ports:
+                if self.procs[port].poll() is None and self.node(port).execute_command("CLUSTER INFO")["cluster_state"] != "ok":
+                    return False
+            masters = self.masters()
+            return len(masters) == 3 and sum(e - s + 1 for r in masters.values() for s, e in r) == 16384
+        except redis.exceptions.RedisError:
+            return False
+
+    def kill(self, port: int) -> None:
+        """kill -9 one node."""
+        self.procs[port].send_signal(signal.SIGKILL)
+        self.procs[port].wait(10)
+
+
+@contextlib.contextmanager
+def redis_cluster(folder: Path, password: str = "cluster-test-pw") -> Iterator[Cluster]:
+    """A 3-master/3-replica cluster, every node answering cluster_state:ok; every node
+    stopped on exit, on failure too."""
+    if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
+        raise NoRedisServer("needs Debian's redis-server and redis-cli (apt-get install redis-server)")
+    cluster = Cluster(ports=[], password=password)
+    try:
+        for _ in range(6):
+            port, bus = free_port(), free_port()
+            home = folder / str(port)
+            home.mkdir(parents=True)
+            cluster.ports.append(port)
+            cluster.procs[port] = subprocess.Popen(
+                ["redis-server", "--port", str(port), "--bind", LOOPBACK, "--cluster-enabled", "yes",
+                 "--cluster-port", str(bus), "--cluster-config-file", f"nodes-{port}.conf",
+                 "--cluster-node-timeout", str(NODE_TIMEOUT_MS), "--appendonly", "yes", "--save", "",
+                 "--requirepass", password, "--masterauth", password, "--dir", str(home),
+                 "--logfile", str(home / "redis.log")],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+        def answers() -> bool:
+            with contextlib.suppress(redis.exceptions.RedisError):
+                return all(cluster.node(p).ping() for p in cluster.ports)
+            return False
+
+        wait_until(answers, 20, "the 6 redis-server nodes to answer")
+        subprocess.run(["redis-cli", "--no-auth-warning", "-a", password, "--cluster", "create",
+                        *(f"{LOOPBACK}:{p}" for p in cluster.ports), "--cluster-replicas", "1",
+                        "--cluster-yes"], check=True, capture_output=True, timeout=60)
+        wait_until(cluster.ok, 30, "cluster_state:ok on every node", interval=0.1)
+        yield cluster
+    finally:
+        for proc in cluster.procs.values():
+            if proc.poll() is None:
+                stop(proc, timeout=10)
+
+
+@contextlib.contextmanager
+def redis_single(folder: Path, password: str = "single-test-pw") -> Iterator[str]:
+    """One plain (non-cluster) redis-server on a free loopback port; yields its URL."""
+    if shutil.which("redis-server") is None:
+        raise NoRedisServer("needs Debian's redis-server (apt-get install redis-server)")
+    port = free_port()
+    folder.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", LOOPBACK, "--save", "",
+                             "--requirepass", password, "--dir", str(folder)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        client = redis.Redis(host=LOOPBACK, port=port, password=password, socket_timeout=5)
+
+        def answers() -> bool:
+            with contextlib.suppress(redis.exceptions.RedisError):
+                return client.ping()
+            return False
+
+        wait_until(answers, 20, "the plain redis-server to answer")
+        yield f"redis://:{password}@{LOOPBACK}:{port}/0"
+    finally:
+        stop(proc, timeout=10)
