@@ -73,14 +73,25 @@ def online_store_config(settings: Settings, password_placeholder: bool = False) 
 
     The Redis client gets bounded socket timeouts and no retries, so an
     unreachable Redis turns into an error within ``online_timeout_seconds``
-    instead of redis-py's default retries with back-off.
+    instead of redis-py's default retries with back-off. With
+    ``MLOPS_REDIS_CLUSTER``: ``redis_type: redis_cluster``, the URL's node as
+    the one startup node (``RedisCluster`` finds the others), no ``db`` and
+    no ``retry`` (a cluster refuses both as arguments; its own retries are
+    set to none instead).
     """
     if not settings.redis_url:
         return {"type": "sqlite", "path": str(settings.feast_dir / "online_store.db")}
     host, port, db, password = settings.redis_parts()
     timeout = settings.online_timeout_seconds
-    parts = [f"{host}:{port}", f"db={db}", f"socket_timeout={timeout}",
-             f"socket_connect_timeout={timeout}", "retry=null"]
+    if settings.redis_cluster:
+        from pipeline.redis_cluster import cluster_options
+
+        cluster_options(settings, timeout)  # refuses a database other than 0, saying what to do
+        parts = [f"{host}:{port}", f"socket_timeout={timeout}", f"socket_connect_timeout={timeout}",
+                 "cluster_error_retry_attempts=0"]
+    else:
+        parts = [f"{host}:{port}", f"db={db}", f"socket_timeout={timeout}",
+                 f"socket_connect_timeout={timeout}", "retry=null"]
     # Feast hands these to redis-py as they are (values parsed as JSON: true -> True)
     parts += [f"{key}={'true' if value is True else value}" for key, value in settings.redis_tls_options().items()]
     if password:
@@ -89,6 +100,8 @@ def online_store_config(settings: Settings, password_placeholder: bool = False) 
                               "string separator); choose another password")
         parts.append("password=${MLOPS_REDIS_PASSWORD}" if password_placeholder
                      else f"password={password}")
+    if settings.redis_cluster:
+        return {"type": "redis", "redis_type": "redis_cluster", "connection_string": ",".join(parts)}
     return {"type": "redis", "connection_string": ",".join(parts)}
 
 
