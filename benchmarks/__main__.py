@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks import end_to_end, features, loading, monitor, serving
+from benchmarks import backup, end_to_end, features, loading, monitor, serving
 from benchmarks.common import Run
 from benchmarks.report import write
 from tests.support import ROOT, redis_server, redis_url
@@ -22,6 +22,7 @@ from tests.support import ROOT, redis_server, redis_url
 # section name -> (module, needs Redis)
 SECTIONS = {"features": (features, False), "loading": (loading, True), "serving": (serving, True),
             "end_to_end": (end_to_end, True), "monitor": (monitor, False)}
+SECTIONS["backup"] = (backup, True)  # pipeline.backup beside a plain copy to the same SeaweedFS
 
 
 def machine() -> str:

@@ -26,27 +26,27 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import sqlite3
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 from pipeline.io import TMP_PREFIX, atomic_path, pipeline_lock
 from pipeline.errors import ObjectStoreError
-from pipeline.objectstore import client, describe, dvc_remote
+from pipeline.objectstore import client, describe, dvc_transfer
 from pipeline.settings import Settings
 
 log = logging.getLogger(__name__)
 
 FORMAT = 1
-DVC_REMOTE = "objectstore"
 # Relative to the volume root: what a backup leaves out (rebuilt on restore).
 SKIP_DIRS = {".dvc/cache", ".dvc/tmp", "dvc-store", "data/raw"}
 SKIP_FILES = {".pipeline.lock", "feast/online_store.db"}
 SQLITE_MAGIC = b"SQLite format 3\x00"
+WORKERS = 8  # files sent or fetched at once (botocore's connection pool holds 10)
 
 
 @dataclass(frozen=True)
@@ -68,6 +68,28 @@ def _sha256(path: Path) -> str:
         while block := fh.read(1 << 20):
             digest.update(block)
     return digest.hexdigest()
+
+
+class _Phases(dict):
+    """Seconds per phase, in order (the log and the benchmark show them)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mark = time.monotonic()
+
+    def done(self, name: str) -> None:
+        now = time.monotonic()
+        self[name], self.mark = round(now - self.mark, 2), now
+
+
+def _each(fn, items) -> None:
+    """``fn`` on every item, WORKERS at a time; the first failure stops the rest and is raised."""
+    pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="objectstore")
+    try:
+        for _ in pool.map(fn, items):
+            pass
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _call(settings: Settings, doing: str, fn, *args, **kwargs):
@@ -119,43 +141,6 @@ def _collect(shared: Path, staging: Path) -> list[tuple[Entry, Path]]:
     return found
 
 
-# ------------------------------------------------------------------- DVC
-def _dvc(root: Path, settings: Settings, action: str) -> int:
-    """``dvc push`` to / ``dvc pull`` from the S3 remote (the remote exists only
-    in memory: ``.dvc/config`` and its credentials are never touched)."""
-    from dvc.repo import Repo
-
-    if not (root / "data" / "raw.dvc").is_file():
-        return 0
-    with contextlib.chdir(root):
-        repo = Repo(str(root), config={"remote": {DVC_REMOTE: dvc_remote(settings, _key(settings, "dvc"))}})
-        try:
-            if action == "push":
-                return repo.push(remote=DVC_REMOTE)
-            return len(repo.pull(remote=DVC_REMOTE).get("added", []))
-        except Exception as exc:
-            raise _dvc_error(exc, settings, action) from None
-        finally:
-            repo.close()
-
-
-def _dvc_error(exc: BaseException, settings: Settings, action: str) -> ObjectStoreError:
-    """DVC wraps the S3 failure (s3fs turns AccessDenied into PermissionError)."""
-    seen: BaseException | None = exc
-    for _ in range(10):
-        if seen is None:
-            break
-        if isinstance(seen, PermissionError) or "AccessDenied" in str(seen):
-            return describe(_Denied(), settings, f"dvc {action}")
-        seen = seen.__cause__ or seen.__context__
-    return ObjectStoreError(f"dvc {action} with the object store at {settings.s3_endpoint} failed "
-                            f"({type(exc).__name__}); check MLOPS_S3_* and that the store answers, then re-run")
-
-
-class _Denied(Exception):
-    response = {"Error": {"Code": "AccessDenied"}}
-
-
 # ---------------------------------------------------------------- backup
 def new_id() -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
@@ -167,17 +152,23 @@ def backup(settings: Settings) -> dict:
     shared = settings.shared
     with pipeline_lock(shared, "backup", settings.lock_timeout_seconds), \
             tempfile.TemporaryDirectory(prefix="mlops-backup-") as staging:
-        snapshot, t0 = new_id(), time.monotonic()
-        pushed = _dvc(shared, settings, "push")
+        snapshot, t0, phases = new_id(), time.monotonic(), _Phases()
+        pushed = dvc_transfer(shared, settings, "push", _key(settings, "dvc"))
+        phases.done("dvc_push")
         entries = _collect(shared, Path(staging))
+        phases.done("collect")
         stored = {k.rsplit("/", 1)[-1] for k in _list_keys(s3, settings, "objects/")}
         todo = {e.sha256: src for e, src in entries if e.sha256 not in stored}
         log.info("backup %s: %d file(s), %d new object(s) to send; raw data: %d DVC object(s) pushed",
                  snapshot, len(entries), len(todo), pushed)
-        for digest, source in todo.items():
-            with open(source, "rb") as body:
+
+        def send(item: tuple[str, Path]) -> None:
+            with open(item[1], "rb") as body:
                 _call(settings, "store a file", s3.put_object, Bucket=settings.s3_bucket,
-                      Key=_key(settings, "objects", digest), Body=body)
+                      Key=_key(settings, "objects", item[0]), Body=body)
+
+        _each(send, todo.items())
+        phases.done("send")
         dvc_file = shared / "data" / "raw.dvc"
         manifest = {"format": FORMAT, "id": snapshot, "created_at": datetime.now(timezone.utc).isoformat(),
                     "shared": str(shared), "raw_dvc": dvc_file.is_file(),
@@ -188,8 +179,9 @@ def backup(settings: Settings) -> dict:
         _call(settings, "write the manifest", s3.put_object, Bucket=settings.s3_bucket,
               Key=_key(settings, "snapshots", f"{snapshot}.json"),
               Body=json.dumps(manifest, indent=1).encode(), ContentType="application/json")
-        manifest["seconds"] = round(time.monotonic() - t0, 2)
         removed = retain(s3, settings)
+        phases.done("manifest_and_retention")
+        manifest.update(seconds=round(time.monotonic() - t0, 2), phases=dict(phases))
     log.info("backup %s complete: %d file(s), %.1f MB (%.1f MB sent) in %.1fs; removed %d old snapshot(s)",
              snapshot, len(entries), manifest["bytes"] / 1e6, manifest["sent_bytes"] / 1e6,
              manifest["seconds"], removed)
@@ -254,23 +246,28 @@ def _leftovers(root: Path) -> list[str]:
                   if p.is_file() and p.name != ".pipeline.lock")[:3]
 
 
-def restore_files(s3, settings: Settings, manifest: dict, root: Path) -> int:
+def restore_files(s3, settings: Settings, manifest: dict, root: Path, phases: dict | None = None) -> int:
     """Write every file of ``manifest`` under ``root`` (atomically, checked
     against its sha256), then ``dvc pull`` the raw data. Returns the bytes written."""
-    written = 0
-    for entry in manifest["files"]:
-        target = root / entry["path"]
-        body = _call(settings, f"read {entry['path']}", s3.get_object, Bucket=settings.s3_bucket,
-                     Key=_key(settings, "objects", entry["sha256"]))["Body"]
-        with atomic_path(target) as tmp:
+    phases = _Phases() if phases is None else phases
+
+    def fetch(entry: dict) -> None:
+        digest = hashlib.sha256()  # hashed as it streams in: the file is not read twice
+        body = s3.get_object(Bucket=settings.s3_bucket, Key=_key(settings, "objects", entry["sha256"]))["Body"]
+        with atomic_path(root / entry["path"]) as tmp:
             with open(tmp, "wb") as out:
-                shutil.copyfileobj(body, out, 1 << 20)
-            if _sha256(tmp) != entry["sha256"]:
+                while block := body.read(1 << 20):
+                    digest.update(block)
+                    out.write(block)
+            if digest.hexdigest() != entry["sha256"]:
                 raise ObjectStoreError(f"{entry['path']} in snapshot {manifest['id']} does not match its "
                                        "hash; the store is damaged: restore an older snapshot (--snapshot)")
-        written += entry["size"]
-    _dvc(root, settings, "pull")
-    return written
+
+    _each(lambda entry: _call(settings, f"read {entry['path']}", fetch, entry), manifest["files"])
+    phases.done("files")
+    dvc_transfer(root, settings, "pull", _key(settings, "dvc"))
+    phases.done("dvc_pull")
+    return sum(entry["size"] for entry in manifest["files"])
 
 
 def restore(settings: Settings, snapshot: str | None = None) -> dict:
@@ -286,21 +283,25 @@ def restore(settings: Settings, snapshot: str | None = None) -> dict:
     t0 = time.monotonic()
     manifest = _pick(s3, settings, snapshot)
     with pipeline_lock(shared, f"restore {manifest['id']}", settings.lock_timeout_seconds):
-        written = restore_files(s3, settings, manifest, shared)
+        phases = _Phases()
+        written = restore_files(s3, settings, manifest, shared, phases)
         if manifest["raw_dvc"]:
             for folder in settings.layout():
                 folder.mkdir(parents=True, exist_ok=True)
             versioning.add_and_push(shared, settings.raw_dir)  # the local remote dvc-store/ again
+        phases.done("dvc_store")
         feast_record = settings.runs_dir / "feast" / "latest.json"
         if feast_record.is_file():
             # The online store is not in the snapshot: without its latest record
             # (the history keeps a copy) the feast stage applies and loads again.
             feast_record.unlink()
             execute("feast", settings, locked=True)
+        phases.done("online_store")
     seconds = round(time.monotonic() - t0, 2)
     log.info("restore %s: %d file(s), %.1f MB in %.1fs into %s", manifest["id"], len(manifest["files"]),
              written / 1e6, seconds, shared)
-    return {"id": manifest["id"], "files": len(manifest["files"]), "bytes": written, "seconds": seconds}
+    return {"id": manifest["id"], "files": len(manifest["files"]), "bytes": written, "seconds": seconds,
+            "phases": dict(phases)}
 
 
 def verify(settings: Settings, snapshot: str | None = None) -> dict:

