@@ -9,6 +9,7 @@ locally and a failure on CI).
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import signal
 import subprocess
@@ -25,6 +26,11 @@ NODE_TIMEOUT_MS = 1000  # how long a silent master takes to be declared failed
 
 class NoRedisServer(RuntimeError):
     """Debian's redis-server and redis-cli are needed (.ci/run installs them)."""
+
+
+def required() -> bool:
+    """Whether a missing redis-server is a failure (CI) rather than a skip (a laptop)."""
+    return bool(os.environ.get("CI")) or os.environ.get("MLOPS_REQUIRE_DOCKER") == "1"
 
 
 @dataclass

@@ -8,7 +8,6 @@ and 3 replicas of Debian's redis-server with append-only files
 from __future__ import annotations
 
 import json
-import os
 import time
 import urllib.error
 import urllib.request
@@ -26,7 +25,7 @@ from pipeline.errors import ConfigError
 from pipeline.feast import online_features, open_store
 from pipeline.io import read_record
 from pipeline.redis_layout import FeastRedisLayout, connect, load_latest, loaded_marker
-from tests.cluster_support import NoRedisServer, redis_cluster, redis_single
+from tests.cluster_support import NoRedisServer, redis_cluster, redis_single, required
 from tests.service.fakes import metrics_in_memory
 from tests.support import clean_env, make_settings, running_server
 
@@ -37,19 +36,13 @@ STAGES = ("ingest", "features", "feast", "train", "promote")  # all serve needs 
 RECOVERY_BOUND_S, MAX_SECONDS, SLOW_ANSWER_S = 30.0, 40.0, 2.0
 
 
-def needs_redis_server(exc: NoRedisServer):
-    if os.environ.get("CI") or os.environ.get("MLOPS_REQUIRE_DOCKER") == "1":
-        pytest.fail(f"{exc} (.ci/run installs Debian's redis-server)")
-    pytest.skip(str(exc))
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     try:
         with redis_cluster(tmp_path_factory.mktemp("cluster")) as running:
             yield running
     except NoRedisServer as exc:
-        needs_redis_server(exc)
+        (pytest.fail if required() else pytest.skip)(str(exc))
 
 
 @pytest.fixture(scope="module")

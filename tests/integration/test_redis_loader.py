@@ -1,7 +1,8 @@
 """The feast stage loads Redis with its own writer (pipeline/redis_layout.py)
 instead of ``feast materialize``: these tests hold it to Feast, byte for byte
 against what ``feast materialize`` writes and value for value through Feast's
-own ``get_online_features``, on a real Redis."""
+own ``get_online_features``, on a real Redis and on a real Redis Cluster
+(3 masters, 3 replicas of Debian's redis-server)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import redis
 from pipeline.dataset import CUSTOMERS as schema
 from pipeline.feast import definitions, online_features, open_store
 from pipeline.redis_layout import FeastRedisLayout, LayoutChanged, connect, latest_rows, load_latest
+from tests.cluster_support import NoRedisServer, redis_cluster, required
 from tests.conftest import clean_env, make_settings, pipeline_cli
 
 pytestmark = [pytest.mark.integration, pytest.mark.docker]
@@ -43,8 +45,8 @@ def features(tmp_path_factory) -> dict:
     return {"shared": shared, "path": path, "frame": shuffled}
 
 
-def store_on(shared, url: str, path):
-    settings = make_settings(shared, redis_url=url)
+def store_on(shared, url: str, path, **options):
+    settings = make_settings(shared, redis_url=url, **options)
     store = open_store(settings)
     store.apply(definitions(path, schema))
     return settings, store
@@ -68,6 +70,37 @@ def test_the_loader_writes_the_bytes_feast_materialize_writes(features, redis_ur
     ours = dump(connect(make_settings(features["shared"], redis_url=loaded_url), 10))
     assert written == frame[schema.join_key].nunique() == len(theirs)
     assert ours == theirs  # every key, every field (the _ts field included), every byte
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    try:
+        with redis_cluster(tmp_path_factory.mktemp("loader-cluster")) as running:
+            yield running
+    except NoRedisServer as exc:
+        (pytest.fail if required() else pytest.skip)(str(exc))
+
+
+def dump_masters(cluster) -> dict[int, dict[bytes, dict[bytes, bytes]]]:
+    """Every hash on every master, by master: where each key lives, and its bytes."""
+    return {port: dump(cluster.node(port)) for port in cluster.masters()}
+
+
+def test_on_a_cluster_the_loader_writes_the_bytes_feast_materialize_writes(features, cluster):
+    settings, store = store_on(features["shared"] / "cm", cluster.url(), features["path"], redis_cluster=True)
+    frame = features["frame"]
+    start = frame[schema.timestamp].min().to_pydatetime()
+    end = (frame[schema.timestamp].max() + timedelta(seconds=1)).to_pydatetime()
+    store.materialize(start_date=start, end_date=end, feature_views=[schema.feature_view])  # Feast's RedisCluster
+    theirs = dump_masters(cluster)
+    for port in theirs:
+        cluster.node(port).flushall()
+    assert sum(len(keys) for keys in dump_masters(cluster).values()) == 0
+    written = load_latest(connect(settings, 10), features["path"], schema)
+    ours = dump_masters(cluster)
+    assert written == frame[schema.join_key].nunique() == sum(len(keys) for keys in theirs.values())
+    assert all(len(keys) > written // 6 for keys in theirs.values())  # spread over the 3 masters
+    assert ours == theirs  # every key on the same master, every field, every byte
 
 
 def test_feast_sdk_reads_back_the_latest_row_of_every_entity(features, redis_url):
