@@ -21,8 +21,9 @@ from feast import Entity, FeatureStore, FeatureView, Field, FileSource, RepoConf
 from feast.infra.registry.file import FileRegistryStore
 from feast.types import Float64
 
+from pipeline import lakehouse
 from pipeline.errors import ConfigError, OnlineStoreIncomplete, OnlineStoreUnavailable
-from pipeline.io import atomic_write_bytes, file_md5
+from pipeline.io import atomic_write_bytes
 from pipeline.dataset import load
 from pipeline.schema import Schema
 from pipeline.settings import Settings
@@ -48,13 +49,16 @@ class AtomicFileRegistryStore(FileRegistryStore):
         atomic_write_bytes(Path(self._filepath), registry_proto.SerializeToString())
 
 
-def definitions(features_path: Path, schema: Schema) -> list:
-    """The entity and the feature view over the features Parquet file."""
+def definitions(features_path: Path | str, schema: Schema, s3_endpoint: str | None = None) -> list:
+    """The entity and the feature view over the features Parquet file, or over
+    the published Parquet dataset in the object store (``s3://...``, read by
+    Feast's file offline store through ``s3_endpoint``)."""
     entity = Entity(name=schema.entity, join_keys=[schema.join_key],
                     value_type=ValueType.INT64 if schema.int_keys else ValueType.STRING,
                     description=schema.entity_description)
     source = FileSource(name=f"{schema.feature_view}_source", path=str(features_path),
-                        timestamp_field=schema.timestamp)
+                        timestamp_field=schema.timestamp,
+                        s3_endpoint_override=s3_endpoint if str(features_path).startswith("s3://") else None)
     view = FeatureView(
         name=schema.feature_view,
         entities=[entity],
@@ -174,9 +178,17 @@ def run(ctx: StageContext) -> StageResult:
         "entity_type": schema.key_type,
         "online_store": online,
     }
+    if settings.lakehouse_uri:  # a new version is a new path in the registry: apply it
+        inputs["features_uri"] = lakehouse.table_uri(settings, "features")
     result = ctx.start(inputs)
+    with lakehouse.s3_environment(settings):
+        return _apply_and_load(settings, schema, features, inputs, result, online, sample)
+
+
+def _apply_and_load(settings: Settings, schema: Schema, features, inputs: dict, result: StageResult,
+                    online: dict, sample) -> StageResult:
     store = open_store(settings)
-    if result.unchanged() and file_md5(settings.features_path) == inputs["features_md5"]:
+    if result.unchanged() and lakehouse.table_md5(settings, "features") == inputs["features_md5"]:
         if _holds(store, schema, sample):
             if settings.redis_url:
                 _mark_loaded(settings, schema, inputs["features_md5"])  # stores loaded before the marker existed
@@ -186,11 +198,11 @@ def run(ctx: StageContext) -> StageResult:
                  sample)
 
     log.info("feast: apply (registry %s)", settings.feast_dir / "registry.db")
-    store.apply(definitions(settings.features_path, schema))
+    store.apply(definitions(lakehouse.table_uri(settings, "features"), schema, settings.s3_endpoint))
     yaml_path = write_feature_store_yaml(settings)
     start = pd.Timestamp(features.outputs["event_time_min"]).to_pydatetime()
     end = (pd.Timestamp(features.outputs["event_time_max"]) + pd.Timedelta(seconds=1)).to_pydatetime()
-    if settings.redis_url and schema.int_keys:
+    if settings.redis_url and schema.int_keys and not settings.lakehouse_uri:
         # Feast's layout, written by our loader: what `feast materialize` writes
         # for this window, several times faster (tests compare the bytes).
         import redis

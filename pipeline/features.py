@@ -7,7 +7,9 @@ parts through it in fixed-size chunks, so memory does not grow with the row coun
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
-from pipeline import versioning
+from pipeline import lakehouse, versioning
 from pipeline.errors import RawDataChanged, SchemaError
 from pipeline.io import atomic_path, file_md5, remove_stale_temps
 from pipeline.schema import Schema
@@ -216,12 +218,17 @@ def run(ctx: StageContext) -> StageResult:
     raw_hash = versioning.recorded_hash(settings.shared)
     schema = ctx.schema
     inputs = {"raw_dvc_hash": raw_hash, "dataset": schema.version, "entity_type": schema.key_type}
+    if settings.lakehouse_uri:
+        inputs["lakehouse"] = settings.lakehouse_uri
     result = ctx.start(inputs)
+    if settings.lakehouse_uri:
+        # ingest may have pushed to the volume's remote: the raw data goes to the store's
+        versioning.push_to_lakehouse(settings)
     outputs_intact = (
         result.previous is not None
-        and settings.features_path.is_file() and settings.labels_path.is_file()
-        and result.previous.outputs.get("features_md5") == file_md5(settings.features_path)
-        and result.previous.outputs.get("labels_md5") == file_md5(settings.labels_path)
+        and result.previous.outputs.get("features_md5") == lakehouse.table_md5(settings, "features")
+        and result.previous.outputs.get("labels_md5") == lakehouse.table_md5(settings, "labels")
+        and (not settings.lakehouse_uri or settings.labels_path.is_file())
     )
     if result.unchanged() and outputs_intact:
         return result.skip(f"features for DVC {raw_hash} are in place", result.previous.outputs)
@@ -232,24 +239,45 @@ def run(ctx: StageContext) -> StageResult:
         folder.mkdir(parents=True, exist_ok=True)
         remove_stale_temps(folder)
     rejected_path = settings.quarantine_dir / REJECTED_FILE
-    with atomic_path(settings.features_path) as f_tmp, atomic_path(settings.labels_path) as l_tmp, \
-            atomic_path(rejected_path) as r_tmp:
-        stats = transform(parts, f_tmp, l_tmp, r_tmp, schema,
-                          preferred_sample=ingest.outputs.get("sample_entity"))
+    with contextlib.ExitStack() as stack:
+        if settings.lakehouse_uri:  # written beside the process, then published to the store
+            local = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mlops-features-")))
+        with contextlib.ExitStack() as files:
+            if settings.lakehouse_uri:
+                f_tmp, l_tmp = local / "features.parquet", local / "labels.parquet"
+            else:
+                f_tmp = files.enter_context(atomic_path(settings.features_path))
+                l_tmp = files.enter_context(atomic_path(settings.labels_path))
+            r_tmp = files.enter_context(atomic_path(rejected_path))
+            stats = transform(parts, f_tmp, l_tmp, r_tmp, schema,
+                              preferred_sample=ingest.outputs.get("sample_entity"))
+            md5s = {"features": file_md5(f_tmp), "labels": file_md5(l_tmp)}
+        _check_rows(stats, parts, settings, rejected_path)
+        where = {"features_path": str(settings.features_path), "labels_path": str(settings.labels_path)}
+        if settings.lakehouse_uri:
+            pointer = lakehouse.publish(settings, {"features": f_tmp, "labels": l_tmp}, md5s, schema.timestamp)
+            where = {"features_path": pointer["tables"]["features"]["uri"],
+                     "labels_path": pointer["tables"]["labels"]["uri"], "lakehouse_version": pointer["version"]}
+            # train and the monitor read the labels from the volume still (docs/objectstore.md#lakehouse)
+            with atomic_path(settings.labels_path) as copy:
+                copy.write_bytes(l_tmp.read_bytes())
+            settings.features_path.unlink(missing_ok=True)
+    outputs = {
+        **stats,
+        "raw_dvc_hash": raw_hash,
+        **where,
+        "quarantine_path": str(rejected_path),
+        "features_md5": md5s["features"],
+        "labels_md5": md5s["labels"],
+    }
+    return result.done(outputs, f"{stats['rows_out']} rows to Parquet, "
+                                f"{stats['rows_quarantined']} quarantined")
+
+
+def _check_rows(stats: dict, parts: list[Path], settings, rejected_path: Path) -> None:
     if stats["rows_in"] == 0:
         raise SchemaError(f"features: the raw data holds no rows, only header lines ({', '.join(p.name for p in parts)} "
                           f"in {settings.raw_dir}); ingest data with rows")
     if stats["rows_out"] == 0:
         raise SchemaError("features: every row was quarantined; see "
                           f"{rejected_path} for the reasons and fix the raw data")
-    outputs = {
-        **stats,
-        "raw_dvc_hash": raw_hash,
-        "features_path": str(settings.features_path),
-        "labels_path": str(settings.labels_path),
-        "quarantine_path": str(rejected_path),
-        "features_md5": file_md5(settings.features_path),
-        "labels_md5": file_md5(settings.labels_path),
-    }
-    return result.done(outputs, f"{stats['rows_out']} rows to Parquet, "
-                                f"{stats['rows_quarantined']} quarantined")

@@ -24,6 +24,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 
 from pipeline.errors import TrackingUnavailable
+from pipeline.lakehouse import s3_environment
 from pipeline.schema import Schema
 from pipeline.settings import Settings
 
@@ -35,27 +36,32 @@ FINGERPRINT_TAG = "mlops.fingerprint"
 @contextlib.contextmanager
 def mlflow_session(settings: Settings, schema: Schema) -> Iterator[MlflowClient]:
     """Point MLflow at the configured store and make sure the experiment and
-    registered model exist. Connection failures become :class:`TrackingUnavailable`."""
+    registered model exist. Connection failures become :class:`TrackingUnavailable`.
+
+    With the lakehouse on, the object store's endpoint and keys are in the
+    environment for the session (MLflow's S3 artifact store, and Feast reading
+    the features there, take them from it), and only for it."""
     uri = settings.tracking_uri
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     try:
-        client = open_client(uri)
-        experiment = client.get_experiment_by_name(settings.experiment_name)
-        if experiment is None:
-            client.create_experiment(settings.experiment_name,
-                                     artifact_location=settings.artifact_location)
-        mlflow.set_experiment(settings.experiment_name)
-        try:
-            client.create_registered_model(
-                settings.model_name,
-                description=f"Linear regression predicting {schema.target} of a {schema.entity} from its "
-                            f"Feast features ({', '.join(schema.feature_names)}); trained by "
-                            "mlops-shared-volume.")
-        except MlflowException as exc:
-            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
-                raise
-        yield client
+        with s3_environment(settings):
+            client = open_client(uri)
+            experiment = client.get_experiment_by_name(settings.experiment_name)
+            if experiment is None:
+                client.create_experiment(settings.experiment_name,
+                                         artifact_location=settings.artifact_location)
+            mlflow.set_experiment(settings.experiment_name)
+            try:
+                client.create_registered_model(
+                    settings.model_name,
+                    description=f"Linear regression predicting {schema.target} of a {schema.entity} from its "
+                                f"Feast features ({', '.join(schema.feature_names)}); trained by "
+                                "mlops-shared-volume.")
+            except MlflowException as exc:
+                if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+            yield client
     except RestException:
         raise
     except (MlflowException, OSError) as exc:
@@ -271,9 +277,15 @@ def check_format(mlmodel: dict, version: int) -> None:
                            "pipeline/mlflow_model.py); it was not loaded")
 
 
-def load_model_version(name: str, version: int, alias: str, tracking_uri: str) -> LoadedModel:
+def load_model_version(name: str, version: int, alias: str, tracking_uri: str,
+                       settings: Settings | None = None) -> LoadedModel:
     """Check a registered version's format, download its weights JSON only, and build
-    the model from the installed package's code (see the comment above)."""
+    the model from the installed package's code (see the comment above). With
+    ``settings`` of the lakehouse, the artifacts are read from the object store
+    (MLflow's S3 artifact store, the keys in the environment for the download only)."""
+    if settings is not None:
+        with s3_environment(settings):
+            return load_model_version(name, version, alias, tracking_uri)
     import tempfile
 
     import yaml

@@ -1,0 +1,239 @@
+"""The lakehouse path: raw data and features in the object store, not on the volume.
+
+With ``MLOPS_S3_ENDPOINT`` set and ``MLOPS_LAKEHOUSE=true``, everything below
+lives under ``s3://<bucket>/<prefix>lakehouse/``::
+
+    dvc/                                  DVC's remote: the raw data, content-addressed
+    features/<version>/event_date=<day>/part-0.parquet    the features, by event day
+    labels/<version>/event_date=<day>/part-0.parquet      the labels, by event day
+    current.json                          the pointer: which version is published
+    mlflow/                               MLflow artifacts of a local tracking store
+
+S3 has no rename, so a dataset cannot be swapped in at once. Each write goes
+under a new version prefix, and the small pointer object ``current.json`` is
+written last, after every file it names is stored (a PUT of one object is
+atomic): a reader that follows the pointer sees a whole version or the one
+before, never half a dataset. A killed write leaves a prefix nobody names; the
+next publish deletes it. The previous version is kept (the Feast registry still
+names it until the feast stage applies the new one).
+
+The S3 client is pyarrow's ``S3FileSystem`` with the endpoint, region and the
+key files of :mod:`pipeline.objectstore`. Libraries that only take credentials
+from the environment (Feast's file offline store through s3fs, MLflow's S3
+artifact store) get them from :func:`s3_environment`, for the duration of one
+block only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import secrets
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+from pipeline.errors import ObjectStoreError
+from pipeline.objectstore import credentials, require
+from pipeline.settings import Settings
+
+log = logging.getLogger(__name__)
+
+POINTER = "current.json"
+PARTITION = "event_date"
+TABLES = ("features", "labels")
+KEEP_VERSIONS = 2  # the published one and the one before (still in Feast's registry until feast runs)
+
+
+# ----------------------------------------------------------------- access
+def enabled(settings: Settings) -> bool:
+    """Whether raw data and features live in the object store (settings refuse
+    the lakehouse without an endpoint)."""
+    return bool(settings.lakehouse_uri)
+
+
+def filesystem(settings: Settings):
+    """pyarrow's S3 filesystem on the configured store (path-style, like every client here)."""
+    from pyarrow.fs import S3FileSystem
+
+    parts = urlsplit(require(settings))
+    access, secret = credentials(settings)
+    keys = {"access_key": access, "secret_key": secret} if access and secret else {}
+    return S3FileSystem(endpoint_override=parts.netloc, scheme=parts.scheme or "https",
+                        region=settings.s3_region, force_virtual_addressing=False,
+                        connect_timeout=5, request_timeout=60, **keys)
+
+
+def root(settings: Settings) -> str:
+    """``bucket/prefix/lakehouse`` as pyarrow's S3 filesystem names it (no scheme)."""
+    if not settings.lakehouse_uri:
+        raise ObjectStoreError("the lakehouse is off: set MLOPS_LAKEHOUSE=true with MLOPS_S3_ENDPOINT")
+    return settings.lakehouse_uri.removeprefix("s3://")
+
+
+@contextlib.contextmanager
+def s3_environment(settings: Settings) -> Iterator[None]:
+    """The object store's endpoint and keys in this process's environment, for
+    the block only (Feast's s3fs reads and MLflow's S3 artifact store take them
+    from there), restored afterwards. No-op without the lakehouse."""
+    if not enabled(settings):
+        yield
+        return
+    access, secret = credentials(settings)
+    wanted = {"MLFLOW_S3_ENDPOINT_URL": settings.s3_endpoint, "AWS_DEFAULT_REGION": settings.s3_region,
+              "AWS_REGION": settings.s3_region}
+    if access and secret:
+        wanted.update(AWS_ACCESS_KEY_ID=access, AWS_SECRET_ACCESS_KEY=secret)
+    saved = {name: os.environ.get(name) for name in wanted}
+    os.environ.update(wanted)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+# ---------------------------------------------------------------- publish
+def _version(features_md5: str) -> str:
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    return f"v{stamp}-{features_md5[:8]}-{secrets.token_hex(2)}"
+
+
+def _with_event_date(batch: pa.RecordBatch, timestamp: str) -> pa.RecordBatch:
+    day = pc.cast(batch.column(timestamp), pa.date32())  # the event time is UTC
+    return pa.RecordBatch.from_arrays([*batch.columns, day], names=[*batch.schema.names, PARTITION])
+
+
+def _write_table(fs, source: Path, base: str, timestamp: str) -> list[dict]:
+    """``source`` (a local Parquet file) as a dataset partitioned by event day under ``base``."""
+    parquet = pq.ParquetFile(source)
+    schema = parquet.schema_arrow.append(pa.field(PARTITION, pa.date32()))
+    batches = (_with_event_date(b, timestamp) for b in parquet.iter_batches(batch_size=64 * 1024))
+    written: list[dict] = []
+    ds.write_dataset(
+        ds.Scanner.from_batches(batches, schema=schema), base, filesystem=fs, format="parquet",
+        partitioning=ds.partitioning(pa.schema([pa.field(PARTITION, pa.date32())]), flavor="hive"),
+        basename_template="part-{i}.parquet", existing_data_behavior="error",
+        file_visitor=lambda f: written.append({"path": f.path, "rows": f.metadata.num_rows}))
+    return sorted(written, key=lambda f: f["path"])
+
+
+def publish(settings: Settings, files: dict[str, Path], md5s: dict[str, str],
+            timestamp: str) -> dict:
+    """Upload the local ``features``/``labels`` Parquet files as a new version and
+    publish it (the pointer last); returns the pointer's content."""
+    from pyarrow.lib import ArrowException
+
+    fs, base = filesystem(settings), root(settings)
+    version = _version(md5s["features"])
+    pointer = {"version": version, "written_at": datetime.now(timezone.utc).isoformat(), "tables": {}}
+    try:
+        for name in TABLES:
+            prefix = f"{base}/{name}/{version}"
+            pointer["tables"][name] = {"uri": f"s3://{prefix}", "md5": md5s[name],
+                                       "files": _write_table(fs, files[name], prefix, timestamp)}
+            log.info("lakehouse: %s written to s3://%s (%d file(s))", name, prefix,
+                     len(pointer["tables"][name]["files"]))
+        with fs.open_output_stream(f"{base}/{POINTER}") as out:
+            out.write(json.dumps(pointer, indent=2, sort_keys=True).encode())
+        _prune(fs, base, version)
+    except (OSError, ArrowException) as exc:
+        raise ObjectStoreError(f"lakehouse: cannot write to the object store at {settings.s3_endpoint} "
+                               f"bucket {settings.s3_bucket} ({_short(exc)}); check that it runs, the bucket "
+                               "exists and the identity may write, then re-run the features stage") from None
+    return pointer
+
+
+def _short(exc: BaseException) -> str:
+    return str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+
+
+def _prune(fs, base: str, current: str) -> None:
+    """Delete versions but the newest KEEP_VERSIONS (and what killed writes left)."""
+    from pyarrow.fs import FileSelector, FileType
+
+    for name in TABLES:
+        found = fs.get_file_info(FileSelector(f"{base}/{name}", allow_not_found=True))
+        versions = sorted(i.base_name for i in found if i.type == FileType.Directory)
+        newer = [v for v in versions if v <= current]
+        for stale in newer[:-KEEP_VERSIONS] + [v for v in versions if v > current]:
+            log.info("lakehouse: deleting old version %s/%s", name, stale)
+            fs.delete_dir(f"{base}/{name}/{stale}")
+
+
+# ------------------------------------------------------------------- read
+def current(settings: Settings) -> dict | None:
+    """The published pointer, or None when nothing is published yet."""
+    from pyarrow.lib import ArrowException
+
+    fs = filesystem(settings)
+    try:
+        with fs.open_input_stream(f"{root(settings)}/{POINTER}") as fh:
+            return json.loads(fh.read())
+    except FileNotFoundError:
+        return None
+    except (OSError, ArrowException) as exc:
+        raise ObjectStoreError(f"lakehouse: cannot read {POINTER} from the object store at "
+                               f"{settings.s3_endpoint} ({_short(exc)}); check that it runs and the "
+                               "identity may read") from None
+
+
+def table_md5(settings: Settings, name: str) -> str | None:
+    """The md5 of the published ``features``/``labels`` (of the Parquet file they
+    were made from), or of the file on the volume; None when there is none."""
+    from pipeline.io import file_md5
+
+    if not enabled(settings):
+        path = settings.features_path if name == "features" else settings.labels_path
+        return file_md5(path) if path.is_file() else None
+    pointer = current(settings)
+    return pointer["tables"][name]["md5"] if pointer else None
+
+
+def table_uri(settings: Settings, name: str) -> str:
+    """Where readers find ``features``/``labels``: the published version's
+    ``s3://`` URI, or the file on the volume."""
+    if not enabled(settings):
+        return str(settings.features_path if name == "features" else settings.labels_path)
+    pointer = current(settings)
+    if pointer is None:
+        raise ObjectStoreError("lakehouse: no features are published in the object store yet; run the "
+                               "features stage (`python -m pipeline features`)")
+    return pointer["tables"][name]["uri"]
+
+
+def dataset(settings: Settings, name: str) -> ds.Dataset:
+    """``features`` or ``labels`` as a pyarrow dataset, wherever they live: the
+    Parquet file on the volume, or the published version in the store (without
+    the partition column). Read it with ``.to_table(columns=...)`` or, in
+    bounded memory, ``.to_batches(columns=..., batch_size=...)``."""
+    uri = table_uri(settings, name)
+    if not uri.startswith("s3://"):
+        return ds.dataset(uri, format="parquet")
+    fs = filesystem(settings)
+    found = ds.dataset(uri.removeprefix("s3://"), filesystem=fs, format="parquet", partitioning="hive")
+    keep = [f for f in found.schema if f.name != PARTITION]
+    return ds.dataset(uri.removeprefix("s3://"), filesystem=fs, format="parquet", schema=pa.schema(keep))
+
+
+def fingerprint_of(pointer: dict | None) -> str | None:
+    """A short id of a published version (for run records)."""
+    if pointer is None:
+        return None
+    return hashlib.sha256(json.dumps(pointer, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def dvc_remote_url(settings: Settings) -> str:
+    return f"s3://{root(settings)}/dvc"
