@@ -129,9 +129,11 @@ def registry_for(path: Path, clock: Callable[[], float] = time.time) -> Collecto
     return registry
 
 
-def serve(path: Path, host: str, port: int):
-    """Start serving ``/metrics`` in a daemon thread; returns ``(server, thread)``."""
-    return start_http_server(port, addr=host, registry=registry_for(path))
+def serve(path: Path, host: str, port: int, clock: Callable[[], float] = time.time):
+    """Start serving ``/metrics`` in a daemon thread; returns ``(server, thread)``.
+
+    ``clock`` is what "now" is at scrape time (tests advance it to age the features)."""
+    return start_http_server(port, addr=host, registry=registry_for(path, clock))
 
 
 def main(argv: list[str] | None = None) -> int:
