@@ -21,18 +21,22 @@ def _pyplot():
 
 
 def plot_fit(schema: Schema, y: np.ndarray, predicted: np.ndarray, scored_on: str, fitted: np.ndarray,
-             errors: np.ndarray, truth: dict | None):
+             errors: np.ndarray, truth: dict | None, rows: int | None = None):
     """Residuals against predictions; then, with a known truth (the synthetic
     data), each coefficient's error in standard errors (the coefficients differ
     in scale by orders of magnitude, so raw bars would hide the small ones),
-    and without one, predicted against actual."""
+    and without one, predicted against actual.
+
+    ``y`` and ``predicted`` may be a sample (train passes a bounded one) of the
+    ``rows`` scored rows; the title says so."""
     plt = _pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))
     residual = y - predicted
     ax1.scatter(predicted, residual, s=4, alpha=0.4)
     ax1.axhline(0, color="black", lw=1)
     ax1.set(xlabel=f"predicted {schema.target}", ylabel="residual (actual - predicted)",
-            title=f"Residuals on the {scored_on} (n={len(y)})")
+            title=f"Residuals on the {scored_on} (n={len(y)})" if rows in (None, len(y)) else
+            f"Residuals on the {scored_on} (a sample of {len(y)} of {rows} rows)")
     if truth is None:
         ax2.scatter(y, predicted, s=4, alpha=0.4)
         low, high = float(min(y.min(), predicted.min())), float(max(y.max(), predicted.max()))

@@ -1,9 +1,12 @@
 """Stage 4, train: Feast historical retrieval, NumPy least squares, MLflow.
 
-Pure core: :func:`split`, :func:`fit_least_squares`, :func:`regression_metrics`.
-:func:`run` reads the training set through Feast's point-in-time join, logs
-params, metrics, plots and lineage to MLflow, and registers a model version
-(MLflow "model from code", weights as JSON: nothing is pickled).
+Pure core: :func:`split`, :func:`gather` (one pass over chunks of rows: the
+streamed least squares of :mod:`pipeline.lstsq`, counts, a bounded sample) and
+:func:`score` (the metrics, streamed). :func:`run` reads the training set in
+chunks through Feast's point-in-time join (:mod:`pipeline.train_data`), so
+memory is set by ``train_chunk_rows``, not by the data; it logs params,
+metrics, plots and lineage to MLflow and registers a model version (MLflow
+"model from code", weights as JSON: nothing is pickled).
 """
 
 from __future__ import annotations
@@ -12,18 +15,25 @@ import json
 import logging
 import subprocess
 import tempfile
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
-from pipeline.errors import SchemaError
-from pipeline.feast import open_store
-from pipeline.io import atomic_path
 from pipeline.drift import reference
+from pipeline.errors import SchemaError
+from pipeline.io import atomic_path
+from pipeline.lstsq import ErrorSums, Fit, StreamedLeastSquares, fit_least_squares  # noqa: F401 (the core's names)
 from pipeline.plots import plot_fit
-from pipeline.registry import find_version_by_fingerprint, mlflow_session, register_model_version
+from pipeline.registry import (
+    find_version_by_fingerprint,
+    mlflow_session,
+    register_model_version,
+)
 from pipeline.schema import Schema
 from pipeline.settings import Settings
 from pipeline.stage import StageContext, StageResult
@@ -31,20 +41,10 @@ from pipeline.stage import StageContext, StageResult
 log = logging.getLogger(__name__)
 
 MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
-SOLVER = "centred, scaled columns; numpy.linalg.lstsq (SVD)"
-
-
-@dataclass(frozen=True)
-class Fit:
-    intercept: float
-    coefficients: np.ndarray
-
-    def predict(self, x: np.ndarray) -> np.ndarray:
-        return self.intercept + x @ self.coefficients
-
-    def weights(self, feature_names: list[str]) -> dict:
-        return {"feature_names": list(feature_names), "intercept": self.intercept,
-                "coefficients": [float(c) for c in self.coefficients]}
+SOLVER = "centred, scaled columns; tall-skinny QR over chunks, SVD of the final triangle"
+# Rows kept (a seeded sample, the same whatever the chunking) for the fit plot and the
+# monitor's reference: bounded, whatever the data's size.
+SAMPLE_ROWS = 100_000
 
 
 def holdout_mask(keys: np.ndarray, holdout_fraction: float, seed: int) -> np.ndarray:
@@ -63,35 +63,19 @@ def holdout_mask(keys: np.ndarray, holdout_fraction: float, seed: int) -> np.nda
     return hashes < np.uint64(min(holdout_fraction, 1.0) * 2.0**64)
 
 
+def check_split(train_rows: int, holdout_rows: int, holdout_fraction: float) -> None:
+    if train_rows < 2 or (holdout_fraction > 0 and holdout_rows == 0):
+        raise SchemaError(f"train: {train_rows + holdout_rows} usable rows are too few to hold out "
+                          f"{holdout_fraction:.0%} and still train; ingest more rows (--rows), or declare a "
+                          "different holdout (holdout: 0 fits on every row)")
+
+
 def split(keys: np.ndarray, holdout_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """``(train_index, holdout_index)`` by :func:`holdout_mask`; with no holdout every row trains."""
     held = holdout_mask(keys, holdout_fraction, seed)
     train, holdout = np.flatnonzero(~held), np.flatnonzero(held)
-    if len(train) < 2 or (holdout_fraction > 0 and len(holdout) == 0):
-        raise SchemaError(f"train: {len(keys)} usable rows are too few to hold out {holdout_fraction:.0%} and "
-                          "still train; ingest more rows (--rows), or declare a different holdout "
-                          "(holdout: 0 fits on every row)")
+    check_split(len(train), len(holdout), holdout_fraction)
     return train, holdout
-
-
-def fit_least_squares(x: np.ndarray, y: np.ndarray) -> Fit:
-    """Ordinary least squares with an intercept, numerically careful.
-
-    Columns are centred (which is the intercept, exactly) and scaled to unit
-    norm, so columns on scales from 1e-3 to 1e6 weigh alike; the scaled
-    problem is solved by SVD (``numpy.linalg.lstsq``, LAPACK's gelsd), which
-    stays accurate for nearly collinear columns where the normal equations
-    square the condition number. Tests hold predictions to an exact rational
-    solution within 1e-9.
-    """
-    mean = x.mean(axis=0)
-    centred = x - mean
-    scale = np.linalg.norm(centred, axis=0)
-    scale[scale == 0] = 1.0  # a constant column: its coefficient is 0, the intercept takes it
-    y_mean = float(y.mean())
-    solution, *_ = np.linalg.lstsq(centred / scale, y - y_mean, rcond=None)
-    coefficients = solution / scale
-    return Fit(y_mean - float(mean @ coefficients), coefficients)
 
 
 def regression_metrics(y: np.ndarray, predicted: np.ndarray) -> dict[str, float]:
@@ -129,26 +113,115 @@ def git_commit(settings: Settings) -> str | None:
     return out.stdout.strip() or None
 
 
-def training_frame(settings: Settings, schema: Schema) -> pd.DataFrame:
-    """Labels joined point-in-time to their features through Feast."""
-    entity_df = pd.read_parquet(settings.labels_path)
-    store = open_store(settings)
-    log.info("train: historical retrieval of %d feature(s) for %d label rows",
-             len(schema.feature_names), len(entity_df))
-    frame = store.get_historical_features(entity_df=entity_df, features=schema.feature_refs()).to_df()
-    frame = frame.dropna(subset=[*schema.feature_names, schema.target])
-    return frame.sort_values([schema.timestamp, schema.join_key], kind="stable").reset_index(drop=True)
+@dataclass
+class Gathered:
+    """What one pass over the training chunks leaves: the streamed fit, counts, the
+    newest training event time, and a bounded sample of rows (``held`` marks the holdout's)."""
+
+    train: StreamedLeastSquares
+    rows: int = 0
+    holdout_rows: int = 0
+    event_time_max: pd.Timestamp | None = None
+    sample: pd.DataFrame | None = None
+    priority: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.uint64))
+
+    @property
+    def train_rows(self) -> int:
+        return self.rows - self.holdout_rows
 
 
-def evaluate(fit: Fit, x: np.ndarray, y: np.ndarray, train_idx: np.ndarray,
-             holdout_idx: np.ndarray) -> tuple[dict[str, float], str, np.ndarray]:
-    """``(metrics, scored_on, score index)``: the holdout's, or in-sample with no holdout."""
-    metrics = {f"train_{k}": v for k, v in regression_metrics(y[train_idx], fit.predict(x[train_idx])).items()}
-    if len(holdout_idx):
-        metrics.update({f"holdout_{k}": v for k, v in
-                        regression_metrics(y[holdout_idx], fit.predict(x[holdout_idx])).items()})
-        return metrics, "holdout", holdout_idx
-    return metrics, "training rows (in-sample: holdout is 0)", train_idx
+def _keep_sample(gathered: Gathered, frame: pd.DataFrame, held: np.ndarray, schema: Schema, seed: int,
+                 size: int) -> None:
+    """Keep the ``size`` rows of lowest seeded hash of (key, event time) seen so far: the
+    same sample whatever the chunking."""
+    priority = pd.util.hash_pandas_object(frame[[schema.join_key, schema.timestamp]], index=False,
+                                          hash_key=f"{seed:016d}"[-16:]).to_numpy()
+    rows = frame[[schema.join_key, schema.timestamp, *schema.feature_names, schema.target]].assign(held=held)
+    if gathered.sample is not None:
+        rows, priority = pd.concat([gathered.sample, rows], ignore_index=True), \
+            np.concatenate([gathered.priority, priority])
+    if len(rows) > size:
+        keep = np.sort(np.argpartition(priority, size - 1)[:size])
+        rows, priority = rows.iloc[keep].reset_index(drop=True), priority[keep]
+    gathered.sample, gathered.priority = rows, priority
+
+
+def gather(chunks: Iterable[pd.DataFrame], schema: Schema, holdout_fraction: float, seed: int,
+           spill: Path | None = None, sample_rows: int = SAMPLE_ROWS) -> Gathered:
+    """One pass: the training rows into the streamed least squares, every row's
+    ``(held, target, features)`` to the Parquet file ``spill`` (read again by :func:`score`)."""
+    names = list(schema.feature_names)
+    gathered = Gathered(StreamedLeastSquares(len(names)))
+    columns = pa.schema([("held", pa.bool_()), (schema.target, pa.float64())]
+                        + [(name, pa.float64()) for name in names])
+    writer = pq.ParquetWriter(spill, columns) if spill is not None else None
+    try:
+        for frame in chunks:
+            x = frame[names].to_numpy(dtype=np.float64)
+            y = frame[schema.target].to_numpy(dtype=np.float64)
+            held = holdout_mask(frame[schema.join_key].to_numpy(), holdout_fraction, seed)
+            gathered.train.add(x[~held], y[~held])
+            gathered.rows += len(frame)
+            gathered.holdout_rows += int(held.sum())
+            if (~held).any():
+                newest = pd.Timestamp(frame[schema.timestamp].to_numpy()[~held].max())
+                newest = newest.tz_localize("UTC") if newest.tzinfo is None else newest
+                gathered.event_time_max = max(filter(None, [gathered.event_time_max, newest]))
+            if writer is not None:
+                writer.write_table(pa.table([held, y, *x.T], schema=columns))
+            _keep_sample(gathered, frame, held, schema, seed, sample_rows)
+    finally:
+        if writer is not None:
+            writer.close()
+    check_split(gathered.train_rows, gathered.holdout_rows, holdout_fraction)
+    return gathered
+
+
+def score(fit: Fit, spill: Path, schema: Schema) -> tuple[ErrorSums, ErrorSums]:
+    """``(train, holdout)`` error sums of ``fit`` over the rows :func:`gather` spilled."""
+    train, holdout = ErrorSums(), ErrorSums()
+    for batch in pq.ParquetFile(spill).iter_batches(batch_size=1 << 16):
+        held = batch.column("held").to_numpy(zero_copy_only=False)
+        y = batch.column(schema.target).to_numpy()
+        x = np.column_stack([batch.column(name).to_numpy() for name in schema.feature_names])
+        predicted = fit.predict(x)
+        train.add(y[~held], predicted[~held])
+        holdout.add(y[held], predicted[held])
+    return train, holdout
+
+
+def metrics_of(train: ErrorSums, holdout: ErrorSums) -> tuple[dict[str, float], str]:
+    """``(metrics, scored_on)``: the holdout's, or in-sample with no holdout."""
+    metrics = {f"train_{k}": v for k, v in train.metrics().items()}
+    if holdout.n:
+        metrics.update({f"holdout_{k}": v for k, v in holdout.metrics().items()})
+        return metrics, "holdout"
+    return metrics, "training rows (in-sample: holdout is 0)"
+
+
+def training_reference(fit: Fit, gathered: Gathered, schema: Schema) -> dict:
+    """The monitor's reference from the sample's training rows (bounded whatever the data),
+    with the row count and newest event time of all the training rows."""
+    rows = gathered.sample[~gathered.sample["held"].to_numpy(dtype=bool)]
+    ref = reference(rows, schema.feature_names,
+                    predictions=fit.predict(rows[list(schema.feature_names)].to_numpy(dtype=np.float64)))
+    ref.update({"rows": gathered.train_rows, "sample_rows": len(rows)})
+    if gathered.event_time_max is not None:
+        ref["event_time_max"] = gathered.event_time_max.isoformat()
+    return ref
+
+
+def train_model(settings: Settings, schema: Schema, holdout_fraction: float):
+    """``(fit, gathered, train error sums, holdout error sums)`` from Feast, chunk by chunk."""
+    from pipeline.train_data import training_chunks
+
+    with tempfile.TemporaryDirectory(prefix=".train-", dir=settings.shared) as tmp:
+        spill = Path(tmp) / "scored.parquet"
+        gathered = gather(training_chunks(settings, schema, Path(tmp)), schema, holdout_fraction,
+                          settings.seed, spill)
+        fit = gathered.train.fit()
+        train, holdout = score(fit, spill, schema)
+    return fit, gathered, train, holdout
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -176,21 +249,23 @@ def run(ctx: StageContext) -> StageResult:
             }
             return result.skip(f"version {existing.version} of {settings.model_name} was trained "
                                "on these inputs", outputs)
-        frame = training_frame(settings, schema)
-        x = frame[list(schema.feature_names)].to_numpy(dtype=np.float64)
-        y = frame[schema.target].to_numpy(dtype=np.float64)
-        train_idx, holdout_idx = split(frame[schema.join_key].to_numpy(), holdout, settings.seed)
-        fit = fit_least_squares(x[train_idx], y[train_idx])
-        metrics, scored_on, scored = evaluate(fit, x, y, train_idx, holdout_idx)
-        score = metrics["holdout_rmse" if len(holdout_idx) else "train_rmse"]
+        fit, gathered, train_sums, holdout_sums = train_model(settings, schema, holdout)
+        metrics, scored_on = metrics_of(train_sums, holdout_sums)
+        score_rmse = metrics["holdout_rmse" if holdout_sums.n else "train_rmse"]
         truth = ingest.outputs.get("truth")
         errors = coefficient_errors(fit, truth, schema.feature_names) if truth else {}
-        log.info("train: %d rows (%d train / %d holdout), RMSE %.4g on the %s%s", len(frame), len(train_idx),
-                 len(holdout_idx), score, scored_on,
+        log.info("train: %d rows (%d train / %d holdout), RMSE %.4g on the %s%s", gathered.rows,
+                 gathered.train_rows, gathered.holdout_rows, score_rmse, scored_on,
                  f", largest coefficient error {max(errors.values()):.4f}" if errors else "")
-        se = standard_errors(x[train_idx], y[train_idx], fit)
-        fig = plot_fit(schema, y[scored], fit.predict(x[scored]), scored_on,
-                       np.array([fit.intercept, *fit.coefficients]), se, truth)
+        se = gathered.train.standard_errors(train_sums.ss_res)
+        sample = gathered.sample
+        x_sample = sample[list(schema.feature_names)].to_numpy(dtype=np.float64)
+        y_sample = sample[schema.target].to_numpy(dtype=np.float64)
+        held = sample["held"].to_numpy(dtype=bool)
+        scored = held if holdout_sums.n else ~held
+        fig = plot_fit(schema, y_sample[scored], fit.predict(x_sample[scored]), scored_on,
+                       np.array([fit.intercept, *fit.coefficients]), se, truth,
+                       rows=holdout_sums.n if holdout_sums.n else train_sums.n)
         plot_path = settings.runs_dir / "train" / "fit.png"
         with atomic_path(plot_path) as tmp_png:
             fig.savefig(tmp_png, format="png", dpi=110)
@@ -199,11 +274,12 @@ def run(ctx: StageContext) -> StageResult:
             weights_path.write_text(json.dumps(fit.weights(list(schema.feature_names)), indent=2))
             version = register_model_version(
                 client, settings, schema,
-                params={"rows": len(frame), "train_rows": len(train_idx),
-                        "holdout_rows": len(holdout_idx), "seed": settings.seed,
+                params={"rows": gathered.rows, "train_rows": gathered.train_rows,
+                        "holdout_rows": gathered.holdout_rows, "seed": settings.seed,
+                        "train_chunk_rows": settings.train_chunk_rows,
                         "holdout_fraction": holdout, "scored_on": scored_on, "solver": SOLVER},
                 metrics={**metrics, **{f"coef_abs_error_{k}": v for k, v in errors.items()}},
-                score=(score, scored_on),
+                score=(score_rmse, scored_on),
                 lineage={
                     "mlops.dataset": schema.dataset,
                     "mlops.dataset_version": schema.version,
@@ -229,19 +305,18 @@ def run(ctx: StageContext) -> StageResult:
         "model_version": int(version.version),
         "run_id": version.run_id,
         "dataset": schema.dataset,
-        "rows": len(frame),
-        "train_rows": len(train_idx),
-        "holdout_rows": len(holdout_idx),
+        "rows": gathered.rows,
+        "train_rows": gathered.train_rows,
+        "holdout_rows": gathered.holdout_rows,
         "scored_on": scored_on,
-        "score_rmse": score,
+        "score_rmse": score_rmse,
         "metrics": metrics,
         "intercept": fit.intercept,
         "coefficients": dict(zip(schema.feature_names, map(float, fit.coefficients))),
         "coefficient_abs_errors": errors,
         "fit_plot": str(plot_path),
         # what the monitor compares recent traffic and features with (quantile bins per feature)
-        "reference": reference(frame.iloc[train_idx], schema.feature_names,
-                               predictions=fit.predict(x[train_idx]), timestamp=schema.timestamp),
+        "reference": training_reference(fit, gathered, schema),
     }
     return result.done(outputs, f"registered {settings.model_name} version {version.version} "
-                                f"(RMSE {score:.4g} on the {scored_on})")
+                                f"(RMSE {score_rmse:.4g} on the {scored_on})")

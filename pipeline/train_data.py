@@ -1,0 +1,167 @@
+"""Train's data in chunks: labels joined point-in-time to their features by Feast.
+
+Feast's file offline store reads its whole source and keeps it in memory for
+every retrieval, then merges each label row with every feature row of its
+entity. So one retrieval over all labels costs memory in proportion to the
+data, and one retrieval per chunk over the whole source costs a full read per
+chunk. Instead, one streaming pass splits the labels and the features into
+``ceil(label rows / train_chunk_rows)`` buckets by a hash of the entity key
+(every row of an entity lands in the same bucket, so a bucket holds all that
+its point-in-time join needs), and each bucket's labels go through Feast's
+``get_historical_features`` against a copy of the registered feature view
+whose source is that bucket's features: Feast still does the join, within
+memory set by the chunk size. With a single bucket, the registered view is
+used as it is.
+
+:func:`labels_dataset` and :func:`features_dataset` are where the tables are
+read: any Parquet dataset pyarrow can open will do.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+from pipeline.feast import open_store
+from pipeline.schema import Schema
+from pipeline.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# Salt of the bucket hash: unrelated to the holdout split's (which hashes the key with the seed).
+BUCKET_HASH_KEY = "mlops-train-chnk"  # 16 characters, as SipHash takes
+
+
+def labels_dataset(settings: Settings) -> ds.Dataset:
+    """The labels (entity rows: key, event time, target) as a pyarrow dataset."""
+    return ds.dataset(settings.labels_path, format="parquet")
+
+
+def features_dataset(settings: Settings) -> ds.Dataset:
+    """The features Feast's view is defined over, as a pyarrow dataset."""
+    return ds.dataset(settings.features_path, format="parquet")
+
+
+def bucket_of(keys: pa.Array | pa.ChunkedArray, buckets: int) -> np.ndarray:
+    """Each key's bucket, ``0 .. buckets-1``: SipHash of the key, so any key type spreads evenly."""
+    values = keys.to_numpy(zero_copy_only=False)
+    if values.dtype == object:
+        values = values.astype(str).astype(object)
+    hashes = pd.util.hash_array(values, hash_key=BUCKET_HASH_KEY)
+    return (hashes % np.uint64(buckets)).astype(np.int64)
+
+
+def partition(dataset: ds.Dataset, key: str, buckets: int, folder: Path, name: str,
+              flush_rows: int) -> list[Path]:
+    """Stream ``dataset`` into ``folder/<name>-<i>.parquet``, one file per bucket of the key.
+
+    Rows wait per bucket until ``flush_rows`` are pending in all, so memory is
+    bounded by that and the files get row groups of a useful size."""
+    paths = [folder / f"{name}-{i:05d}.parquet" for i in range(buckets)]
+    writers: dict[int, pq.ParquetWriter] = {}
+    pending: dict[int, list[pa.Table]] = {}
+    waiting = 0
+
+    def flush() -> None:
+        for i, tables in pending.items():
+            if i not in writers:
+                writers[i] = pq.ParquetWriter(paths[i], dataset.schema)
+            writers[i].write_table(pa.concat_tables(tables))
+        pending.clear()
+
+    try:
+        for batch in dataset.to_batches():
+            if not batch.num_rows:
+                continue
+            table = pa.Table.from_batches([batch])
+            which = bucket_of(batch.column(key), buckets)
+            order = np.argsort(which, kind="stable")
+            bounds = np.searchsorted(which[order], np.arange(buckets + 1))
+            for i in np.flatnonzero(np.diff(bounds)):
+                pending.setdefault(int(i), []).append(table.take(order[bounds[i]:bounds[i + 1]]))
+            waiting += batch.num_rows
+            if waiting >= flush_rows:
+                flush()
+                waiting = 0
+        flush()
+    finally:
+        for writer in writers.values():
+            writer.close()
+    for i, path in enumerate(paths):
+        if i not in writers:  # no key hashed here: an empty file keeps the buckets aligned
+            pq.write_table(dataset.schema.empty_table(), path)
+    return paths
+
+
+def _tidy(frame: pd.DataFrame, schema: Schema) -> pd.DataFrame:
+    frame = frame.dropna(subset=[*schema.feature_names, schema.target])
+    return frame.sort_values([schema.timestamp, schema.join_key], kind="stable").reset_index(drop=True)
+
+
+def chunk_store(store, schema: Schema, folder: Path):
+    """A Feast store of its own in ``folder`` (registry and a SQLite online store nobody
+    reads) holding the registered entity; the buckets' views are applied to it."""
+    from feast import FeatureStore, RepoConfig
+
+    config = RepoConfig(
+        repo_path=folder, project=store.config.project, provider=store.config.provider,
+        registry={"registry_type": "file", "path": str(folder / "registry.db"), "cache_ttl_seconds": 0},
+        online_store={"type": "sqlite", "path": str(folder / "online_store.db")},
+        offline_store=store.config.offline_store,
+        entity_key_serialization_version=store.config.entity_key_serialization_version)
+    own = FeatureStore(config=config)
+    own.registry.apply_entity(store.get_entity(schema.entity), own.project)
+    return own
+
+
+def bucket_view(view, path: Path):
+    """The registered view, reading ``path`` (one bucket's features) instead of its source."""
+    from feast import FileSource
+
+    source = view.batch_source
+    chunk = copy.copy(view)
+    chunk.batch_source = FileSource(name=source.name, path=str(path), timestamp_field=source.timestamp_field,
+                                    created_timestamp_column=source.created_timestamp_column,
+                                    field_mapping=dict(source.field_mapping))
+    return chunk
+
+
+def training_chunks(settings: Settings, schema: Schema, folder: Path) -> Iterator[pd.DataFrame]:
+    """Labels with their point-in-time features, about ``train_chunk_rows`` rows at a time,
+    each chunk sorted by event time and key; ``folder`` holds the buckets meanwhile."""
+    store = open_store(settings)
+    labels = labels_dataset(settings)
+    rows = labels.count_rows()
+    buckets = max(1, math.ceil(rows / settings.train_chunk_rows))
+    log.info("train: historical retrieval of %d feature(s) for %d label rows in %d chunk(s)",
+             len(schema.feature_names), rows, buckets)
+    if buckets == 1:
+        frame = store.get_historical_features(entity_df=labels.to_table().to_pandas(),
+                                              features=schema.feature_refs()).to_df()
+        yield _tidy(frame, schema)
+        return
+    flush_rows = settings.train_chunk_rows
+    label_paths = partition(labels, schema.join_key, buckets, folder, "labels", flush_rows)
+    feature_paths = partition(features_dataset(settings), schema.join_key, buckets, folder, "features",
+                              flush_rows)
+    own = chunk_store(store, schema, folder)
+    view = store.get_feature_view(schema.feature_view)
+    for i, (label_path, feature_path) in enumerate(zip(label_paths, feature_paths)):
+        entity_df = pq.read_table(label_path).to_pandas()
+        if len(entity_df):
+            own.registry.apply_feature_view(bucket_view(view, feature_path), own.project)
+            frame = own.get_historical_features(entity_df=entity_df, features=schema.feature_refs()).to_df()
+            del entity_df
+            yield _tidy(frame, schema)
+        label_path.unlink()
+        feature_path.unlink()
+        log.info("train: chunk %d of %d retrieved", i + 1, buckets)
