@@ -55,7 +55,13 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{/* The ConfigMap's data: the MLOPS_* settings every pod reads (the same names as compose.yaml). */}}
 {{- define "shared-volume.configData" -}}
 MLOPS_SHARED_DIR: /shared
+{{- if .Values.redis.cluster.enabled }}
+{{- /* an external Redis Cluster: one node's URL; the password stays in the Secret */}}
+MLOPS_REDIS_URL: {{ required "redis.cluster.url: name one node of the Redis Cluster (redis://host:port/0)" .Values.redis.cluster.url | quote }}
+MLOPS_REDIS_CLUSTER: "true"
+{{- else }}
 MLOPS_REDIS_URL: {{ printf "redis://%s-redis:6379/0" (include "shared-volume.fullname" .) | quote }}
+{{- end }}
 MLOPS_REDIS_PASSWORD_FILE: /run/secrets/redis/redis-password
 MLFLOW_TRACKING_URI: {{ printf "http://%s-mlflow:%d" (include "shared-volume.fullname" .) (int .Values.mlflow.port) | quote }}
 MLFLOW_TRACKING_USERNAME: {{ .Values.mlflow.auth.username | quote }}
