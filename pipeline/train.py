@@ -121,6 +121,7 @@ class Gathered:
     train: StreamedLeastSquares
     rows: int = 0
     holdout_rows: int = 0
+    chunks: int = 0
     event_time_max: pd.Timestamp | None = None
     sample: pd.DataFrame | None = None
     priority: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.uint64))
@@ -162,6 +163,7 @@ def gather(chunks: Iterable[pd.DataFrame], schema: Schema, holdout_fraction: flo
             held = holdout_mask(frame[schema.join_key].to_numpy(), holdout_fraction, seed)
             gathered.train.add(x[~held], y[~held])
             gathered.rows += len(frame)
+            gathered.chunks += 1
             gathered.holdout_rows += int(held.sum())
             if (~held).any():
                 newest = pd.Timestamp(frame[schema.timestamp].to_numpy()[~held].max())
@@ -308,6 +310,7 @@ def run(ctx: StageContext) -> StageResult:
         "rows": gathered.rows,
         "train_rows": gathered.train_rows,
         "holdout_rows": gathered.holdout_rows,
+        "train_chunks": gathered.chunks,
         "scored_on": scored_on,
         "score_rmse": score_rmse,
         "metrics": metrics,

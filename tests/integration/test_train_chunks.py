@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from pipeline.dataset import CUSTOMERS as schema
@@ -54,7 +55,7 @@ def test_each_chunk_is_a_bounded_slice_and_together_they_are_every_label(chunked
     keys = [set(p[schema.join_key]) for p in pieces]
     assert all(a.isdisjoint(b) for i, a in enumerate(keys) for b in keys[i + 1:])  # an entity in one chunk
     columns = [schema.join_key, schema.timestamp, *schema.feature_names, schema.target]
-    joined = (np.concatenate([p[columns].to_numpy() for p in pieces]))
-    order = lambda rows: rows[np.lexsort((rows[:, 1].astype("datetime64[ns]"), rows[:, 0].astype(np.int64)))]  # noqa: E731
-    np.testing.assert_array_equal(order(joined), order(one[columns].to_numpy()))
+    together = pd.concat(pieces)[columns].sort_values([schema.join_key, schema.timestamp], ignore_index=True)
+    pd.testing.assert_frame_equal(together, one[columns].sort_values([schema.join_key, schema.timestamp],
+                                                                     ignore_index=True))
     assert not list(tmp_path.glob("*.parquet"))  # buckets are removed as they are used
