@@ -7,8 +7,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from benchmarks import scaling
 from benchmarks.serving import CLIENTS, PREDICT
-from pipeline.dag import STAGE_NAMES as STAGES
 
 
 def write(results: dict, out: Path) -> str:
@@ -49,15 +49,11 @@ def plots(results: dict, out: Path) -> None:
         fig.savefig(out / "serving.png", dpi=100)
         plt.close(fig)
 
-    fig, axes = plt.subplots(1, 3, figsize=(17, 4.5))
+    fig, axes = plt.subplots(1, 4, figsize=(22, 4.5))
     e2e, feats, loading = results.get("end_to_end", {}), results.get("features", {}), results.get("loading", {})
+    axes = [axes[0], axes[2], axes[3], axes[1]]  # time and memory of the whole run side by side
     if e2e:
-        rows = sorted(int(r) for r in e2e)
-        axes[0].plot(rows, [e2e[str(r)]["wall_s"] for r in rows], "o-", label="python -m pipeline run")
-        for stage in STAGES:
-            axes[0].plot(rows, [e2e[str(r)]["stages_s"][stage] for r in rows], ".--", label=stage, alpha=0.7)
-        axes[0].set(xscale="log", yscale="log", xlabel="rows", ylabel="seconds", title="End to end")
-        axes[0].legend(fontsize=8)
+        scaling.plot(axes[0], axes[3], e2e)
     if feats:
         frows = sorted(int(r) for r in feats)
         axes[1].plot(frows, [feats[str(r)]["features_rows_per_s"] for r in frows], "o-", label="features stage")
@@ -112,11 +108,7 @@ def markdown(results: dict) -> str:
                          f"{r['pyarrow_rows_per_s']} | {r['pyarrow_peak_mib']} | {r['ratio_to_pyarrow']} |")
         lines.append("")
     if results.get("end_to_end"):
-        lines += ["| end-to-end rows | wall s | peak MiB | " + " | ".join(STAGES) + " |",
-                  "|---|---|---|" + "---|" * len(STAGES)]
-        for rows, r in results["end_to_end"].items():
-            lines.append(f"| {rows} | {r['wall_s']} | {r['peak_mib']} | "
-                         + " | ".join(str(r["stages_s"][s]) for s in STAGES) + " |")
+        lines += scaling.markdown(results["end_to_end"])
     return "\n".join(lines) + "\n"
 
 
@@ -145,7 +137,5 @@ def targets(results: dict) -> list[tuple[str, str, str, bool]]:
         peaks = [f["features_peak_mib"] for f in feats.values()]
         rows.append(("features peak memory, smallest to largest size", "flat",
                      f"{min(peaks):.0f} to {max(peaks):.0f} MiB", max(peaks) <= 1.25 * min(peaks)))
-    if "1000000" in results.get("end_to_end", {}):
-        wall = results["end_to_end"]["1000000"]["wall_s"]
-        rows.append(("python -m pipeline run, 10^6 rows", "< 60 s", f"{wall:.1f} s", wall < 60))
+    rows += scaling.targets(results.get("end_to_end", {}))
     return rows
