@@ -59,7 +59,7 @@ def _bars(ax, names, log_values, newest_values, threshold, title):
 
 
 def figures(report: dict) -> dict[str, bytes]:
-    """``{file name: PNG}``: drift.png, distributions.png, health.png."""
+    """``{file name: PNG}``: drift.png, health.png, distributions.png (the page's order)."""
     plt = _pyplot()
     refs = report["_reference_features"]
     names = list(refs)
@@ -101,37 +101,37 @@ def figures(report: dict) -> dict[str, bytes]:
     out["distributions.png"] = _png(fig)
     plt.close(fig)
 
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 2.8))
+    fig, (a1, a2) = plt.subplots(2, 1, figsize=(5.6, 3.6))
     fresh = report["freshness"]
-    stale_h = th.get("stale_seconds", 86400.0) / 3600
-    stores = [("offline (newest event)", fresh["offline_seconds"]), ("online (last materialized)",
-                                                                      fresh["online_seconds"])]
-    hours = [(s or 0) / 3600 for _, s in stores]
-    a1.barh([s for s, _ in stores], hours, color=[BAD if h > stale_h else LOG for h in hours])
-    a1.axvline(stale_h, color=BAD, linestyle="--", lw=1.2, label=f"stale after {stale_h:g} h")
-    for i, h in enumerate(hours):
-        a1.annotate(f"{h:.1f} h", (h, i), xytext=(4, 0), textcoords="offset points", va="center", fontsize=10)
-    a1.set(title="Feature freshness", xlabel="hours", xlim=(0, max(hours + [stale_h]) * 1.25))
-    a1.legend(fontsize=9, loc="lower right")
+    stale = th.get("stale_seconds", 86400.0)
+    ages = [fresh["offline_seconds"] or 0.0, fresh["online_seconds"] or 0.0]
+    unit, per = ("days", 86400.0) if max(ages) > 3 * 86400 else ("hours", 3600.0)
+    a1.barh(["offline\n(newest event)", "online\n(materialized)"], [a / per for a in ages],
+            color=[BAD if a > stale else LOG for a in ages])
+    a1.axvline(stale / per, color=BAD, linestyle="--", lw=1.2)
+    for i, a in enumerate(ages):
+        a1.annotate(f"{a / per:.1f}", (a / per, i), xytext=(4, 0), textcoords="offset points", va="center",
+                    fontsize=10)
+    a1.set(title=f"Feature age in {unit} (dashed: stale)",
+           xlim=(0, max(ages + [stale]) / per * 1.2))
     live = report["live"]
     if live.get("rmse") is not None and live.get("holdout_rmse"):
         values = [live["holdout_rmse"], live["rmse"]]
-        a2.barh(["training holdout", f"live ({live['matched']} labelled)"], values,
+        a2.barh(["training\nholdout", f"live\n({live['matched']} labelled)"], values,
                 color=[TRAINING, BAD if live["rmse"] > 1.2 * live["holdout_rmse"] else LOG])
-        a2.axvline(1.2 * live["holdout_rmse"], color=BAD, linestyle="--", lw=1.2, label="holdout + 20%")
+        a2.axvline(1.2 * live["holdout_rmse"], color=BAD, linestyle="--", lw=1.2)
         for i, v in enumerate(values):
             a2.annotate(f"{v:.3g}", (v, i), xytext=(4, 0), textcoords="offset points", va="center", fontsize=10)
-        a2.set_xlim(0, max(values + [1.2 * live["holdout_rmse"]]) * 1.25)
-        a2.legend(fontsize=9, loc="lower right")
+        a2.set_xlim(0, max(values + [1.2 * live["holdout_rmse"]]) * 1.2)
     else:
         a2.text(0.5, 0.5, "no label has arrived for the logged predictions yet", ha="center", va="center",
                 transform=a2.transAxes)
         a2.set_yticks([])
-    a2.set(title="Live error (RMSE) against labels that arrived later")
+    a2.set(title="Live RMSE (dashed: holdout + 20%)")
     fig.tight_layout()
     out["health.png"] = _png(fig)
     plt.close(fig)
-    return out
+    return {name: out[name] for name in ("drift.png", "health.png", "distributions.png")}
 
 
 def _num(v, fmt="{:.3f}"):
@@ -162,7 +162,7 @@ def render_html(report: dict, pngs: dict[str, bytes]) -> str:
         card("prediction shift (PSI)", _num(pred.get("psi")), (pred.get("psi") or 0) > th["psi"]),
         card("offline features age", _age(fresh["offline_seconds"]), (fresh["offline_seconds"] or 0) > stale),
         card("online store age", _age(fresh["online_seconds"]), (fresh["online_seconds"] or 0) > stale),
-        card(f"live RMSE ({live['matched']} labelled; holdout {_num(live.get('holdout_rmse'))})",
+        card(f"live RMSE (holdout {_num(live.get('holdout_rmse'))})",
              _num(live["rmse"]), live_bad),
         card("quarantined at the last ingest", _num(q["ratio"], "{:.1%}"), (q["ratio"] or 0) > 0.1),
     ])
@@ -173,28 +173,30 @@ def render_html(report: dict, pngs: dict[str, bytes]) -> str:
         rows.append(f"<tr class='{cls}'><td>{html.escape(n)}</td><td>{_num(lg['psi'])}</td><td>{_num(lg['ks'])}</td>"
                     f"<td>{_num(lg.get('mean_shift_sigmas'), '{:+.2f}')}</td><td>{_num(nw['psi'])}</td>"
                     f"<td>{_num(nw['ks'])}</td></tr>")
-    images = "".join(f"<img alt='{name}' src='data:image/png;base64,{base64.b64encode(png).decode()}'>"
-                     for name, png in pngs.items())
+    def img(name):
+        return f"<img alt='{name}' src='data:image/png;base64,{base64.b64encode(pngs[name]).decode()}'>"
+
     model = report["model"]
     served = (f"; the alias '{model['alias']}' serves v{model['served_version']}"
               if model.get("served_version") not in (None, model.get("version")) else "")
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>mlops monitor</title>
 <style>body{{font-family:sans-serif;margin:1.2em 1.5em;background:#fff;color:#222;max-width:1200px}}
 h1{{font-size:1.6em;margin:0 0 .2em}} p.sub{{margin:0 0 1em;color:#555}}
-.cards{{display:flex;flex-wrap:wrap;gap:.6em;margin-bottom:1em}}
-.card{{padding:.5em .9em;border-radius:6px;min-width:10em}} .card b{{display:block;font-size:1.5em}}
+.cards{{display:flex;gap:.6em;margin-bottom:1em}} .row{{display:flex;gap:1.5em;align-items:flex-start}}
+.card{{flex:1 1 0;padding:.5em .8em;border-radius:6px}} .card b{{display:block;font-size:1.5em}}
 .ok{{background:#e8f1fb}} .bad{{background:#fbd5d5}}
-table{{border-collapse:collapse;margin-bottom:.6em}} td,th{{border:1px solid #ccc;padding:3px 10px;text-align:right}}
-td:first-child{{text-align:left}} tr.bad td{{background:#fbd5d5}} img{{max-width:100%;display:block}}</style>
+table{{border-collapse:collapse;margin-bottom:.6em;white-space:nowrap;flex:none}} td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}
+td:first-child{{text-align:left}} tr.bad td{{background:#fbd5d5}} img{{max-width:100%;display:block}}
+.row img{{flex:1 1 auto;min-width:0}}</style>
 </head><body>
 <h1>Monitor: {html.escape(str(report['dataset']))} model v{model['version']}</h1>
 <p class="sub">{report['generated_at'][:19].replace('T', ' ')} UTC; {report['predictions_logged']} logged
-predictions in the last {th['window_seconds'] / 3600:g} h; {report['offline_features']['rows']} offline rows newer
+predictions in the last {_age(th['window_seconds'])}; {report['offline_features']['rows']} offline rows newer
 than training; reference: {html.escape(str(report['reference']['source']))} ({report['reference']['rows']} rows){served}</p>
 <div class="cards">{cards}</div>
-<table><tr><th>feature</th><th>PSI (log)</th><th>KS (log)</th><th>mean shift (sd)</th><th>PSI (newest)</th>
-<th>KS (newest)</th></tr>{''.join(rows)}</table>
-{images}
+<div class="row"><table><tr><th>feature</th><th>PSI (log)</th><th>KS (log)</th><th>mean shift (sd)</th>
+<th>PSI (newest)</th><th>KS (newest)</th></tr>{''.join(rows)}</table>{img("health.png")}</div>
+{img("drift.png")}{img("distributions.png")}
 </body></html>
 """
 

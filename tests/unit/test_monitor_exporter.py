@@ -60,3 +60,16 @@ def test_served_and_reread_when_the_report_changes(tmp_path):
         assert 'mlops_feature_psi{feature="b",source="predictions"} 0.05' in get()
     finally:
         server.shutdown()
+
+
+def test_freshness_keeps_growing_between_reports(tmp_path):
+    """No new report (materialization stopped): each scrape ages the features by the clock."""
+    path = tmp_path / "report.json"
+    atomic_write_json(path, report(0.5, None))
+    now = [NOW]
+    registry = registry_for(path, clock=lambda: now[0])
+    assert 'mlops_feature_freshness_seconds{store="offline"} 800.0' in scrape(registry)
+    now[0] += 86400
+    text = scrape(registry)
+    assert 'mlops_feature_freshness_seconds{store="offline"} 87200.0' in text
+    assert "mlops_monitor_report_age_seconds 86430.0" in text
