@@ -4,11 +4,11 @@
 
 One module per benchmark, each preparing its own inputs in its own folder:
 
-- :mod:`benchmarks.serving`: /predict (granian, Redis online store) against raw
-  redis-py HMGET of the same Feast keys (the floor of a lookup), Feast's SDK
-  ``get_online_features`` in-process, a minimal gunicorn WSGI app doing one HMGET
-  and a dot product (:mod:`benchmarks.floor_app`, the floor of any Python
-  /predict), and ``mlflow models serve`` of the same registered model.
+- :mod:`benchmarks.serving`: /predict (granian, Redis online store) against the
+  granian floor (the same server with a minimal WSGI app doing one HMGET and a
+  dot product, :mod:`benchmarks.floor_app`) with wrk and a Python client, one and
+  8 clients; a batch POST against Feast's SDK ``get_online_features``; and the
+  stock chain (``feast serve`` then ``mlflow models serve``, two HTTP hops).
 - :mod:`benchmarks.loading`: ``feast materialize`` against this project's
   loader (Feast's layout), rows/s and peak memory, same file, same Redis.
 - :mod:`benchmarks.features`: rows/s and peak memory of the features stage

@@ -1,7 +1,8 @@
 """The floor of any Python /predict: a minimal WSGI app that does one HMGET of the
 entity's Feast hash and a dot product, nothing else (no validation, no metrics).
 
-Served by gunicorn in the serving benchmark; configured by the environment:
+Served by granian's WSGI interface in the serving benchmark (the same HTTP server
+as /predict); configured by the environment:
 ``FLOOR_REDIS_URL`` (on 127.0.0.1), ``FLOOR_ENTITY`` (an entity id) and
 ``FLOOR_COEFFICIENTS`` (a JSON list in ``schema.feature_names`` order).
 The key and field names come from :class:`pipeline.redis_layout.FeastRedisLayout`,

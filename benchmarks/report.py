@@ -8,21 +8,23 @@ import json
 from pathlib import Path
 
 from benchmarks import scaling
-from benchmarks.serving import CLIENTS, PREDICT
+from benchmarks.serving import CHAIN, CLIENTS, FLOOR, PREDICT, TARGETS
 
 
 def write(results: dict, out: Path) -> str:
     """Targets into ``results``, then results.json, results.md and the plots in ``out``."""
     results["targets"] = [dict(zip(("target", "wanted", "measured", "met"), t)) for t in targets(results)]
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    text = markdown(results)
+    text = markdown(results) + backup_markdown(results)
     (out / "results.md").write_text(text)
     plots(results, out)
+    backup_plot(results, out)
     return text
 
 
-def _servers(serving: dict) -> dict:
-    return {name: r for name, r in serving.items() if name not in ("ratios", "method")}
+def _lookups(serving: dict) -> dict:
+    """The in-process lookups: one entity's features by raw HMGET and by Feast's SDK."""
+    return {name: serving[name] for name in ("raw_redis_hmget", "feast_sdk_get_online_features") if name in serving}
 
 
 def plots(results: dict, out: Path) -> None:
@@ -31,20 +33,27 @@ def plots(results: dict, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    if results.get("serving"):
-        serving = _servers(results["serving"])
-        names = list(serving)
-        fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 4.8))
-        a1.barh(names, [serving[n]["p50_ms"] for n in names], label="p50")
-        a1.barh(names, [serving[n]["p99_ms"] - serving[n]["p50_ms"] for n in names],
-                left=[serving[n]["p50_ms"] for n in names], alpha=0.5, label="p99")
+    if results.get("serving", {}).get("servers"):
+        serving, servers = results["serving"], results["serving"]["servers"]
+        fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(17, 4.8), width_ratios=(1.4, 1, 1))
+        single = {f"{n} ({c})": servers[f"{c}/1/{n}"] for c in ("wrk", "python") for n in (PREDICT, FLOOR)
+                  if f"{c}/1/{n}" in servers}
+        single.update({f"{n} (in-process)": r for n, r in _lookups(serving).items()})
+        names = list(single)
+        a1.barh(names, [single[n]["p50_ms"] for n in names], label="p50")
+        a1.barh(names, [single[n]["p99_ms"] - single[n]["p50_ms"] for n in names],
+                left=[single[n]["p50_ms"] for n in names], alpha=0.5, label="p99")
         a1.set(xlabel="ms (one client)", title="Latency, one entity")
         a1.set_xscale("log")
         a1.set_xlim(left=0.02)  # bars start at 0, which a log axis cannot show
         a1.legend()
-        http_names = [n for n in names if serving[n].get("req_per_s")]
-        a2.barh(http_names, [serving[n]["req_per_s"] for n in http_names])
-        a2.set(xlabel=f"requests/s, {CLIENTS} clients", title="Throughput over HTTP")
+        many = {n: servers[f"python/{CLIENTS}/{n}"] for n in (PREDICT, FLOOR, CHAIN)}
+        a2.barh(list(many), [r["req_per_s"] for r in many.values()], color=["tab:blue", "tab:grey", "tab:red"])
+        a2.set(xlabel=f"requests/s, {CLIENTS} Python clients", title="Throughput over HTTP")
+        b = serving["batch"]
+        a3.bar(["POST /predict", "Feast SDK\n(in-process)"], [b["predict_post_rows_per_s"], b["feast_sdk_rows_per_s"]],
+               color=["tab:blue", "tab:grey"])
+        a3.set(ylabel="rows/s", title=f"Batch of {b['entities']} entities")
         fig.tight_layout()
         fig.savefig(out / "serving.png", dpi=100)
         plt.close(fig)
@@ -85,14 +94,20 @@ def markdown(results: dict) -> str:
         lines += [f"| {t['target']} | {t['wanted']} | {t['measured']} | {'yes' if t['met'] else '**no**'} |"
                   for t in results["targets"]]
         lines.append("")
-    if results.get("serving"):
-        method = results["serving"].get("method", {})
-        lines += [f"Serving: {method.get('client', '')}, median of {method.get('rounds', '')} interleaved "
-                  f"rounds of {method.get('seconds_per_run', '')} s per server; Redis at {method.get('redis', '')}.",
-                  "", f"| serving | p50 ms | p99 ms | req/s ({CLIENTS} clients) |", "|---|---|---|---|"]
-        for name, r in _servers(results["serving"]).items():
-            lines.append(f"| {name} | {r['p50_ms']} | {r['p99_ms']} | {r.get('req_per_s') or ''} |")
-        lines.append("")
+    if results.get("serving", {}).get("servers"):
+        serving, method = results["serving"], results["serving"]["method"]
+        lines += [f"Serving: {' and '.join(method['clients'])}, median of {method['rounds']} interleaved rounds "
+                  f"of {method['seconds_per_run']} s per server; Redis at {method['redis']}.", "",
+                  "| client / connections / server | p50 ms | p99 ms | req/s |", "|---|---|---|---|"]
+        for key, r in serving["servers"].items():
+            lines.append(f"| {key} | {r['p50_ms']} | {r['p99_ms']} | {r['req_per_s'] or ''} |")
+        for name, r in _lookups(serving).items():
+            lines.append(f"| in-process / 1 / {name} | {r['p50_ms']} | {r['p99_ms']} | |")
+        b = serving["batch"]
+        lines += ["", f"| batch of {b['entities']} | ms per batch | rows/s |", "|---|---|---|",
+                  f"| POST /predict | {b['predict_post_ms']} | {b['predict_post_rows_per_s']} |",
+                  f"| Feast SDK get_online_features (in-process) | {b['feast_sdk_ms']} | {b['feast_sdk_rows_per_s']} |",
+                  ""]
     if results.get("loading"):
         lines += ["| loading Redis | rows | entities | seconds | rows/s | peak MiB |", "|---|---|---|---|---|---|"]
         for name in ("feast_materialize", "project_loader"):
@@ -116,14 +131,10 @@ def targets(results: dict) -> list[tuple[str, str, str, bool]]:
     """(target, wanted, measured, met) for every performance target this run measured."""
     rows = []
     serving, loading = results.get("serving", {}), results.get("loading", {})
-    if "ratios" in serving:
-        r = serving["ratios"]
-        rows += [("/predict req/s over mlflow models serve", ">= 8", f"{r['predict_req_per_s_over_mlflow']:.1f}x",
-                  r["predict_req_per_s_over_mlflow"] >= 8),
-                 ("/predict p50 over the floor app's p50", "<= 1.5", f"{r['predict_p50_over_floor_p50']:.2f}x",
-                  r["predict_p50_over_floor_p50"] <= 1.5),
-                 ("/predict p99, one client", "< 1.5 ms", f"{serving[PREDICT]['p99_ms']:.2f} ms",
-                  serving[PREDICT]["p99_ms"] < 1.5)]
+    for key, wanted, met in TARGETS:
+        if key in serving.get("ratios", {}):
+            value = serving["ratios"][key]
+            rows.append((f"/predict {key}", wanted, f"{value:.2f}x", met(value)))
     if "ratio" in loading:
         rows += [(f"loader rows/s over feast materialize ({loading['project_loader']['rows']} rows)", ">= 5",
                   f"{loading['ratio']:.1f}x", loading["ratio"] >= 5),
@@ -139,3 +150,54 @@ def targets(results: dict) -> list[tuple[str, str, str, bool]]:
                      f"{min(peaks):.0f} to {max(peaks):.0f} MiB", max(peaks) <= 1.25 * min(peaks)))
     rows += scaling.targets(results.get("end_to_end", {}))
     return rows
+
+
+# ------------------------------------------------------------------ backup
+def backup_markdown(results: dict) -> str:
+    """The backup section's table: pipeline.backup beside a plain copy of the same files."""
+    b = results.get("backup")
+    if not b:
+        return ""
+    r, mb = b["ratios"], b["bytes"] / 1e6
+    lines = ["", f"Backup and restore, {b['rows']} rows: {b['files']} files, {mb:.1f} MB, one SeaweedFS on 127.0.0.1.",
+             "", "| backup / restore | seconds | MB/s | plain copy s | plain MB/s | ratio |", "|---|---|---|---|---|---|",
+             f"| backup | {b['backup']['seconds']} | {b['backup']['mb_per_s']} | {b['plain']['upload_s']} | "
+             f"{b['plain']['upload_mb_per_s']} | {r['backup_over_plain_upload']} |",
+             f"| restore, files and raw data | {b['restore']['copy_s']} | {b['restore']['copy_mb_per_s']} | "
+             f"{b['plain']['download_s']} | {b['plain']['download_mb_per_s']} | {r['restore_copy_over_plain_download']} |",
+             f"| restore, all (and the online store loaded) | {b['restore']['seconds']} | {b['restore']['mb_per_s']} | "
+             f"{b['plain']['download_s']} | {b['plain']['download_mb_per_s']} | {r['restore_over_plain_download']} |",
+             f"| backup, unchanged volume | {b['backup']['again_seconds']} | | | | |", "",
+             "Phases (s): backup " + ", ".join(f"{k} {v}" for k, v in b["backup"]["phases"].items())
+             + "; restore " + ", ".join(f"{k} {v}" for k, v in b["restore"]["phases"].items()) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def backup_plot(results: dict, out: Path) -> None:
+    """backup.png: backup and restore beside the plain copy, restore split by phase."""
+    b = results.get("backup")
+    if not b:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    labels = ["backup", "plain upload", "restore", "plain download"]
+    ax.barh(labels[1], b["plain"]["upload_s"], color="tab:grey")
+    ax.barh(labels[3], b["plain"]["download_s"], color="tab:grey")
+    for label, section in (("backup", b["backup"]), ("restore", b["restore"])):
+        left = 0.0
+        for phase, seconds in section["phases"].items():
+            ax.barh(label, seconds, left=left, label=f"{label}: {phase}")
+            left += seconds
+        ax.barh(label, max(section["seconds"] - left, 0), left=left, color="white", edgecolor="tab:blue")
+    ax.invert_yaxis()
+    ax.set(xlabel="seconds", title=f"Backup and restore, {b['rows']} rows ({b['bytes'] / 1e6:.0f} MB): "
+                                   f"{b['ratios']['backup_over_plain_upload']}x and "
+                                   f"{b['ratios']['restore_copy_over_plain_download']}x a plain copy", fontsize=10)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out / "backup.png", dpi=100)
+    plt.close(fig)

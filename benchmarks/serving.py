@@ -1,7 +1,19 @@
-"""Online serving: /predict (granian, Redis online store) against raw redis-py HMGET
-of the same Feast keys, Feast's SDK in-process, the floor app
-(:mod:`benchmarks.floor_app`) and ``mlflow models serve`` of the same registered
-model (features in the request). Servers are measured in interleaved rounds."""
+"""Online serving, held to a floor and to the peers a user would otherwise run.
+
+- **the granian floor**: the same HTTP server as /predict (granian, 2 workers) with
+  a minimal WSGI app doing one HMGET and a dot product (:mod:`benchmarks.floor_app`).
+  /predict's p50 and p99 over the floor's, with wrk and with a Python keep-alive
+  client (``http.client``), one client and 8 clients, in interleaved rounds.
+- **batch**: a POST of 1,000 entities to /predict against Feast's SDK
+  ``get_online_features`` for the same 1,000 entities in-process, rows/s.
+- **the stock chain**: Feast's own feature server (``feast serve``) and then
+  ``mlflow models serve`` of the same registered model, two HTTP hops per
+  prediction, against /predict, requests/s with the same Python client.
+
+Servers are measured in interleaved rounds, so a slow spell of this shared
+machine hits all of them alike; ratios are taken within a round, then the
+median over rounds. Traffic goes to 127.0.0.1 only; every loop is bounded.
+"""
 
 from __future__ import annotations
 
@@ -9,26 +21,29 @@ import contextlib
 import json
 import os
 import sys
+import threading
+import time
 from pathlib import Path
 
-from benchmarks.common import WRK, Run, log, median, percentiles, python_run, timed_calls, wrk_run
-from pipeline.dataset import CUSTOMERS as schema
+from benchmarks.common import WRK, Http, Run, log, median, percentiles, timed_calls, wrk_run
 from pipeline.cli import run_stages
 from pipeline.dag import STAGE_NAMES
+from pipeline.dataset import CUSTOMERS as schema
 from pipeline.io import read_record
 from pipeline.settings import Settings
 from tests.support import LOOPBACK, free_port, started
 
 PREDICT = "predict (this project)"
-FLOOR = "floor app (gunicorn, HMGET + dot)"
-MLFLOW = "mlflow models serve (features in the request)"
+FLOOR = "granian floor (HMGET + dot)"
+CHAIN = "feast serve + mlflow models serve"
 CLIENTS = 8
+BATCH = 1000
 DATABASE = 0  # the Redis database this benchmark loads
 # Redis is reached through docker's loopback proxy here, which adds its own
 # latency on a busy machine: a lookup timeout above the 50 ms default (meant for
 # the direct path between pods) keeps the proxy's stalls from turning into 503s.
 # The floor app goes through the same proxy, so the ratios compare like with like.
-LOOKUP_TIMEOUT_SECONDS = "1"
+LOOKUP_TIMEOUT_SECONDS = "5"
 
 
 def model_artifacts(settings: Settings) -> str:
@@ -41,7 +56,7 @@ def model_artifacts(settings: Settings) -> str:
 
 
 def lookups(settings: Settings, entity: int, quick: bool, out: dict) -> None:
-    """The lookup alone, in-process: raw HMGET (the floor) and Feast's SDK."""
+    """The lookup alone, in-process: raw HMGET (the floor of a lookup) and Feast's SDK."""
     from pipeline.feast import online_features, open_store
     from pipeline.redis_layout import FeastRedisLayout, connect
 
@@ -56,73 +71,199 @@ def lookups(settings: Settings, entity: int, quick: bool, out: dict) -> None:
         timed_calls(lambda: online_features(store, schema, [entity]), count, seconds))
 
 
+def batch(settings: Settings, entities: list[int], port: int, quick: bool, out: dict) -> None:
+    """rows/s of one POST of ``len(entities)`` entities against Feast's SDK for the same entities."""
+    from pipeline.feast import online_features, open_store
+
+    count, seconds = (5, 3) if quick else (200, 15)
+    body = json.dumps({"instances": [{schema.join_key: e} for e in entities]}).encode()
+    client = Http(port)
+
+    def post() -> None:
+        if client.request("POST", "/predict", body) != 200:
+            raise RuntimeError("a batch POST to /predict failed")
+
+    store = open_store(settings)
+    log(f"serving: batch of {len(entities)}: POST /predict and Feast's SDK, interleaved")
+    ours, feast = [], []
+    for _ in range(1 if quick else 5):
+        ours += timed_calls(post, count, seconds / 5, warmup=2)
+        feast += timed_calls(lambda: online_features(store, schema, entities), count, seconds / 5, warmup=2)
+    rows = {"predict_post": len(entities) / median(ours), "feast_sdk": len(entities) / median(feast)}
+    out["batch"] = {"entities": len(entities), "predict_post_rows_per_s": round(rows["predict_post"]),
+                    "feast_sdk_rows_per_s": round(rows["feast_sdk"]),
+                    "predict_post_ms": round(median(ours) * 1000, 2), "feast_sdk_ms": round(median(feast) * 1000, 2)}
+
+
+class ChainClient:
+    """One prediction the stock way: features from ``feast serve``, then ``mlflow models serve``."""
+
+    def __init__(self, feast_port: int, mlflow_port: int) -> None:
+        self.feast, self.mlflow = Http(feast_port), Http(mlflow_port)
+
+    def predict(self, entity: int) -> float:
+        refs = list(schema.feature_refs())
+        self.feast.conn.request("POST", "/get-online-features", headers={"Content-Type": "application/json"},
+                                body=json.dumps({"features": refs, "entities": {schema.join_key: [entity]}}))
+        resp = self.feast.conn.getresponse()
+        got = json.loads(resp.read())
+        if resp.status != 200:
+            raise RuntimeError(f"feast serve answered {resp.status}: {str(got)[:300]}")
+        names = [n.split(":")[-1] for n in got["metadata"]["feature_names"]]
+        values = {n: r["values"][0] for n, r in zip(names, got["results"])}
+        row = [[values[n] for n in schema.feature_names]]
+        body = json.dumps({"dataframe_split": {"columns": list(schema.feature_names), "data": row}})
+        self.mlflow.conn.request("POST", "/invocations", headers={"Content-Type": "application/json"}, body=body)
+        resp = self.mlflow.conn.getresponse()
+        answer = json.loads(resp.read())
+        if resp.status != 200:
+            raise RuntimeError(f"mlflow models serve answered {resp.status}: {str(answer)[:300]}")
+        return answer["predictions"][0]
+
+
+def python_clients(call_of, clients: int, seconds: float, max_calls: int) -> dict:
+    """``clients`` threads, each with its own keep-alive connection(s), warmed up, then
+    calling for ``seconds`` (at most ``max_calls`` in all): latency percentiles and calls/s."""
+    samples: list[list[float]] = [[] for _ in range(clients)]
+    ready = threading.Barrier(clients + 1)
+    window = [float("inf")]  # the end of the measuring window, set once every client is warm
+
+    errors: list[BaseException] = []
+
+    def worker(i: int) -> None:
+        try:
+            call = call_of()
+            for _ in range(10):
+                call()
+            ready.wait(120)
+            while time.monotonic() < window[0] and len(samples[i]) < max_calls // clients:
+                t = time.perf_counter()
+                call()
+                samples[i].append(time.perf_counter() - t)
+        except threading.BrokenBarrierError:
+            pass
+        except Exception as exc:  # noqa: BLE001 - handed to the caller below
+            errors.append(exc)
+            ready.abort()
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    with contextlib.suppress(threading.BrokenBarrierError):
+        ready.wait(120)
+    started_at = time.monotonic()
+    window[0] = started_at + seconds
+    for t in threads:
+        t.join(seconds + 60)
+    if errors:
+        raise errors[0]
+    flat = [s for per in samples for s in per]
+    if not flat:
+        raise RuntimeError("no call finished within the measuring window")
+    return {**percentiles(flat), "req_per_s": round(len(flat) / (time.monotonic() - started_at), 1)}
+
+
 def bench(run: Run, out: dict) -> None:
     rows = 2000 if run.smoke else 10_000
     settings = Settings(shared_dir=run.work / "serving", redis_url=run.redis_url_of(DATABASE), rows=rows,
-                        mlflow_tracking_uri=None)
+                        mlflow_tracking_uri=None, online_timeout_seconds=float(LOOKUP_TIMEOUT_SECONDS))
     log(f"serving: pipeline run with {rows} rows into Redis")
     run_stages(settings, STAGE_NAMES)
     feast = read_record(settings.runs_dir, "feast").outputs
-    entity, sample = int(feast["sample_entity"]), feast["sample_features"]
+    entity = int(feast["sample_entity"])
+    entities = [entity + i for i in range(min(BATCH, int(read_record(settings.runs_dir, "ingest").outputs["entities"])))]
     coefficients = read_record(settings.runs_dir, "train").outputs["coefficients"]
     lookups(settings, entity, run.smoke, out)
 
     env = run.env
-    # mlflow models serve starts `uvicorn` by name: the venv's scripts must be on PATH
+    # mlflow models serve and feast serve start their servers by name: the venv's scripts must be on PATH
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    ports = {name: free_port() for name in (PREDICT, FLOOR, MLFLOW)}
-    servers = {
-        PREDICT: ("GET", f"/predict?{schema.join_key}={entity}", None),
-        FLOOR: ("GET", "/", None),
-        MLFLOW: ("POST", "/invocations", json.dumps({"dataframe_split": {
-            "columns": list(schema.feature_names), "data": [[sample[n] for n in schema.feature_names]]}}).encode()),
-    }
-    base = {name: f"http://{LOOPBACK}:{port}" for name, port in ports.items()}
+    ports = {name: free_port() for name in ("predict", "floor", "feast", "mlflow")}
+    url = {name: f"http://{LOOPBACK}:{port}" for name, port in ports.items()}
+    scripts = Path(sys.executable).parent
     with contextlib.ExitStack() as stack:
         stack.enter_context(started(
-            [sys.executable, "-m", "pipeline", "serve", "--host", LOOPBACK, "--port", str(ports[PREDICT]),
-             "--workers", "2"], f"{base[PREDICT]}/readyz",
+            [sys.executable, "-m", "pipeline", "serve", "--host", LOOPBACK, "--port", str(ports["predict"]),
+             "--workers", "2"], f"{url['predict']}/readyz",
             {**env, "MLOPS_SHARED_DIR": str(settings.shared), "MLOPS_REDIS_URL": settings.redis_url,
-             "MLOPS_ONLINE_TIMEOUT_SECONDS": LOOKUP_TIMEOUT_SECONDS}))
+             "MLOPS_ONLINE_TIMEOUT_SECONDS": LOOKUP_TIMEOUT_SECONDS, "MLOPS_PREDICTION_LOG": "false"}))
         stack.enter_context(started(
-            [sys.executable, "-m", "gunicorn", "-w", "2", "-k", "gthread", "--threads", "4", "-b",
-             f"{LOOPBACK}:{ports[FLOOR]}", "--no-control-socket", "benchmarks.floor_app:app"], f"{base[FLOOR]}/",
+            [str(scripts / "granian"), "--interface", "wsgi", "--host", LOOPBACK, "--port", str(ports["floor"]),
+             "--workers", "2", "--no-ws", "--log-level", "warning", "benchmarks.floor_app:app"],
+            f"{url['floor']}/",
             {**env, "FLOOR_REDIS_URL": settings.redis_url, "FLOOR_ENTITY": str(entity),
              "FLOOR_COEFFICIENTS": json.dumps([coefficients[n] for n in schema.feature_names])}))
+        _, _, _, password = settings.redis_parts()
+        stack.enter_context(started(
+            [str(scripts / "feast"), "-c", str(settings.feast_dir), "serve", "-h", LOOPBACK,
+             "-p", str(ports["feast"]), "-w", "2", "--no-access-log"], f"{url['feast']}/health",
+            {**env, "MLOPS_REDIS_PASSWORD": password or ""}, timeout=180))
         stack.enter_context(started(
             [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_artifacts(settings),
-             "--env-manager", "local", "-h", LOOPBACK, "-p", str(ports[MLFLOW]), "-w", "2"],
-            f"{base[MLFLOW]}/ping", {**env, "MLFLOW_TRACKING_URI": settings.tracking_uri}, timeout=180))
-        measure_servers({name: (ports[name], *request) for name, request in servers.items()}, run.smoke, out)
+             "--env-manager", "local", "-h", LOOPBACK, "-p", str(ports["mlflow"]), "-w", "2"],
+            f"{url['mlflow']}/ping", {**env, "MLFLOW_TRACKING_URI": settings.tracking_uri}, timeout=180))
+        batch(settings, entities, ports["predict"], run.smoke, out)
+        measure(ports, entity, run.smoke, out)
 
 
-def measure_servers(servers: dict[str, tuple], quick: bool, out: dict) -> None:
-    """Interleaved rounds: every server is measured once per round, so a slow spell
-    of this shared machine hits all of them alike; the ratios are taken within a
-    round, then the median over rounds."""
-    measure = wrk_run if WRK else python_run
+def measure(ports: dict[str, int], entity: int, quick: bool, out: dict) -> None:
     rounds, window = (1, 1) if quick else (5, 3)
-    for port, method, path, body in servers.values():  # warm-up
-        measure(port, method, path, body, CLIENTS, 1)
-    runs: dict[str, dict[str, list[dict]]] = {name: {"single": [], "clients": []} for name in servers}
-    for kind, clients in (("single", 1), ("clients", CLIENTS)):
-        for i in range(rounds):
-            for name, (port, method, path, body) in servers.items():
+    servers = {PREDICT: (ports["predict"], f"/predict?{schema.join_key}={entity}"), FLOOR: (ports["floor"], "/")}
+
+    def http_call(port: int, path: str):
+        def make():
+            client = Http(port)
+            return lambda: client.request("GET", path)
+        return make
+
+    def chain_call():
+        client = ChainClient(ports["feast"], ports["mlflow"])
+        return lambda: client.predict(entity)
+
+    runs: dict[str, dict[str, list[dict]]] = {}
+    for name, (port, path) in servers.items():  # warm-up
+        python_clients(http_call(port, path), CLIENTS, 1, 10_000)
+    python_clients(chain_call, CLIENTS, 1, 1_000)
+    for i in range(rounds):
+        for clients in (1, CLIENTS):
+            for name, (port, path) in servers.items():
                 log(f"serving: {name}: {clients} client(s), round {i + 1}/{rounds}")
-                runs[name][kind].append(measure(port, method, path, body, clients, window))
-    for name, r in runs.items():
-        out[name] = {"p50_ms": median([x["p50_ms"] for x in r["single"]]),
-                     "p99_ms": median([x["p99_ms"] for x in r["single"]]),
-                     "req_per_s": median([x["req_per_s"] for x in r["clients"]])}
-    out["ratios"] = {
-        "predict_p50_over_floor_p50": median([a["p50_ms"] / b["p50_ms"] for a, b in
-                                              zip(runs[PREDICT]["single"], runs[FLOOR]["single"])]),
-        "predict_req_per_s_over_mlflow": median([a["req_per_s"] / b["req_per_s"] for a, b in
-                                                 zip(runs[PREDICT]["clients"], runs[MLFLOW]["clients"])]),
-        "floor_req_per_s_over_mlflow": median([a["req_per_s"] / b["req_per_s"] for a, b in
-                                               zip(runs[FLOOR]["clients"], runs[MLFLOW]["clients"])]),
-    }
-    out["method"] = {"client": "wrk (C, keep-alive)" if WRK else "Python http.client threads",
-                     "rounds": rounds, "seconds_per_run": window, "clients": CLIENTS,
+                if WRK:
+                    runs.setdefault(f"wrk/{clients}/{name}", []).append(
+                        wrk_run(port, "GET", path, None, clients, window))
+                runs.setdefault(f"python/{clients}/{name}", []).append(
+                    python_clients(http_call(port, path), clients, window, 400_000))
+        log(f"serving: {CHAIN}: {CLIENTS} clients, round {i + 1}/{rounds}")
+        runs.setdefault(f"python/{CLIENTS}/{CHAIN}", []).append(python_clients(chain_call, CLIENTS, window, 50_000))
+
+    out["servers"] = {key: {k: median([r[k] for r in rs]) for k in ("p50_ms", "p99_ms", "req_per_s")}
+                      for key, rs in runs.items()}
+    ratios = {}
+    for client in ("wrk", "python"):
+        for clients in (1, CLIENTS):
+            ours, floor = runs.get(f"{client}/{clients}/{PREDICT}"), runs.get(f"{client}/{clients}/{FLOOR}")
+            if not ours:
+                continue
+            for p in ("p50", "p99"):
+                ratios[f"{client}/{clients}: {p} over the floor's"] = median(
+                    [a[f"{p}_ms"] / b[f"{p}_ms"] for a, b in zip(ours, floor)])
+    ratios["python/8: req/s over the stock chain"] = median(
+        [a["req_per_s"] / b["req_per_s"] for a, b in zip(runs[f"python/{CLIENTS}/{PREDICT}"],
+                                                        runs[f"python/{CLIENTS}/{CHAIN}"])])
+    b = out["batch"]
+    ratios["batch: rows/s over Feast's SDK"] = round(
+        b["predict_post_rows_per_s"] / b["feast_sdk_rows_per_s"], 2)
+    out["ratios"] = ratios
+    out["method"] = {"clients": ["wrk (C, keep-alive)"] * bool(WRK) + ["Python http.client threads"],
+                     "rounds": rounds, "seconds_per_run": window, "many_clients": CLIENTS,
                      "redis": f"{LOOPBACK}, the container's published port (docker's proxy), "
                               f"lookup timeout {LOOKUP_TIMEOUT_SECONDS} s"}
+
+
+# The targets: (ratio key, wanted, test)
+TARGETS = [
+    *[(f"{c}/{n}: p50 over the floor's", "<= 1.25", lambda r: r <= 1.25) for c in ("wrk", "python") for n in (1, 8)],
+    *[(f"{c}/{n}: p99 over the floor's", "<= 1.5", lambda r: r <= 1.5) for c in ("wrk", "python") for n in (1, 8)],
+    ("batch: rows/s over Feast's SDK", ">= 3", lambda r: r >= 3),
+    ("python/8: req/s over the stock chain", ">= 20", lambda r: r >= 20),
+]
