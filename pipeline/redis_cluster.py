@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 import redis
 from redis.backoff import NoBackoff
 from redis.crc import key_slot
-from redis.exceptions import AskError, ClusterDownError, MovedError, SlotNotCoveredError
+from redis.exceptions import AskError, ClusterDownError, MovedError
 from redis.retry import Retry
 
 from pipeline.errors import ConfigError
@@ -84,13 +84,14 @@ def refresh(client) -> None:
 def by_node(client, keys: Sequence[bytes]) -> dict[str, tuple[object, list[int]]]:
     """The positions of ``keys`` grouped by the master that holds their slot."""
     groups: dict[str, tuple[object, list[int]]] = {}
-    nodes = client.nodes_manager
-    try:
-        for i, key in enumerate(keys):
-            node = nodes.get_node_from_slot(key_slot(key))
-            groups.setdefault(node.name, (node, []))[1].append(i)
-    except SlotNotCoveredError as exc:
-        raise redis.exceptions.ConnectionError(f"the Redis Cluster's slot map: {exc}") from exc
+    # The map itself rather than get_node_from_slot (a lock and options per key): a refresh
+    # replaces the whole dict, so the one read here is a consistent map.
+    slots = client.nodes_manager.slots_cache
+    for i, key in enumerate(keys):
+        owners = slots.get(key_slot(key))
+        if not owners:
+            raise redis.exceptions.ConnectionError(f"the Redis Cluster's slot map has no node for {key!r}")
+        groups.setdefault(owners[0].name, (owners[0], []))[1].append(i)
     return groups
 
 
