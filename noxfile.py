@@ -56,7 +56,9 @@ MLFLOW_KEY = ROOT / ".secrets" / "mlflow_secret_key"
 # Stand-in images built from Debian packages (scripts/build_offline_images.sh), used
 # when MLOPS_OFFLINE_IMAGES=1: for machines that reach no container registry.
 OFFLINE = {"MLOPS_BASE_IMAGE": "mlops-offline/python:3.11-bookworm",
-           "MLOPS_REDIS_IMAGE": "mlops-offline/redis:7-bookworm"}
+           "MLOPS_REDIS_IMAGE": "mlops-offline/redis:7-bookworm",
+           "MLOPS_PROMETHEUS_IMAGE": "mlops-offline/prometheus:bookworm",
+           "MLOPS_ALERTMANAGER_IMAGE": "mlops-offline/alertmanager:bookworm"}
 PYPROJECT = nox.project.load_toml("pyproject.toml")
 EXTRAS = PYPROJECT["project"]["optional-dependencies"]
 

@@ -109,14 +109,19 @@ build "$REDIS_IMAGE" "redis-server,redis-tools" \
 # mounted there takes that ownership. No web UI assets beyond what the package
 # needs: the API is what compose and the tests use. The Debian packages' own
 # service users and configs are left unused (compose mounts monitoring/*).
+# (bookworm's /bin is /usr/bin: /bin/prometheus is there already.) The classic UI
+# loads one moment-timezone file; the other 200 MB of its package are dropped, and
+# the translations of the base system, which neither server reads.
 prometheus_layout() {
-  ln -sf /usr/bin/prometheus "$1/bin/prometheus"
-  ln -sf /usr/bin/promtool "$1/bin/promtool"
+  [ -e "$1/bin/prometheus" ] || ln -s /usr/bin/prometheus "$1/bin/prometheus"
+  rm -rf "$1"/usr/share/locale/*
+  find "$1/usr/share/javascript/moment-timezone" -mindepth 1 -maxdepth 1 \
+    ! -name moment-timezone-with-data.min.js -exec rm -rf {} +
   install -d -o 65534 -g 65534 "$1/prometheus"
 }
 alertmanager_layout() {
-  ln -sf /usr/bin/prometheus-alertmanager "$1/bin/alertmanager"
-  ln -sf /usr/bin/amtool "$1/bin/amtool"
+  [ -e "$1/bin/alertmanager" ] || ln -s prometheus-alertmanager "$1/usr/bin/alertmanager"
+  rm -rf "$1"/usr/share/locale/*
   install -d -o 65534 -g 65534 "$1/alertmanager"
 }
 
