@@ -40,8 +40,10 @@ class Settings(BaseSettings):
                                                                "Kubernetes secret)")
     redis_ca_file: Path | None = Field(None, description="CA certificate that signed a `rediss://` (TLS) "
                                                          "server's; unset: the system's CAs")
-    redis_cluster: bool = Field(False, description="the Redis URL names a node of a Redis Cluster: Feast "
-                                                   "(`redis_type: redis_cluster`) and serving route keys by slot")
+    redis_cluster: bool = Field(False, description="the Redis URL names one node (database 0) of a Redis "
+                                                   "Cluster: Feast (`redis_type: redis_cluster`), the feast "
+                                                   "stage's loader and `/predict` send each key to its slot's "
+                                                   "master (docs/architecture.md, Redis Cluster)")
     mlflow_tracking_uri: str | None = Field(
         default=None, validation_alias=AliasChoices("MLFLOW_TRACKING_URI"),
         description="MLflow tracking server or store; unset: `sqlite:///<shared>/mlflow/mlflow.db`")
