@@ -13,9 +13,9 @@ S3 has no rename, so a dataset cannot be swapped in at once. Each write goes
 under a new version prefix, and the small pointer object ``current.json`` is
 written last, after every file it names is stored (a PUT of one object is
 atomic): a reader that follows the pointer sees a whole version or the one
-before, never half a dataset. A killed write leaves a prefix nobody names; the
-next publish deletes it. The previous version is kept (the Feast registry still
-names it until the feast stage applies the new one).
+before, never half a dataset. A killed write leaves a prefix no pointer names;
+the next publish deletes it, and every version older than the one before (which
+Feast's registry names until the feast stage applies the new one).
 
 The S3 client is pyarrow's ``S3FileSystem`` with the endpoint, region and the
 key files of :mod:`pipeline.objectstore`. Libraries that only take credentials
@@ -32,6 +32,7 @@ import json
 import logging
 import os
 import secrets
+import tempfile
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -51,7 +52,7 @@ log = logging.getLogger(__name__)
 POINTER = "current.json"
 PARTITION = "event_date"
 TABLES = ("features", "labels")
-KEEP_VERSIONS = 2  # the published one and the one before (still in Feast's registry until feast runs)
+UPLOAD_THREADS = 16
 
 
 # ----------------------------------------------------------------- access
@@ -117,16 +118,29 @@ def _with_event_date(batch: pa.RecordBatch, timestamp: str) -> pa.RecordBatch:
 
 
 def _write_table(fs, source: Path, base: str, timestamp: str) -> list[dict]:
-    """``source`` (a local Parquet file) as a dataset partitioned by event day under ``base``."""
+    """``source`` (a local Parquet file) as a dataset partitioned by event day
+    under ``base``: partitioned on local disk first, then the files sent
+    UPLOAD_THREADS at a time (one at a time, the store's latency per file adds up)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     parquet = pq.ParquetFile(source)
     schema = parquet.schema_arrow.append(pa.field(PARTITION, pa.date32()))
     batches = (_with_event_date(b, timestamp) for b in parquet.iter_batches(batch_size=64 * 1024))
     written: list[dict] = []
-    ds.write_dataset(
-        ds.Scanner.from_batches(batches, schema=schema), base, filesystem=fs, format="parquet",
-        partitioning=ds.partitioning(pa.schema([pa.field(PARTITION, pa.date32())]), flavor="hive"),
-        basename_template="part-{i}.parquet", existing_data_behavior="error",
-        file_visitor=lambda f: written.append({"path": f.path, "rows": f.metadata.num_rows}))
+    with tempfile.TemporaryDirectory(prefix="mlops-lakehouse-") as tmp:
+        ds.write_dataset(
+            ds.Scanner.from_batches(batches, schema=schema), tmp, format="parquet",
+            partitioning=ds.partitioning(pa.schema([pa.field(PARTITION, pa.date32())]), flavor="hive"),
+            basename_template="part-{i}.parquet",
+            file_visitor=lambda f: written.append({"path": Path(f.path).relative_to(tmp).as_posix(),
+                                                   "rows": f.metadata.num_rows}))
+
+        def upload(entry: dict) -> None:
+            with fs.open_output_stream(f"{base}/{entry['path']}") as out:
+                out.write(Path(tmp, entry["path"]).read_bytes())
+
+        with ThreadPoolExecutor(UPLOAD_THREADS) as pool:
+            list(pool.map(upload, written))
     return sorted(written, key=lambda f: f["path"])
 
 
@@ -137,6 +151,7 @@ def publish(settings: Settings, files: dict[str, Path], md5s: dict[str, str],
     from pyarrow.lib import ArrowException
 
     fs, base = filesystem(settings), root(settings)
+    before = current(settings)
     version = _version(md5s["features"])
     pointer = {"version": version, "written_at": datetime.now(timezone.utc).isoformat(), "tables": {}}
     try:
@@ -148,7 +163,7 @@ def publish(settings: Settings, files: dict[str, Path], md5s: dict[str, str],
                      len(pointer["tables"][name]["files"]))
         with fs.open_output_stream(f"{base}/{POINTER}") as out:
             out.write(json.dumps(pointer, indent=2, sort_keys=True).encode())
-        _prune(fs, base, version)
+        _prune(fs, base, {version, *([before["version"]] if before else [])})
     except (OSError, ArrowException) as exc:
         raise ObjectStoreError(f"lakehouse: cannot write to the object store at {settings.s3_endpoint} "
                                f"bucket {settings.s3_bucket} ({_short(exc)}); check that it runs, the bucket "
@@ -160,16 +175,15 @@ def _short(exc: BaseException) -> str:
     return str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
 
 
-def _prune(fs, base: str, current: str) -> None:
-    """Delete versions but the newest KEEP_VERSIONS (and what killed writes left)."""
+def _prune(fs, base: str, keep: set[str]) -> None:
+    """Delete every version but ``keep`` (the published one and the one before):
+    older ones, and what killed writes left, which no pointer ever named."""
     from pyarrow.fs import FileSelector, FileType
 
     for name in TABLES:
         found = fs.get_file_info(FileSelector(f"{base}/{name}", allow_not_found=True))
-        versions = sorted(i.base_name for i in found if i.type == FileType.Directory)
-        newer = [v for v in versions if v <= current]
-        for stale in newer[:-KEEP_VERSIONS] + [v for v in versions if v > current]:
-            log.info("lakehouse: deleting old version %s/%s", name, stale)
+        for stale in sorted(i.base_name for i in found if i.type == FileType.Directory and i.base_name not in keep):
+            log.info("lakehouse: deleting version %s/%s (no pointer names it)", name, stale)
             fs.delete_dir(f"{base}/{name}/{stale}")
 
 

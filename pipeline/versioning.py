@@ -46,9 +46,9 @@ def _repo(shared: Path, settings: Settings | None = None):
         Repo.init(str(shared), no_scm=True)
     repo = Repo(str(shared))
     remotes = repo.config.get("remote", {})
+    if settings is None and remotes:  # local work only (status): the remote as configured
+        return repo
     wanted = LAKEHOUSE_REMOTE if settings is not None and settings.lakehouse_uri else REMOTE
-    if settings is None and remotes:
-        wanted = repo.config.get("core", {}).get("remote", REMOTE)
     if wanted == REMOTE and remotes.get(REMOTE, {}).get("url") is None:
         with repo.config.edit() as conf:
             conf["remote"][REMOTE] = {"url": str(shared / "dvc-store")}
