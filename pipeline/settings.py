@@ -60,9 +60,10 @@ class Settings(BaseSettings):
                                                           "in standard deviations of the feature's generated "
                                                           "distribution, clipped to its declared bounds (a drifted "
                                                           "batch for the monitor); unset: no shift")
-    train_chunk_rows: int = Field(1_000_000, ge=1000, description="train: rows per chunk of the streamed "
-                                                                  "point-in-time retrieval and least squares; "
-                                                                  "memory grows with this, not with the data")
+    train_chunk_rows: int = Field(250_000, ge=1000, description="train: label rows per chunk of the streamed "
+                                                                "point-in-time retrieval (each chunk one Feast "
+                                                                "historical retrieval) and least squares; train's "
+                                                                "memory grows with this, not with the data")
     dask_scheduler: str | None = Field(None, description="Dask scheduler (`tcp://host:8786`, or `local` for a "
                                                          "LocalCluster of worker processes): features and train's "
                                                          "statistics run per partition there; unset: one process")
