@@ -183,21 +183,25 @@ def backup_plot(results: dict, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 4.2))
-    labels = ["backup", "plain upload", "restore", "plain download"]
-    ax.barh(labels[1], b["plain"]["upload_s"], color="tab:grey")
-    ax.barh(labels[3], b["plain"]["download_s"], color="tab:grey")
-    for label, section in (("backup", b["backup"]), ("restore", b["restore"])):
+    fig, ax = plt.subplots(figsize=(9, 4.2))
+    rows = [("backup", b["backup"]), ("plain upload", b["plain"]["upload_s"]),
+            ("restore", b["restore"]), ("plain download", b["plain"]["download_s"])]
+    colors = iter(plt.get_cmap("tab20").colors)
+    for y, (label, section) in enumerate(rows):
+        if not isinstance(section, dict):
+            ax.barh(y, section, color="dimgrey")
+            continue
         left = 0.0
         for phase, seconds in section["phases"].items():
-            ax.barh(label, seconds, left=left, label=f"{label}: {phase}")
+            ax.barh(y, seconds, left=left, color=next(colors), label=f"{label}: {phase}")
             left += seconds
-        ax.barh(label, max(section["seconds"] - left, 0), left=left, color="white", edgecolor="tab:blue")
+    ax.set_yticks(range(len(rows)), [label for label, _ in rows])
     ax.invert_yaxis()
-    ax.set(xlabel="seconds", title=f"Backup and restore, {b['rows']} rows ({b['bytes'] / 1e6:.0f} MB): "
-                                   f"{b['ratios']['backup_over_plain_upload']}x and "
-                                   f"{b['ratios']['restore_copy_over_plain_download']}x a plain copy", fontsize=10)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.set_xlabel("seconds")
+    ax.set_title(f"Backup and restore, {b['rows']} rows ({b['bytes'] / 1e6:.0f} MB): "
+                 f"{b['ratios']['backup_over_plain_upload']}x and "
+                 f"{b['ratios']['restore_copy_over_plain_download']}x a plain copy", fontsize=10)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(out / "backup.png", dpi=100)
     plt.close(fig)
