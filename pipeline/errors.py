@@ -144,6 +144,12 @@ class ObjectStoreError(PipelineError):
     exit_code = 11
 
 
+class EngineUnavailable(PipelineError):
+    """The Dask scheduler named by MLOPS_DASK_SCHEDULER does not answer."""
+
+    exit_code = 12
+
+
 class SharedNotAFolder(PipelineError):
     exit_code = 8
 

@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
-from pipeline import lakehouse, versioning
+from pipeline import dask_engine, lakehouse, versioning
 from pipeline.errors import RawDataChanged, SchemaError
 from pipeline.io import atomic_path, file_md5, remove_stale_temps
 from pipeline.schema import Schema
@@ -249,8 +249,11 @@ def run(ctx: StageContext) -> StageResult:
                 f_tmp = files.enter_context(atomic_path(settings.features_path))
                 l_tmp = files.enter_context(atomic_path(settings.labels_path))
             r_tmp = files.enter_context(atomic_path(rejected_path))
-            stats = transform(parts, f_tmp, l_tmp, r_tmp, schema,
-                              preferred_sample=ingest.outputs.get("sample_entity"))
+            sample = ingest.outputs.get("sample_entity")
+            if settings.dask_scheduler:  # one task per part on the Dask cluster, same files
+                stats = dask_engine.transform(settings, parts, f_tmp, l_tmp, r_tmp, schema, preferred_sample=sample)
+            else:
+                stats = transform(parts, f_tmp, l_tmp, r_tmp, schema, preferred_sample=sample)
             md5s = {"features": file_md5(f_tmp), "labels": file_md5(l_tmp)}
         _check_rows(stats, parts, settings, rejected_path)
         where = {"features_path": str(settings.features_path), "labels_path": str(settings.labels_path)}

@@ -1,0 +1,135 @@
+"""Dask as the engine: the work that grows with the rows, spread over a Dask cluster.
+
+With ``MLOPS_DASK_SCHEDULER`` set, the features stage validates each raw CSV part
+on a worker of that cluster (``local``: a ``LocalCluster`` of worker processes
+on this machine; ``tcp://host:8786``: an existing scheduler, such as the Dask
+Kubernetes operator's). Each worker runs the very same
+:func:`pipeline.features.transform` on its part and writes its Parquet and
+quarantine pieces into a scratch folder beside the output, on storage every
+worker sees (the shared volume); the stage then joins the pieces in part order,
+row group by row group, so the files hold exactly the rows, values and order of
+the single-process run, and memory stays one row group.
+
+Unset, everything runs in the stage's own process, as before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from pipeline.errors import EngineUnavailable
+from pipeline.schema import Schema
+from pipeline.settings import Settings
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT_SECONDS = 10
+LOCAL_WORKERS = 2
+
+
+@contextlib.contextmanager
+def open_client(settings: Settings) -> Iterator:
+    """A Dask client on the configured scheduler (or a LocalCluster for ``local``)."""
+    from distributed import Client, LocalCluster
+
+    address = settings.dask_scheduler
+    with contextlib.ExitStack() as stack:
+        try:
+            if address == "local":
+                cluster = stack.enter_context(LocalCluster(
+                    n_workers=min(os.cpu_count() or 1, LOCAL_WORKERS), threads_per_worker=1, processes=True,
+                    host="127.0.0.1", dashboard_address=None, silence_logs=logging.WARNING))
+                client = stack.enter_context(Client(cluster))
+            else:
+                client = stack.enter_context(Client(address, timeout=CONNECT_TIMEOUT_SECONDS))
+        except (OSError, TimeoutError) as exc:
+            raise EngineUnavailable(
+                f"cannot reach the Dask scheduler at {address} ({type(exc).__name__}); start it, or unset "
+                "MLOPS_DASK_SCHEDULER to run in one process") from None
+        workers = len(client.scheduler_info().get("workers", {}))
+        log.info("dask: %d worker(s) on %s", workers, address)
+        yield client
+
+
+def _transform_part(part: str, scratch: str, index: int, schema: Schema, preferred_sample) -> dict:
+    """On a worker: one raw part through the single-process transform, into scratch files."""
+    from pipeline.features import transform
+
+    base = Path(scratch) / f"{index:06d}"
+    paths = {"features": f"{base}.features.parquet", "labels": f"{base}.labels.parquet",
+             "rejected": f"{base}.rejected.csv"}
+    stats = transform([Path(part)], Path(paths["features"]), Path(paths["labels"]), Path(paths["rejected"]),
+                      schema, preferred_sample=preferred_sample)
+    return {"stats": stats, "paths": paths}
+
+
+def _concat_parquet(pieces: list[str], out: Path, schema) -> None:
+    with pq.ParquetWriter(out, schema, use_dictionary=[schema.names[0]]) as writer:
+        for piece in pieces:
+            source = pq.ParquetFile(piece)
+            for group in range(source.num_row_groups):
+                writer.write_table(source.read_row_group(group))
+
+
+def _concat_csv(pieces: list[str], out: Path) -> None:
+    """The pieces' rows after one header (every piece starts with the same header line)."""
+    with open(out, "wb") as target:
+        for i, piece in enumerate(pieces):
+            with open(piece, "rb") as source:
+                header = source.readline()
+                if i == 0:
+                    target.write(header)
+                shutil.copyfileobj(source, target, 1 << 20)
+
+
+def merge_stats(parts: list[dict], preferred_sample) -> dict:
+    """The single-process run's statistics from the per-part ones, in part order."""
+    samples = [p["sample_entity"] for p in parts if p["sample_entity"] is not None]
+    reasons: dict[str, int] = {}
+    for p in parts:
+        for column, count in p["quarantined_by_column"].items():
+            reasons[column] = reasons.get(column, 0) + count
+    times = {key: [datetime.fromisoformat(p[key]) for p in parts if p[key] is not None]
+             for key in ("event_time_min", "event_time_max")}
+    return {
+        "rows_in": sum(p["rows_in"] for p in parts), "rows_out": sum(p["rows_out"] for p in parts),
+        "rows_quarantined": sum(p["rows_quarantined"] for p in parts),
+        "sample_entity": preferred_sample if preferred_sample is not None and preferred_sample in samples
+        else (samples[0] if samples else None),
+        "quarantined_by_column": reasons,
+        "event_time_min": min(times["event_time_min"]).isoformat() if times["event_time_min"] else None,
+        "event_time_max": max(times["event_time_max"]).isoformat() if times["event_time_max"] else None,
+    }
+
+
+def transform(settings: Settings, parts: list[Path], features_out: Path, labels_out: Path, rejected_out: Path,
+              schema: Schema, preferred_sample=None) -> dict:
+    """:func:`pipeline.features.transform` with one task per part on the Dask cluster."""
+    from distributed import as_completed
+
+    from pipeline.features import features_schema, labels_schema
+
+    scratch = settings.features_dir / f".dask-{uuid.uuid4().hex}"
+    scratch.mkdir(parents=True)
+    try:
+        with open_client(settings) as client:
+            futures = [client.submit(_transform_part, str(part), str(scratch), i, schema, preferred_sample,
+                                     pure=False) for i, part in enumerate(parts)]
+            for done, _ in enumerate(as_completed(futures), start=1):
+                log.info("features: %d/%d part(s) validated on dask", done, len(parts))
+            results = client.gather(futures)  # in part order
+        _concat_parquet([r["paths"]["features"] for r in results], features_out, features_schema(schema))
+        _concat_parquet([r["paths"]["labels"] for r in results], labels_out, labels_schema(schema))
+        _concat_csv([r["paths"]["rejected"] for r in results], rejected_out)
+        return merge_stats([r["stats"] for r in results], preferred_sample)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
