@@ -120,7 +120,7 @@ def test_predict_from_the_cluster_equals_the_plain_redis_path(run, server, lates
     assert [p["prediction"] for p in cluster_answer["predictions"]] == pytest.approx(expected, rel=1e-9)
 
 
-def test_a_cluster_flag_that_does_not_match_the_server_is_one_line(run, cluster, tmp_path):
+def test_a_cluster_flag_that_does_not_match_the_server_says_what_to_do(run, cluster, tmp_path):
     with redis_single(tmp_path / "plain") as url:
         with pytest.raises(redis.exceptions.ConnectionError, match="unset MLOPS_REDIS_CLUSTER"):
             connect(make_settings(tmp_path, redis_url=url, redis_cluster=True), 1)
@@ -129,6 +129,19 @@ def test_a_cluster_flag_that_does_not_match_the_server_is_one_line(run, cluster,
         load_latest(connect(unflagged, 10), run["settings"].features_path, schema)
     with pytest.raises(ConfigError, match="database 0"):
         connect(make_settings(tmp_path, redis_url=cluster.url().replace("/0", "/2"), redis_cluster=True), 1)
+
+
+def test_a_cluster_url_with_another_database_is_one_line_from_the_cli(run, cluster, monkeypatch, capsys):
+    from pipeline.cli import main
+
+    monkeypatch.setenv("MLOPS_SHARED_DIR", str(run["settings"].shared_dir))
+    monkeypatch.setenv("MLOPS_REDIS_URL", cluster.url().replace("/0", "/2"))
+    monkeypatch.setenv("MLOPS_REDIS_CLUSTER", "true")
+    code = main(["feast", "-q"])
+    err = capsys.readouterr().err
+    assert code == ConfigError.exit_code
+    assert err.strip().splitlines() == [err.strip()] and "Traceback" not in err
+    assert "only database 0" in err and cluster.password not in err
 
 
 def test_a_killed_master_costs_quick_503s_until_its_replica_takes_over(run, cluster, server, figures):
