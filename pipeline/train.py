@@ -166,7 +166,7 @@ def gather(chunks: Iterable[pd.DataFrame], schema: Schema, holdout_fraction: flo
             gathered.chunks += 1
             gathered.holdout_rows += int(held.sum())
             if (~held).any():
-                newest = pd.Timestamp(frame[schema.timestamp].to_numpy()[~held].max())
+                newest = pd.Timestamp(frame[schema.timestamp][~held].max())
                 newest = newest.tz_localize("UTC") if newest.tzinfo is None else newest
                 gathered.event_time_max = max(filter(None, [gathered.event_time_max, newest]))
             if writer is not None:
