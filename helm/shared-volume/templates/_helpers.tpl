@@ -70,6 +70,8 @@ MLFLOW_HTTP_REQUEST_MAX_RETRIES: "3"
 MLFLOW_HTTP_REQUEST_TIMEOUT: "60"
 MLOPS_ROWS: {{ .Values.pipeline.rows | quote }}
 MLOPS_SEED: {{ .Values.pipeline.seed | quote }}
+MLOPS_SYNTHETIC_BATCH: {{ .Values.pipeline.syntheticBatch | quote }}
+MLOPS_SYNTHETIC_DRIFT: {{ .Values.pipeline.syntheticDrift | quote }}
 MLOPS_MODEL_NAME: {{ .Values.pipeline.modelName | quote }}
 MLOPS_MODEL_ALIAS: {{ .Values.pipeline.modelAlias | quote }}
 MLOPS_PROMOTE_TOLERANCE: {{ .Values.pipeline.promoteTolerance | quote }}
@@ -78,6 +80,11 @@ MLOPS_MODEL_POLL_SECONDS: {{ .Values.pipeline.modelPollSeconds | quote }}
 MLOPS_GIT_COMMIT: {{ .Values.pipeline.gitCommit | quote }}
 {{- /* empty: the built-in customers (compose leaves it empty the same way) */}}
 MLOPS_DATASET: {{ ternary "/etc/mlops/dataset/dataset.yaml" "" (ne .Values.dataset.declaration "") | quote }}
+{{- if and .Values.dask.scheduler (ne .Values.sharedVolume.accessMode "ReadWriteMany") }}
+{{- fail "dask.scheduler: the Dask workers write beside the stages, so the shared volume must be ReadWriteMany (sharedVolume.accessMode) and mounted at /shared in the workers" }}
+{{- end }}
+{{- /* empty: no Dask, each stage in its own pod (compose leaves it empty the same way) */}}
+MLOPS_DASK_SCHEDULER: {{ .Values.dask.scheduler | quote }}
 {{- end }}
 
 {{/* The rollout id: changes when the settings or the image change, never at random.
