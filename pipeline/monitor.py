@@ -163,9 +163,8 @@ def monitoring_dir(settings: Settings) -> Path:
 
 
 def run(ctx: StageContext, clock: Callable[[], float] = time.time,
-        thresholds: Thresholds | None = None, tracking: bool = True) -> StageResult:
-    """The stage body; ``clock`` and ``thresholds`` are injectable (tests advance the clock);
-    ``tracking=False`` leaves MLflow alone."""
+        thresholds: Thresholds | None = None) -> StageResult:
+    """The stage body; ``clock`` and ``thresholds`` are injectable (tests advance the clock)."""
     from pipeline.monitor_report import figures, log_to_mlflow, render_html
 
     settings, schema = ctx.settings, ctx.schema
@@ -186,8 +185,7 @@ def run(ctx: StageContext, clock: Callable[[], float] = time.time,
     atomic_write_bytes(html_path, render_html(report, pngs).encode())
     # The report is written first: an MLflow outage costs the run's history entry, never the report,
     # the exporter's gauges or the alerts (docs/monitoring.md, "History in MLflow").
-    tracked = (log_to_mlflow(settings, report, {**pngs, "report.json": report_path.read_bytes()}, now)
-               if tracking else {"logged": False, "reason": "not asked to"})
+    tracked = log_to_mlflow(settings, report, {**pngs, "report.json": report_path.read_bytes()}, now)
     outputs = {
         "report": str(report_path), "html": str(html_path),
         "predictions_logged": report["predictions_logged"],
