@@ -35,9 +35,9 @@ import pyarrow.csv as pa_csv
 
 from pipeline import datacheck, source, versioning
 from pipeline.dataset import CUSTOMERS, DatasetError
-from pipeline.synthetic_drift import parse_drift, shift_features
 from pipeline.io import atomic_path, file_md5, remove_stale_temps
 from pipeline.stage import StageContext, StageResult
+from pipeline.synthetic_drift import parse_drift, shift_features
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,8 @@ from tests.support import docker_available, free_port
 pytestmark = [pytest.mark.e2e, pytest.mark.docker]
 
 PROJECT = "mlops-e2e-monitoring"
-ROWS, SEED = 2000, 42
+# the rows and seed of tests/integration/test_drift_loop.py: compose makes the same data and model
+ROWS, SEED = 3000, 11
 SHIFTED, SHIFT = "monthly_spend", 1.0
 DRILL = {"MLOPS_SYNTHETIC_BATCH": "1", "MLOPS_SYNTHETIC_DRIFT": f"{SHIFTED}={SHIFT}"}
 MONITORING = ("monitor-exporter", "alertmanager", "prometheus", "retrain")
@@ -157,8 +158,11 @@ def last_retrain(compose: Compose) -> dict:
 def test_the_retrain_webhook_retrains_and_the_gate_decides(drill):
     compose = drill["compose"]
     started = time.monotonic()
-    state = wait_for("a retrain outcome from the webhook",
-                     lambda: (s := last_retrain(compose))["last"] or s["error"] and s, timeout=300, interval=5)
+    def finished() -> dict | None:
+        state = last_retrain(compose)
+        return state if state["last"] or state["error"] else None
+
+    state = wait_for("a retrain outcome from the webhook", finished, timeout=300, interval=5)
     drill["timings"]["retrain outcome after the alert checks"] = time.monotonic() - started
     assert state["error"] is None, state
     outcome = state["last"]

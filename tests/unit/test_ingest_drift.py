@@ -13,7 +13,14 @@ import pytest
 
 from pipeline.dataset import CUSTOMERS as schema
 from pipeline.dataset import DatasetError
-from pipeline.ingest import SPAN, START, TRUTH, _draw_features, generate_chunk, write_csv
+from pipeline.ingest import (
+    SPAN,
+    START,
+    TRUTH,
+    _draw_features,
+    generate_chunk,
+    write_csv,
+)
 from pipeline.settings import Settings
 from pipeline.synthetic_drift import GENERATED_SD, parse_drift
 from pipeline.validate import validate_chunk
@@ -77,7 +84,7 @@ def test_a_large_drift_stays_in_the_declared_bounds_so_nothing_extra_is_quaranti
     assert (clean["age"] == 100).mean() > 0.1  # 18..80 moved by 3 sd piles up at the bound
     assert (clean["satisfaction"] == 1).mean() > 0.3
     text = frame.astype(str).replace({"nan": ""})
-    good, rejected = validate_chunk(pa.Table.from_pandas(text, preserve_index=False), schema)
+    _, rejected = validate_chunk(pa.Table.from_pandas(text, preserve_index=False), schema)
     assert rejected.num_rows == sum(injected.values())  # only the injected bad rows
 
 
