@@ -115,7 +115,7 @@ class Settings(BaseSettings):
                                                               "unset: `AWS_SECRET_ACCESS_KEY` or botocore's "
                                                               "chain")
     lakehouse: bool = Field(False, description="with MLOPS_S3_ENDPOINT: raw data (DVC's remote), features and "
-                                               "labels (Parquet by event day) and a local MLflow store's "
+                                               "labels (Parquet by event month) and a local MLflow store's "
                                                "artifacts live in the object store under "
                                                "`s3://<bucket>/<prefix>lakehouse/`; Feast's offline store reads "
                                                "them there (docs/objectstore.md#lakehouse)")
