@@ -118,7 +118,7 @@ def bench(run: Run, out: dict) -> None:
         shutil.rmtree(lost)
         size = plain["bytes"]
         # the part of a restore a plain copy also does: the files and the raw data onto the volume
-        copy_s = round(back["phases"].get("files", 0) + back["phases"].get("dvc_pull", 0), 2)
+        copy_s = round(back["phases"].get("files", 0) + back["phases"].get("raw_data", 0), 2)
         out.update({
             "rows": n, "files": plain["files"], "bytes": size,
             "backup": {"seconds": made["seconds"], "again_seconds": again["seconds"],

@@ -2,7 +2,7 @@
 
 Layout in the bucket (under ``MLOPS_S3_PREFIX``)::
 
-    dvc/                    DVC's S3 remote: the raw data, content-addressed (``dvc push``)
+    dvc/                    DVC's S3 remote: the raw data, content-addressed (DVC's own keys)
     objects/<sha256>        every other file of the volume, content-addressed
     snapshots/<ID>.json     a snapshot's manifest: path, size, sha256 of every file
 
@@ -14,7 +14,7 @@ Both incremental: an unchanged file is one object, sent once.
 Taken under the pipeline lock, so no stage writes meanwhile; SQLite files (the
 MLflow store, whether the CLI's or the tracking server's) are copied with
 SQLite's backup API, consistent even while a server holds them open. Not
-copied: DVC's cache and local remote (``dvc pull`` rebuilds them), Feast's
+copied: DVC's cache and local remote (restore rebuilds them), Feast's
 online store (restore loads it again from the restored features), the lock,
 temp files.
 """
@@ -38,7 +38,7 @@ from pipeline.errors import ObjectStoreError
 from pipeline.objectstore import client
 from pipeline.transfer import Phases as _Phases
 from pipeline.transfer import call as _call
-from pipeline.transfer import dvc_objects, dvc_transfer
+from pipeline.transfer import dvc_checkout, dvc_listing, dvc_object, dvc_objects, dvc_transfer
 from pipeline.transfer import each as _each
 from pipeline.transfer import key as _key
 from pipeline.transfer import list_keys as _list_keys
@@ -102,7 +102,7 @@ def _push_raw(s3, settings: Settings, shared: Path) -> int:
     """The raw data into DVC's S3 remote (``dvc/``): the objects of DVC's cache that the
     raw record names, under the keys DVC gives them in a remote, sent like every other file
     (those not there yet). ``dvc push`` sent them at a quarter of the speed (its s3fs path:
-    docs/performance.md); it still does when the cache lacks one. ``dvc pull`` reads them."""
+    docs/performance.md); it still does when the cache lacks one. ``dvc pull`` reads them too."""
     objects = dvc_objects(shared)
     if objects is None:
         return dvc_transfer(shared, settings, "push", _key(settings, "dvc"))
@@ -211,27 +211,44 @@ def _leftovers(root: Path) -> list[str]:
 
 
 def restore_files(s3, settings: Settings, manifest: dict, root: Path, phases: dict | None = None) -> int:
-    """Write every file of ``manifest`` under ``root`` (atomically, checked
-    against its sha256), then ``dvc pull`` the raw data. Returns the bytes written."""
+    """Write every file of ``manifest`` under ``root`` (atomically, checked against its
+    sha256), then the raw data from DVC's remote. Returns the bytes written."""
     phases = _Phases() if phases is None else phases
 
-    def fetch(entry: dict) -> None:
-        digest = hashlib.sha256()  # hashed as it streams in: the file is not read twice
-        body = s3.get_object(Bucket=settings.s3_bucket, Key=_key(settings, "objects", entry["sha256"]))["Body"]
-        with atomic_path(root / entry["path"]) as tmp:
+    def fetch(key: str, target: Path, algorithm: str, expected: str | None, what: str) -> None:
+        digest = hashlib.new(algorithm)  # hashed as it streams in: the file is not read twice
+        body = s3.get_object(Bucket=settings.s3_bucket, Key=_key(settings, key))["Body"]
+        with atomic_path(target) as tmp:
             with open(tmp, "wb") as out:
                 while block := body.read(1 << 20):
                     digest.update(block)
                     out.write(block)
-            if digest.hexdigest() != entry["sha256"]:
-                raise ObjectStoreError(f"{entry['path']} in snapshot {manifest['id']} does not match its "
-                                       "hash; the store is damaged: restore an older snapshot (--snapshot)")
+            if expected and digest.hexdigest() != expected:
+                raise ObjectStoreError(f"{what} in snapshot {manifest['id']} does not match its hash; the "
+                                       "store is damaged: restore an older snapshot (--snapshot)")
 
-    _each(lambda entry: _call(settings, f"read {entry['path']}", fetch, entry), manifest["files"])
+    _each(lambda e: _call(settings, f"read {e['path']}", fetch, f"objects/{e['sha256']}", root / e["path"],
+                          "sha256", e["sha256"], e["path"]), manifest["files"])
     phases.done("files")
-    dvc_transfer(root, settings, "pull", _key(settings, "dvc"))
-    phases.done("dvc_pull")
+    _pull_raw(settings, root, fetch)
+    phases.done("raw_data")
     return sum(entry["size"] for entry in manifest["files"])
+
+
+def _pull_raw(settings: Settings, root: Path, fetch) -> None:
+    """The raw data from DVC's remote: its objects fetched into DVC's cache like the other
+    files (each checked against its md5), then ``dvc checkout``; ``dvc pull`` (a few
+    times slower) when the record is not a DVC 3 folder."""
+    listing = dvc_listing(root)
+    if listing is None:
+        dvc_transfer(root, settings, "pull", _key(settings, "dvc"))
+        return
+    key, path = dvc_object(root, listing)
+    _call(settings, "read the raw data's DVC listing", fetch, f"dvc/{key}", path, "md5", None, "data/raw")
+    objects = (dvc_objects(root, cached=False) or [])[1:]
+    _each(lambda o: _call(settings, "read the raw data", fetch, f"dvc/{o[0]}", o[1], "md5",
+                          o[0].removeprefix("files/md5/").replace("/", ""), "data/raw"), objects)
+    dvc_checkout(root)
 
 
 def restore(settings: Settings, snapshot: str | None = None) -> dict:

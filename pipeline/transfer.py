@@ -96,28 +96,49 @@ def dvc_transfer(root: Path, settings: Settings, action: str, prefix: str) -> in
             repo.close()
 
 
-def dvc_objects(root: Path) -> list[tuple[str, Path]] | None:
-    """The versioned raw folder's objects in DVC's cache, keyed as in a DVC remote
-    (``files/md5/ab/cdef...``: the ``.dir`` listing, then each file); None when the raw
-    data is not a DVC 3 folder record or an object is missing from the cache."""
+def dvc_object(root: Path, md5: str) -> tuple[str, Path]:
+    """An object's key in a DVC remote (``files/md5/ab/cdef...``) and its path in DVC's cache."""
+    key = f"files/md5/{md5[:2]}/{md5[2:]}"
+    return key, root / ".dvc" / "cache" / key
+
+
+def dvc_listing(root: Path) -> str | None:
+    """The md5 of the raw folder's ``.dir`` listing in its DVC 3 record, else None."""
     import yaml
 
     try:
         out = yaml.safe_load((root / "data" / "raw.dvc").read_text())["outs"][0]
     except (FileNotFoundError, KeyError, IndexError, TypeError):
         return None
-    if out.get("hash") != "md5" or not str(out.get("md5", "")).endswith(".dir"):
-        return None
+    md5 = str(out.get("md5", ""))
+    return md5 if out.get("hash") == "md5" and md5.endswith(".dir") else None
 
-    def entry(md5: str) -> tuple[str, Path]:
-        key = f"files/md5/{md5[:2]}/{md5[2:]}"
-        return key, root / ".dvc" / "cache" / key
 
-    listing = entry(out["md5"])
-    if not listing[1].is_file():
+def dvc_objects(root: Path, cached: bool = True) -> list[tuple[str, Path]] | None:
+    """The versioned raw folder's objects (the ``.dir`` listing, then each file) as
+    :func:`dvc_object` names them; None when the record is not a DVC 3 folder, the
+    listing is not in the cache, or (``cached``) a file object is not either."""
+    listing = dvc_listing(root)
+    if listing is None or not dvc_object(root, listing)[1].is_file():
         return None
-    found = [listing, *(entry(item["md5"]) for item in json.loads(listing[1].read_text()))]
-    return found if all(path.is_file() for _, path in found) else None
+    found = [dvc_object(root, listing), *(dvc_object(root, item["md5"])
+                                          for item in json.loads(dvc_object(root, listing)[1].read_text()))]
+    return found if not cached or all(path.is_file() for _, path in found) else None
+
+
+def dvc_checkout(root: Path) -> None:
+    """The raw folder from DVC's cache into the workspace, as its record says."""
+    from dvc.repo import Repo
+
+    with contextlib.chdir(root):
+        repo = Repo(str(root))
+        try:
+            repo.checkout(targets=["data/raw.dvc"])
+        except Exception as exc:
+            raise ObjectStoreError(f"dvc checkout of the restored raw data failed ({type(exc).__name__}); "
+                                   "restore an older snapshot (--snapshot)") from None
+        finally:
+            repo.close()
 
 
 def _dvc_error(exc: BaseException, settings: Settings, action: str) -> ObjectStoreError:
