@@ -37,10 +37,8 @@ FINGERPRINT_TAG = "mlops.fingerprint"
 def mlflow_session(settings: Settings, schema: Schema) -> Iterator[MlflowClient]:
     """Point MLflow at the configured store and make sure the experiment and
     registered model exist. Connection failures become :class:`TrackingUnavailable`.
-
-    With the lakehouse on, the object store's endpoint and keys are in the
-    environment for the session (MLflow's S3 artifact store, and Feast reading
-    the features there, take them from it), and only for it."""
+    With the lakehouse on, the store's endpoint and keys are in the environment
+    for the session only (MLflow's S3 artifacts and Feast's S3 reads take them there)."""
     uri = settings.tracking_uri
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
@@ -280,9 +278,8 @@ def check_format(mlmodel: dict, version: int) -> None:
 def load_model_version(name: str, version: int, alias: str, tracking_uri: str,
                        settings: Settings | None = None) -> LoadedModel:
     """Check a registered version's format, download its weights JSON only, and build
-    the model from the installed package's code (see the comment above). With
-    ``settings`` of the lakehouse, the artifacts are read from the object store
-    (MLflow's S3 artifact store, the keys in the environment for the download only)."""
+    the model from the installed package's code (see the comment above); ``settings``
+    of the lakehouse: from the object store, its keys in the environment meanwhile."""
     if settings is not None:
         with s3_environment(settings):
             return load_model_version(name, version, alias, tracking_uri)
