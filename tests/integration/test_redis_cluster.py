@@ -144,6 +144,34 @@ def test_a_cluster_url_with_another_database_is_one_line_from_the_cli(run, clust
     assert "only database 0" in err and cluster.password not in err
 
 
+def test_a_slot_moved_to_another_master_is_followed_without_an_error(run, cluster, latest):
+    """Resharding: the slot of one entity moves, keys and all, to another master while a
+    reader holds the old slot map; its next lookup gets MOVED, follows it, and answers."""
+    from pipeline.online import open_online
+
+    layout = FeastRedisLayout(schema)
+    entity = 1001
+    key = layout.keys([entity])[0]
+    slot = key_slot(key)
+    online = open_online(run["settings"], schema)
+    before = online.lookup([entity, 1002])[0].tolist()
+    source = cluster.master_of(slot)
+    target = next(port for port in cluster.masters() if port != source)
+    ids = {port: cluster.node(port).execute_command("CLUSTER MYID").decode() for port in (source, target)}
+    src, dst = cluster.node(source), cluster.node(target)
+    dst.execute_command("CLUSTER SETSLOT", slot, "IMPORTING", ids[source])
+    src.execute_command("CLUSTER SETSLOT", slot, "MIGRATING", ids[target])
+    keys = [k for k in layout.keys([int(i) for i in latest.index]) if key_slot(k) == slot]
+    assert src.execute_command("CLUSTER COUNTKEYSINSLOT", slot) == len(keys)  # the whole slot moves
+    src.execute_command("MIGRATE", "127.0.0.1", target, "", 0, 5000, "AUTH", cluster.password, "KEYS", *keys)
+    for port in cluster.masters():
+        cluster.node(port).execute_command("CLUSTER SETSLOT", slot, "NODE", ids[target])
+    assert dst.exists(key) and src.execute_command("CLUSTER COUNTKEYSINSLOT", slot) == 0
+    assert online.lookup([entity, 1002])[0].tolist() == before  # MOVED, followed
+    assert online.reader.routes.client.nodes_manager.slots_cache[slot][0].port == target  # the map learnt it
+    assert online.lookup([entity])[0].tolist() == before[:1]
+
+
 def test_a_killed_master_costs_quick_503s_until_its_replica_takes_over(run, cluster, server, figures):
     layout = FeastRedisLayout(schema)
     entity = 1000
