@@ -78,8 +78,12 @@ def add_and_push(shared: Path, raw_dir: Path, settings: Settings | None = None) 
         repo = _repo(shared, settings)
         try:
             repo.add(str(raw_dir.relative_to(shared)))
-            pushed = _push(repo, settings)
-            log.info("dvc push: %d file(s) sent to the %s remote", pushed, repo.config["core"]["remote"])
+            if settings is None and repo.config["core"].get("remote") == LAKEHOUSE_REMOTE:
+                # no keys without the settings: the features stage pushes (push_to_lakehouse)
+                log.info("dvc: the raw data goes to the lakehouse remote with the features stage")
+            else:
+                pushed = _push(repo, settings)
+                log.info("dvc push: %d file(s) sent to the %s remote", pushed, repo.config["core"]["remote"])
         finally:
             repo.close()
     hash_ = recorded_hash(shared)
