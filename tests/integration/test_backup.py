@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 from werkzeug.test import Client
 
-from pipeline import backup, versioning
+from pipeline import backup, transfer, versioning
 from pipeline.cli import run_stages
 from pipeline.dag import STAGE_NAMES
 from pipeline.dataset import CUSTOMERS as schema
@@ -83,7 +83,7 @@ def registry(settings) -> dict:
     return {"versions": versions, "aliases": mlflow.get_registered_model(settings.model_name).aliases}
 
 
-def test_backup_wipe_restore_answers_exactly_as_before(volume, store):
+def test_backup_wipe_restore_answers_exactly_as_before(volume, store, tmp_path):
     settings, env = volume
     before, registered = predictions(settings), registry(settings)
     assert len(before) > 100
@@ -95,6 +95,9 @@ def test_backup_wipe_restore_answers_exactly_as_before(volume, store):
     listed = pipeline_cli(["backup", "--list", "-q"], env).stdout.splitlines()
     assert listed and listed[-1].startswith(snapshot)
     assert "ok: snapshot" in pipeline_cli(["backup", "--verify"], env).stdout
+    again = pipeline_cli(["backup"], env)  # unchanged volume: a new snapshot, nothing sent
+    assert "0 new object(s) to send; raw data: 0 DVC object(s) pushed" in again.stdout, again.stdout
+    snapshot = again.stdout.strip().splitlines()[-1].split()[1].rstrip(":")
 
     shutil.rmtree(settings.shared)  # the disaster
     restored = pipeline_cli(["restore"], env)
@@ -107,6 +110,13 @@ def test_backup_wipe_restore_answers_exactly_as_before(volume, store):
     assert tags["mlops.raw_dvc_hash"] == versioning.recorded_hash(settings.shared)
     assert tags["mlops.features_md5"] == file_md5(settings.features_path)
     assert (settings.shared / "dvc-store").is_dir() and any((settings.shared / "dvc-store").rglob("*"))
+    # the bucket's dvc/ is a DVC remote DVC itself reads: `dvc pull` into a bare repo gets the raw data
+    bare = tmp_path / "bare"
+    (bare / "data").mkdir(parents=True)
+    shutil.copytree(settings.shared / ".dvc", bare / ".dvc", ignore=shutil.ignore_patterns("cache", "tmp"))
+    shutil.copy(settings.shared / "data" / "raw.dvc", bare / "data" / "raw.dvc")
+    assert transfer.dvc_transfer(bare, settings, "pull", "dvc") > 0
+    assert versioning.changed_files(bare) == []
     for output in (made, restored):
         assert not any(secret in output.stdout + output.stderr for secret in secrets_of(store, "backup"))
 
