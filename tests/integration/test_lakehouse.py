@@ -137,6 +137,12 @@ def test_a_rerun_skips_and_a_write_cut_short_is_never_seen(runs, store):
     _, lake = runs
     run_stages(lake, ("features", "feast"))
     assert [read_record(lake.runs_dir, s).status for s in ("features", "feast")] == ["skipped", "skipped"]
+    before = lakehouse.current(lake)["version"]
+    reseeded = lake.model_copy(update={"seed": 8})  # new raw data: versioned, pushed to the store, published
+    run_stages(reseeded, ("ingest", "features"))
+    raw_hash = versioning.recorded_hash(lake.shared)
+    assert any(key.endswith(raw_hash[2:]) for key in bucket_keys(store, lake, "dvc"))
+    assert lakehouse.current(lake)["version"] != before and not (lake.shared / "dvc-store").exists()
 
     published = lakehouse.current(lake)
     rows = lakehouse.dataset(lake, "features").count_rows()
