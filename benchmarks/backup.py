@@ -119,7 +119,12 @@ def bench(run: Run, out: dict) -> None:
         size = plain["bytes"]
         # the part of a restore a plain copy also does: the files and the raw data onto the volume
         copy_s = round(back["phases"].get("files", 0) + back["phases"].get("raw_data", 0), 2)
+        from benchmarks.__main__ import (
+            machine,  # at call time: __main__ imports this module
+        )
+
         out.update({
+            "machine": machine(),
             "rows": n, "files": plain["files"], "bytes": size,
             "backup": {"seconds": made["seconds"], "again_seconds": again["seconds"],
                        "phases": made.get("phases", {}), "mb_per_s": mb_per_s(size, made["seconds"])},

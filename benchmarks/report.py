@@ -159,7 +159,8 @@ def backup_markdown(results: dict) -> str:
     if not b:
         return ""
     r, mb = b["ratios"], b["bytes"] / 1e6
-    lines = ["", f"Backup and restore, {b['rows']} rows: {b['files']} files, {mb:.1f} MB, one SeaweedFS on 127.0.0.1.",
+    lines = ["", f"Backup and restore, {b['rows']} rows: {b['files']} files, {mb:.1f} MB, one SeaweedFS on 127.0.0.1"
+             + (f" ({b['machine']})." if b.get("machine") else "."),
              "", "| backup / restore | seconds | MB/s | plain copy s | plain MB/s | ratio |", "|---|---|---|---|---|---|",
              f"| backup | {b['backup']['seconds']} | {b['backup']['mb_per_s']} | {b['plain']['upload_s']} | "
              f"{b['plain']['upload_mb_per_s']} | {r['backup_over_plain_upload']} |",
