@@ -93,6 +93,8 @@ def mb_per_s(size: int, seconds: float) -> float:
 
 
 def bench(run: Run, out: dict) -> None:
+    from benchmarks.__main__ import machine  # here: __main__ imports this module
+
     n = rows(run)
     with tempfile.TemporaryDirectory(prefix="seaweedfs-", dir=run.work) as home, seaweedfs(Path(home)) as store:
         shared = run.work / f"backup-{n}"
@@ -119,10 +121,6 @@ def bench(run: Run, out: dict) -> None:
         size = plain["bytes"]
         # the part of a restore a plain copy also does: the files and the raw data onto the volume
         copy_s = round(back["phases"].get("files", 0) + back["phases"].get("raw_data", 0), 2)
-        from benchmarks.__main__ import (
-            machine,  # at call time: __main__ imports this module
-        )
-
         out.update({
             "machine": machine(),
             "rows": n, "files": plain["files"], "bytes": size,
