@@ -11,6 +11,11 @@ model version the alias serves (:func:`pipeline.monitor_report.log_to_mlflow`).
 Train records the training reference; for a model trained before it did, the
 monitor builds it once per model version from the features Parquet rows and
 keeps it beside the report.
+
+The features and labels are read through :func:`pipeline.lakehouse.dataset`,
+only the columns needed: the Parquet files on the volume, or with the lakehouse
+the published version in the object store; the MLflow run's artifacts then go
+to the store too, its keys in the environment for that block only.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from pipeline import lakehouse
 from pipeline.drift import (EPS, SKETCH, Thresholds, bin_fractions, describe, drift, freshness,  # noqa: F401
                             ks, live_error, log_drift, psi, quantile_edges, reference, tally)
 from pipeline.io import atomic_write_bytes, atomic_write_json
@@ -54,8 +60,8 @@ def training_reference(settings: Settings, schema, train_outputs: dict, folder: 
     cached = folder / f"reference-v{version}.json"
     if cached.is_file():
         return json.loads(cached.read_text())
-    frame = pd.read_parquet(settings.features_path, columns=[schema.join_key, schema.timestamp,
-                                                             *schema.feature_names])
+    frame = lakehouse.dataset(settings, "features").to_table(
+        columns=[schema.join_key, schema.timestamp, *schema.feature_names]).to_pandas()
     ref = reference(frame, schema.feature_names, bins,
                     model_predictions(train_outputs, frame, schema.feature_names), schema.timestamp)
     ref.update(source=f"features Parquet when model version {version} was first monitored",
@@ -81,9 +87,7 @@ def _time_filter(dataset, column: str, op: str, when):
 
 def newest_drift(settings: Settings, schema, ref: dict, thresholds: Thresholds) -> tuple[dict[str, dict], int]:
     """Drift of the offline feature rows newer than the reference's newest event time."""
-    import pyarrow.dataset as ds
-
-    dataset = ds.dataset(settings.features_path, format="parquet")
+    dataset = lakehouse.dataset(settings, "features")
     after = ref.get("event_time_max")
     where = _time_filter(dataset, schema.timestamp, ">", after) if after else None
     names = list(schema.feature_names)
@@ -93,9 +97,7 @@ def newest_drift(settings: Settings, schema, ref: dict, thresholds: Thresholds) 
 
 def labelled_error(settings: Settings, schema, since: float, until: float) -> dict:
     """Live error of the window's predictions that a label (arriving at or after them) can match."""
-    import pyarrow.dataset as ds
-
-    dataset = ds.dataset(settings.labels_path, format="parquet")
+    dataset = lakehouse.dataset(settings, "labels")
     since_ts = pd.Timestamp(since, unit="s", tz="UTC")
     labels = dataset.to_table(columns=[schema.join_key, schema.timestamp, schema.target],
                               filter=_time_filter(dataset, schema.timestamp, ">=", since_ts)).to_pandas()
@@ -185,7 +187,8 @@ def run(ctx: StageContext, clock: Callable[[], float] = time.time,
     atomic_write_bytes(html_path, render_html(report, pngs).encode())
     # The report is written first: an MLflow outage costs the run's history entry, never the report,
     # the exporter's gauges or the alerts (docs/monitoring.md, "History in MLflow").
-    tracked = log_to_mlflow(settings, report, {**pngs, "report.json": report_path.read_bytes()}, now)
+    with lakehouse.s3_environment(settings):  # with the lakehouse, the run's artifacts go to the store
+        tracked = log_to_mlflow(settings, report, {**pngs, "report.json": report_path.read_bytes()}, now)
     outputs = {
         "report": str(report_path), "html": str(html_path),
         "predictions_logged": report["predictions_logged"],

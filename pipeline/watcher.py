@@ -6,6 +6,7 @@ through :mod:`pipeline.registry`.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -40,7 +41,7 @@ class ModelWatcher:
     """
 
     def __init__(self, settings: Settings, *, resolve: Callable[[], int | None] | None = None,
-                 loader: Callable[[str, int, str, str], LoadedModel] = load_model_version,
+                 loader: Callable[[str, int, str, str], LoadedModel] | None = None,
                  on_load: Callable[[str, int], None] | None = None,
                  wait: Callable[[Any, float], bool] | None = None,
                  clock: Callable[[], float] | None = None,
@@ -52,7 +53,9 @@ class ModelWatcher:
         self.settings = settings
         self.feature_names = feature_names  # what the online store serves, in model order
         self.resolve = resolve or self._alias_target
-        self.loader = loader
+        # the settings reach the loader: with the lakehouse the artifacts are in the object store,
+        # whose endpoint and keys the settings hold (no AWS_* variables needed in the environment)
+        self.loader = loader or functools.partial(load_model_version, settings=settings)
         self._on_load = on_load or (lambda outcome, version: None)
         self._wait = wait or (lambda stop, seconds: stop.wait(seconds))
         self.clock = clock or time.monotonic
