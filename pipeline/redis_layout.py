@@ -45,9 +45,8 @@ LOAD_BATCH_ROWS = 20_000
 
 
 def connect(settings: Settings, timeout_seconds: float):
-    """A redis-py client for the online store: bounded socket timeouts, no retries,
-    so an unreachable Redis is an error within ``timeout_seconds``. A
-    ``RedisCluster`` with ``MLOPS_REDIS_CLUSTER`` (:mod:`pipeline.redis_cluster`)."""
+    """A redis-py client for the online store (a ``RedisCluster`` with ``MLOPS_REDIS_CLUSTER``): bounded
+    socket timeouts, no retries, so an unreachable Redis is an error within ``timeout_seconds``."""
     if settings.redis_cluster:
         return connect_cluster(cluster_options(settings, timeout_seconds))
     host, port, db, password = settings.redis_parts()
@@ -274,9 +273,8 @@ def load_latest(client, features_path: Path, schema: Schema,
     What ``feast materialize`` writes for a window holding every row: one HSET per
     entity (:meth:`FeastRedisLayout.hset`), pipelined in batches on one connection
     (a ``RedisCluster``: one per master, each HSET to its key's slot's master).
-    Overwrites, so a re-run finishes an interrupted load. Returns the number of
-    entities written. Integer keys only (their fixed length makes the packing
-    fast); string keys are left to ``feast materialize``."""
+    Overwrites, so a re-run finishes an interrupted load. Returns the entities written.
+    Integer keys only (fixed length: fast packing); string keys go to ``feast materialize``."""
     if not schema.int_keys:
         raise ValueError("load_latest packs integer entity keys only")
     layout = FeastRedisLayout(schema)

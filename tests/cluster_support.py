@@ -66,9 +66,9 @@ class Cluster:
     def ok(self) -> bool:
         """Every live node says cluster_state:ok and agrees on 3 masters covering all slots."""
         try:
-            for port in self.ports:
-                if self.procs[port].poll() is None and self.node(port).execute_command("CLUSTER INFO")["cluster_state"] != "ok":
-                    return False
+            live = [port for port in self.ports if self.procs[port].poll() is None]
+            if any(self.node(port).execute_command("CLUSTER INFO")["cluster_state"] != "ok" for port in live):
+                return False
             masters = self.masters()
             return len(masters) == 3 and sum(e - s + 1 for r in masters.values() for s, e in r) == 16384
         except redis.exceptions.RedisError:
