@@ -218,3 +218,4 @@ def test_a_killed_master_costs_quick_503s_until_its_replica_takes_over(run, clus
     assert slowest < SLOW_ANSWER_S  # no request waits out the failover (the socket timeout is 50 ms)
     assert recovered_at is not None and recovered_at < RECOVERY_BOUND_S, log[-5:]
     assert all(s == 200 for t, s, _, _, _ in log if t > recovered_at)  # and stays up
+    assert call(f"{server}/readyz")[0] == 200  # the feast stage's marker outlived the failover too
