@@ -350,7 +350,8 @@ def render_manifests(session: nox.Session) -> Path:
     out = Path(session.create_tmp()) / "manifests"
     shutil.rmtree(out, ignore_errors=True)
     session.run("python", "scripts/render_chart.py", str(out), "helm/shared-volume/values-minikube.yaml",
-                "helm/shared-volume/values-argocd.yaml", "helm/shared-volume/ci/monitoring-values.yaml")
+                "helm/shared-volume/values-argocd.yaml", "helm/shared-volume/ci/monitoring-values.yaml",
+                "helm/shared-volume/ci/redis-cluster-values.yaml", "helm/shared-volume/ci/dask-values.yaml")
     return out
 
 
