@@ -202,7 +202,7 @@ def _apply_and_load(settings: Settings, schema: Schema, features, inputs: dict, 
     yaml_path = write_feature_store_yaml(settings)
     start = pd.Timestamp(features.outputs["event_time_min"]).to_pydatetime()
     end = (pd.Timestamp(features.outputs["event_time_max"]) + pd.Timedelta(seconds=1)).to_pydatetime()
-    if settings.redis_url and schema.int_keys and not settings.lakehouse_uri:
+    if settings.redis_url and schema.int_keys:
         # Feast's layout, written by our loader: what `feast materialize` writes
         # for this window, several times faster (tests compare the bytes).
         import redis
@@ -212,7 +212,8 @@ def _apply_and_load(settings: Settings, schema: Schema, features, inputs: dict, 
         log.info("feast: loading the latest features per entity into Redis (Feast's layout)")
         try:
             client = connect(settings, LOAD_TIMEOUT_SECONDS)
-            loaded = load_latest(client, settings.features_path, schema, progress=log_progress())
+            with lakehouse.local_copy(settings, "features") as features_file:
+                loaded = load_latest(client, features_file, schema, progress=log_progress())
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
             raise OnlineStoreUnavailable(exc) from exc
         store.registry.apply_materialization(store.get_feature_view(schema.feature_view), schema.project,

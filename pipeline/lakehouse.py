@@ -255,3 +255,20 @@ def fingerprint_of(pointer: dict | None) -> str | None:
 
 def dvc_remote_url(settings: Settings) -> str:
     return f"s3://{root(settings)}/dvc"
+
+
+@contextlib.contextmanager
+def local_copy(settings: Settings, name: str) -> Iterator[Path]:
+    """Table ``name`` as one local Parquet file: the volume's own file, or, with the
+    lakehouse on, the published version streamed batch by batch into a temporary
+    file beside the process (memory: one batch), removed afterwards."""
+    if not settings.lakehouse_uri:
+        yield settings.features_path if name == "features" else settings.labels_path
+        return
+    source = dataset(settings, name)
+    with tempfile.TemporaryDirectory(prefix=f"mlops-{name}-") as folder:
+        path = Path(folder) / f"{name}.parquet"
+        with pq.ParquetWriter(path, source.schema) as writer:
+            for batch in source.to_batches(use_threads=False):
+                writer.write_batch(batch)
+        yield path
