@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import urllib.request
 
 import numpy as np
 import pandas as pd
@@ -25,7 +26,7 @@ from pipeline.io import read_record
 from pipeline.registry import ModelLoadFailed, load_model_version
 from pipeline.serve import create_app
 from tests.service.fakes import metrics_in_memory
-from tests.support import clean_env, make_settings, pipeline_cli, seaweedfs
+from tests.support import clean_env, http_status, make_settings, pipeline_cli, running_server, seaweedfs
 
 pytestmark = pytest.mark.integration
 
@@ -44,9 +45,23 @@ def store(tmp_path_factory):
         yield running
 
 
+def user_env(settings) -> dict[str, str]:
+    """The environment a user runs ``python -m pipeline`` with for ``settings``: the
+    MLOPS_* variables (key files, never keys) and no AWS_* variable."""
+    env = {k: v for k, v in clean_env().items() if not k.startswith(("AWS_", "MLFLOW_S3"))}
+    env.update(MLOPS_SHARED_DIR=str(settings.shared), MLOPS_ROWS=str(settings.rows), MLOPS_SEED=str(settings.seed),
+               MLOPS_LOCK_TIMEOUT_SECONDS="30", MLOPS_S3_ENDPOINT=settings.s3_endpoint,
+               MLOPS_S3_BUCKET=settings.s3_bucket, MLOPS_S3_PREFIX=settings.s3_prefix,
+               MLOPS_S3_ACCESS_KEY_FILE=str(settings.s3_access_key_file),
+               MLOPS_S3_SECRET_KEY_FILE=str(settings.s3_secret_key_file),
+               MLOPS_LAKEHOUSE=str(settings.lakehouse).lower())
+    return env
+
+
 @pytest.fixture(scope="module")
 def runs(store, tmp_path_factory):
-    """The same seed, once on the volume and once with the lakehouse on."""
+    """The same seed, once on the volume (in this process) and once with the
+    lakehouse on, as a user runs it: ``python -m pipeline run``, every stage."""
     env = store.env("backup")
     common = {"s3_endpoint": env["MLOPS_S3_ENDPOINT"], "s3_bucket": store.bucket, "s3_prefix": PREFIX,
               "s3_access_key_file": env["MLOPS_S3_ACCESS_KEY_FILE"],
@@ -55,16 +70,17 @@ def runs(store, tmp_path_factory):
     lake = make_settings(tmp_path_factory.mktemp("lake") / "shared", lakehouse=True, **common)
     before = {k for k in os.environ if k.startswith(("AWS_", "MLFLOW_S3"))}
     run_stages(volume, STAGES)
-    run_stages(lake, STAGES)
     # the keys were in the environment for the stages' blocks only
     assert {k for k in os.environ if k.startswith(("AWS_", "MLFLOW_S3"))} == before
+    pipeline_cli(["run"], user_env(lake))
     return volume, lake
 
 
-def predictions(settings) -> dict:
-    """/predict for every entity, through the real app (online store + the aliased model)."""
-    keys = lakehouse.dataset(settings, "features").to_table(columns=[schema.join_key]).column(0)
-    ids = sorted(set(keys.to_pylist()))
+def predictions(settings, ids: list | None = None) -> dict:
+    """/predict for ``ids`` (every entity by default), through the real app (online store + the aliased model)."""
+    if ids is None:
+        keys = lakehouse.dataset(settings, "features").to_table(columns=[schema.join_key]).column(0)
+        ids = sorted(set(keys.to_pylist()))
     with lakehouse.s3_environment(settings):  # the model's artifacts are read from the store
         web = Client(create_app(settings, watch=False))
         out = {}
@@ -100,6 +116,33 @@ def test_the_lakehouse_gives_the_same_model_and_answers_as_the_volume(runs):
     order = [schema.join_key, schema.timestamp]
     pd.testing.assert_frame_equal(published.sort_values(order).reset_index(drop=True),
                                   local.sort_values(order).reset_index(drop=True))
+
+
+def test_run_and_serve_from_the_cli_work_with_the_lakehouse(runs):
+    """``python -m pipeline run`` ran every stage, the monitor included, with the
+    features only in the store; ``python -m pipeline serve`` loads the model from
+    the bucket (no AWS_* variable set) and answers as the volume's model does."""
+    volume, lake = runs
+    assert {n: read_record(lake.runs_dir, n).status for n in (*STAGES, "monitor")} == dict.fromkeys(
+        (*STAGES, "monitor"), "ok")
+    report = json.loads((lake.shared / "monitoring" / "report.json").read_text())
+    assert report["reference"]["rows"] > 0 and report["offline_features"]["features"].keys() == set(
+        schema.feature_names)
+    assert not lake.features_path.exists()
+
+    keys = lakehouse.dataset(lake, "features").to_table(columns=[schema.join_key]).column(0)
+    few = sorted(set(keys.to_pylist()))[:5]
+    expected = predictions(volume, few)
+    with running_server(user_env(lake), workers=1) as base:
+        assert http_status(f"{base}/readyz") == 200
+        body = json.dumps({"instances": [{schema.join_key: i} for i in few]}).encode()
+        request = urllib.request.Request(f"{base}/predict", data=body,
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=10) as resp:
+            answered = json.loads(resp.read())["predictions"]
+    assert [p[schema.join_key] for p in answered] == few
+    for p in answered:
+        assert p["prediction"] == pytest.approx(expected[p[schema.join_key]], rel=1e-12)
 
 
 def test_raw_data_features_and_artifacts_are_in_the_bucket_not_on_the_volume(runs, store):
@@ -173,3 +216,4 @@ def test_the_lakehouse_without_an_object_store_is_one_line(tmp_path):
     assert done.returncode != 0
     assert "MLOPS_S3_ENDPOINT" in done.stderr and "Traceback" not in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
+
