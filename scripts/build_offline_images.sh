@@ -125,14 +125,23 @@ alertmanager_layout() {
   install -d -o 65534 -g 65534 "$1/alertmanager"
 }
 
+# The two monitoring images are built side by side (debootstrap waits mostly on the
+# mirror and dpkg), each in its own subshell; either failing fails the script.
 build "$PROMETHEUS_IMAGE" "prometheus,wget" --setup prometheus_layout \
   'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
   'EXPOSE 9090' 'USER 65534' 'WORKDIR /prometheus' \
   'ENTRYPOINT ["/bin/prometheus"]' \
-  'CMD ["--config.file=/etc/prometheus/prometheus.yml", "--storage.tsdb.path=/prometheus"]'
+  'CMD ["--config.file=/etc/prometheus/prometheus.yml", "--storage.tsdb.path=/prometheus"]' &
+prometheus_build=$!
 
 build "$ALERTMANAGER_IMAGE" "prometheus-alertmanager,wget" --setup alertmanager_layout \
   'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
   'EXPOSE 9093' 'USER 65534' 'WORKDIR /alertmanager' \
   'ENTRYPOINT ["/bin/alertmanager"]' \
-  'CMD ["--config.file=/etc/alertmanager/alertmanager.yml", "--storage.path=/alertmanager"]'
+  'CMD ["--config.file=/etc/alertmanager/alertmanager.yml", "--storage.path=/alertmanager"]' &
+alertmanager_build=$!
+
+failed=0
+wait "$prometheus_build" || failed=1
+wait "$alertmanager_build" || failed=1
+[ "$failed" = 0 ] || { echo "error: an offline monitoring image failed to build (see above)" >&2; exit 1; }
