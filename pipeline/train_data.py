@@ -60,6 +60,16 @@ def bucket_of(keys: pa.Array | pa.ChunkedArray, buckets: int) -> np.ndarray:
     return (hashes % np.uint64(buckets)).astype(np.int64)
 
 
+def _batches(dataset: ds.Dataset) -> Iterator[pa.RecordBatch]:
+    """Record batches of every file of ``dataset``, a few row groups' worth at a time.
+
+    Not ``dataset.to_batches()``: its scanner reads a Parquet file far ahead of a
+    slow consumer (most of the file at once, whatever the readahead options)."""
+    for path in dataset.files:
+        with dataset.filesystem.open_input_file(path) as handle:
+            yield from pq.ParquetFile(handle, pre_buffer=False).iter_batches(batch_size=1 << 16)
+
+
 def partition(dataset: ds.Dataset, key: str, buckets: int, folder: Path, name: str,
               flush_rows: int) -> list[Path]:
     """Stream ``dataset`` into ``folder/<name>-<i>.parquet``, one file per bucket of the key.
@@ -69,19 +79,20 @@ def partition(dataset: ds.Dataset, key: str, buckets: int, folder: Path, name: s
     paths = [folder / f"{name}-{i:05d}.parquet" for i in range(buckets)]
     writers: dict[int, pq.ParquetWriter] = {}
     pending: dict[int, list[pa.Table]] = {}
-    waiting = 0
+    waiting, schema = 0, None
 
     def flush() -> None:
         for i, tables in pending.items():
             if i not in writers:
-                writers[i] = pq.ParquetWriter(paths[i], dataset.schema)
+                writers[i] = pq.ParquetWriter(paths[i], schema)
             writers[i].write_table(pa.concat_tables(tables))
         pending.clear()
 
     try:
-        for batch in dataset.to_batches():
+        for batch in _batches(dataset):
             if not batch.num_rows:
                 continue
+            schema = schema or batch.schema
             table = pa.Table.from_batches([batch])
             which = bucket_of(batch.column(key), buckets)
             order = np.argsort(which, kind="stable")
@@ -98,7 +109,7 @@ def partition(dataset: ds.Dataset, key: str, buckets: int, folder: Path, name: s
             writer.close()
     for i, path in enumerate(paths):
         if i not in writers:  # no key hashed here: an empty file keeps the buckets aligned
-            pq.write_table(dataset.schema.empty_table(), path)
+            pq.write_table((schema or dataset.schema).empty_table(), path)
     return paths
 
 
