@@ -27,13 +27,16 @@ RUN groupadd --gid "${UID}" app \
  && mkdir -p /shared /app && chown "${UID}:${UID}" /shared
 COPY --from=deps /opt/venv /opt/venv
 # Secrets arrive as files (compose secrets, Kubernetes Secret volumes), but MLflow reads its
-# password, the auth app's admin password and its CSRF key only from the environment. The
-# entrypoint sets NAME from NAME_FILE for those three (the docker-library `file_env` habit)
-# and execs the command, so nothing secret is in argv, in the image or on the volume.
+# password, the auth app's admin password and its CSRF key only from the environment, and
+# its S3 artifact store (the lakehouse's tracking server) reads AWS_ACCESS_KEY_ID and
+# AWS_SECRET_ACCESS_KEY only from there too. The entrypoint sets NAME from NAME_FILE for
+# those five (the docker-library `file_env` habit) and execs the command, so nothing secret
+# is in argv, in the image or on the volume.
 # The auth app's configuration holds no secret: its user store sits beside the tracking store.
 # hadolint ignore=SC2016
 RUN printf '%s\n' '#!/bin/sh' 'set -eu' \
-      'for name in MLFLOW_TRACKING_PASSWORD MLFLOW_AUTH_ADMIN_PASSWORD MLFLOW_FLASK_SERVER_SECRET_KEY; do' \
+      'for name in MLFLOW_TRACKING_PASSWORD MLFLOW_AUTH_ADMIN_PASSWORD MLFLOW_FLASK_SERVER_SECRET_KEY \' \
+      '    AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY; do' \
       '  file=$(printenv "${name}_FILE" || true)' \
       '  if [ -n "$file" ] && [ -z "$(printenv "$name" || true)" ]; then' \
       '    value=$(cat "$file") || { echo "cannot read ${name}_FILE ($file): mount the secret there" >&2; exit 78; }' \

@@ -85,6 +85,40 @@ MLOPS_DATASET: {{ ternary "/etc/mlops/dataset/dataset.yaml" "" (ne .Values.datas
 {{- end }}
 {{- /* empty: no Dask, each stage in its own pod (compose leaves it empty the same way) */}}
 MLOPS_DASK_SCHEDULER: {{ .Values.dask.scheduler | quote }}
+{{- /* always named, "false" by default (compose names it the same way); on, every pipeline pod
+       gets the object store's settings here and its keys as files (shared-volume.volumeMounts) */}}
+MLOPS_LAKEHOUSE: {{ ternary "true" "false" (eq (include "shared-volume.lakehouse" .) "true") | quote }}
+{{- if include "shared-volume.lakehouse" . }}
+{{- include "shared-volume.objectStoreSettings" . }}
+{{- end }}
+{{- end }}
+
+{{/* "true" when raw data, features and MLflow's artifacts live in the object store, else "". */}}
+{{- define "shared-volume.lakehouse" -}}
+{{- if .Values.objectStore.lakehouse }}
+{{- if not .Values.objectStore.enabled }}
+{{- fail "objectStore.lakehouse needs the object store: set objectStore.enabled, objectStore.endpoint and its keys" }}
+{{- end -}}
+true
+{{- end }}
+{{- end }}
+
+{{/* The MLOPS_S3_* settings as ConfigMap entries (the lakehouse: every pipeline pod). */}}
+{{- define "shared-volume.objectStoreSettings" }}
+MLOPS_S3_ENDPOINT: {{ required "objectStore.endpoint is required with objectStore.enabled: the S3 endpoint URL (https://s3.eu-west-1.amazonaws.com, http://minio:9000)" .Values.objectStore.endpoint | quote }}
+MLOPS_S3_BUCKET: {{ .Values.objectStore.bucket | quote }}
+MLOPS_S3_PREFIX: {{ .Values.objectStore.prefix | quote }}
+MLOPS_S3_REGION: {{ .Values.objectStore.region | quote }}
+MLOPS_S3_ACCESS_KEY_FILE: /run/secrets/s3/access_key
+MLOPS_S3_SECRET_KEY_FILE: /run/secrets/s3/secret_key
+{{- end }}
+
+{{/* Where the MLflow server keeps artifacts with the lakehouse: s3://<bucket>/<prefix>lakehouse/mlflow
+     (the settings' lakehouse_uri, pipeline/settings.py). */}}
+{{- define "shared-volume.lakehouseArtifacts" -}}
+{{- $parts := list .Values.objectStore.bucket }}
+{{- with trimAll "/" .Values.objectStore.prefix }}{{ $parts = append $parts . }}{{ end }}
+{{- printf "s3://%s/lakehouse/mlflow" (join "/" $parts) }}
 {{- end }}
 
 {{/* The rollout id: changes when the settings or the image change, never at random.
@@ -134,6 +168,12 @@ seccompProfile:
   configMap:
     name: {{ include "shared-volume.fullname" . }}-dataset
 {{- end }}
+{{- if include "shared-volume.lakehouse" . }}
+- name: s3-keys
+  secret:
+    secretName: {{ include "shared-volume.objectStoreSecret" . }}
+    defaultMode: 0440
+{{- end }}
 {{- end }}
 
 {{/* The shared volume's claim: the chart's own, or sharedVolume.existingClaim. */}}
@@ -174,6 +214,11 @@ affinity:
 {{- if .Values.dataset.declaration }}
 - name: dataset
   mountPath: /etc/mlops/dataset
+  readOnly: true
+{{- end }}
+{{- if include "shared-volume.lakehouse" . }}
+- name: s3-keys
+  mountPath: /run/secrets/s3
   readOnly: true
 {{- end }}
 {{- end }}
@@ -231,14 +276,14 @@ template:
           {{- toYaml (index $.Values.jobs .stage).resources | nindent 10 }}
         volumeMounts:
           {{- include "shared-volume.volumeMounts" $ | nindent 10 }}
-          {{- if .objectStore }}
+          {{- if and .objectStore (not (include "shared-volume.lakehouse" $)) }}
           - name: s3-keys
             mountPath: /run/secrets/s3
             readOnly: true
           {{- end }}
     volumes:
       {{- include "shared-volume.volumes" $ | nindent 6 }}
-      {{- if .objectStore }}
+      {{- if and .objectStore (not (include "shared-volume.lakehouse" $)) }}
       - name: s3-keys
         secret:
           secretName: {{ include "shared-volume.objectStoreSecret" $ }}
