@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import time
 import urllib.parse
 import urllib.request
@@ -57,6 +58,12 @@ def wait_for(what: str, probe, timeout: float, interval: float = 3.0):
         time.sleep(interval)
 
 
+def health(compose: Compose, service: str) -> str:
+    ids = compose("ps", "--all", "--quiet", service).stdout.split()
+    inspect = ["docker", "inspect", "--format", "{{.State.Health.Status}}", *ids]
+    return subprocess.run(inspect, capture_output=True, text=True, timeout=60, check=False).stdout.strip() if ids else ""
+
+
 @pytest.fixture(scope="module")
 def drill():
     ok, reason = docker_available()
@@ -72,9 +79,11 @@ def drill():
     started = time.monotonic()
     try:
         # batch 0, init to serve; on a loaded machine the MLflow server can outlast its healthcheck's
-        # retries while it starts: compose then gives up, the container keeps starting, one more up waits
+        # retries while it starts: compose then gives up, but the container keeps starting and its
+        # healthcheck keeps probing; once it is healthy, one more up finishes the stages
         if compose("up", "--detach", "--pull", "never", "--wait", "serve", check=False).returncode != 0:
-            print("compose up did not finish; once more:", compose.states())
+            print("compose up did not finish:", compose.states())
+            wait_for("the MLflow server healthy", lambda: health(compose, "mlflow") == "healthy", timeout=600)
             compose("up", "--detach", "--pull", "never", "--wait", "serve")
         timings["batch 0 to serve"] = time.monotonic() - started
         serve = f"http://127.0.0.1:{ports['MLOPS_SERVE_PORT']}"
