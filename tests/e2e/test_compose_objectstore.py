@@ -32,6 +32,7 @@ MODEL = "mlops-linear"
 # DVC's own status, the recorded raw hash, and the md5 of the features the lineage names.
 LINEAGE = """
 import json, subprocess
+from pathlib import Path
 from pipeline import versioning
 from pipeline.io import file_md5
 shared = Path('/shared')
