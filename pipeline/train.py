@@ -172,6 +172,7 @@ def gather(chunks: Iterable[pd.DataFrame], schema: Schema, holdout_fraction: flo
             if writer is not None:
                 writer.write_table(pa.table([held, y, *x.T], schema=columns))
             _keep_sample(gathered, frame, held, schema, seed, sample_rows)
+            del frame, x, y  # not alive while the next chunk is retrieved
     finally:
         if writer is not None:
             writer.close()

@@ -20,6 +20,7 @@ read: any Parquet dataset pyarrow can open will do.
 from __future__ import annotations
 
 import copy
+import gc
 import logging
 import math
 from collections.abc import Iterator
@@ -175,4 +176,7 @@ def training_chunks(settings: Settings, schema: Schema, folder: Path) -> Iterato
             yield _tidy(frame, schema)
         label_path.unlink()
         feature_path.unlink()
+        # a retrieval leaves reference cycles (Dask graphs, pandas frames) that the
+        # next one would otherwise be piled on top of
+        gc.collect()
         log.info("train: chunk %d of %d retrieved", i + 1, buckets)
