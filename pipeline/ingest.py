@@ -217,7 +217,7 @@ def _synthetic(ctx: StageContext, bad_fraction: float) -> StageResult:
         log.info("ingest: %d/%d rows written (%.0f rows/s)", done, rows,
                  done / max(time.monotonic() - started, 1e-9))
     log.info("ingest: versioning %s with DVC", raw)
-    dvc_hash = versioning.add_and_push(settings.shared, raw)
+    dvc_hash = versioning.add_and_push(settings.shared, raw, settings)
     outputs = {
         "raw_dir": str(raw),
         "parts": sorted(wanted),
@@ -296,7 +296,7 @@ def _copy_source(ctx: StageContext) -> StageResult:
     _drop_parts_but(raw, set(written))
     entity_type = dataset.declaration.entity.type or found.entity_type  # declared, or what the check read
     log.info("ingest: versioning %s with DVC", raw)
-    dvc_hash = versioning.add_and_push(settings.shared, raw)
+    dvc_hash = versioning.add_and_push(settings.shared, raw, settings)
     outputs = {
         "raw_dir": str(raw), "parts": written, "rows": rows, "entity_type": entity_type,
         "sample_entity": int(sample) if entity_type == "int" and sample and sample.isdigit() else sample,
