@@ -269,7 +269,7 @@ def restore(settings: Settings, snapshot: str | None = None) -> dict:
         if manifest["raw_dvc"]:
             for folder in settings.layout():
                 folder.mkdir(parents=True, exist_ok=True)
-            versioning.add_and_push(shared, settings.raw_dir)  # the local remote dvc-store/ again
+            versioning.add_and_push(shared, settings.raw_dir, settings)  # the configured remote again
         phases.done("dvc_store")
         feast_record = settings.runs_dir / "feast" / "latest.json"
         if feast_record.is_file():
