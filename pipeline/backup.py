@@ -78,7 +78,8 @@ def _collect(shared: Path, staging: Path) -> list[tuple[Entry, Path]]:
     for root, dirs, files in os.walk(shared):
         here = Path(root)
         rel_root = here.relative_to(shared).as_posix()
-        dirs[:] = sorted(d for d in dirs if (f"{rel_root}/{d}" if rel_root != "." else d) not in SKIP_DIRS)
+        dirs[:] = sorted(d for d in dirs if (f"{rel_root}/{d}" if rel_root != "." else d) not in SKIP_DIRS
+                         and not d.startswith(TMP_PREFIX))  # a killed stage's scratch folder
         for name in sorted(files):
             rel = (here / name).relative_to(shared).as_posix()
             if rel in SKIP_FILES or name.startswith(TMP_PREFIX) or name.endswith(("-wal", "-shm", "-journal")):
@@ -244,7 +245,8 @@ def _pull_raw(settings: Settings, root: Path, fetch) -> None:
         dvc_transfer(root, settings, "pull", _key(settings, "dvc"))
         return
     key, path = dvc_object(root, listing)
-    _call(settings, "read the raw data's DVC listing", fetch, f"dvc/{key}", path, "md5", None, "data/raw")
+    _call(settings, "read the raw data's DVC listing", fetch, f"dvc/{key}", path, "md5",
+          listing.removesuffix(".dir"), "data/raw")
     objects = (dvc_objects(root, cached=False) or [])[1:]
     _each(lambda o: _call(settings, "read the raw data", fetch, f"dvc/{o[0]}", o[1], "md5",
                           o[0].removeprefix("files/md5/").replace("/", ""), "data/raw"), objects)
@@ -276,6 +278,8 @@ def restore(settings: Settings, snapshot: str | None = None) -> dict:
             # The online store is not in the snapshot: without its latest record
             # (the history keeps a copy) the feast stage applies and loads again.
             feast_record.unlink()
+            if settings.lakehouse_uri:  # publishes the snapshot's features again if the bucket moved on
+                execute("features", settings, locked=True)
             execute("feast", settings, locked=True)
         phases.done("online_store")
     seconds = round(time.monotonic() - t0, 2)

@@ -42,6 +42,19 @@ class UpstreamMissing(PipelineError):
         )
 
 
+class PublishedFeaturesChanged(PipelineError):
+    """With the lakehouse on: the published features are not those the features stage recorded."""
+
+    exit_code = 4
+
+    def __init__(self, published: str | None, recorded: str) -> None:
+        super().__init__(
+            f"the lakehouse's published features (md5 {published or 'none'}) are not the ones the features "
+            f"stage recorded (md5 {recorded}): another run or a restore published other data under this "
+            "bucket and prefix; run `python -m pipeline features` again (or give this volume its own "
+            "MLOPS_S3_PREFIX)")
+
+
 class RawDataChanged(PipelineError):
     """Raw data on the volume no longer matches what DVC recorded."""
 

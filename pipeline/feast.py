@@ -22,7 +22,8 @@ from feast.infra.registry.file import FileRegistryStore
 from feast.types import Float64
 
 from pipeline import lakehouse
-from pipeline.errors import ConfigError, OnlineStoreIncomplete, OnlineStoreUnavailable
+from pipeline.errors import (ConfigError, OnlineStoreIncomplete, OnlineStoreUnavailable,
+                             PublishedFeaturesChanged)
 from pipeline.io import atomic_write_bytes
 from pipeline.dataset import load
 from pipeline.schema import Schema
@@ -187,6 +188,10 @@ def run(ctx: StageContext) -> StageResult:
 
 def _apply_and_load(settings: Settings, schema: Schema, features, inputs: dict, result: StageResult,
                     online: dict, sample) -> StageResult:
+    if settings.lakehouse_uri:  # the pointer may have moved since the features stage published
+        published = lakehouse.table_md5(settings, "features")
+        if published != inputs["features_md5"]:
+            raise PublishedFeaturesChanged(published, inputs["features_md5"])
     store = open_store(settings)
     if result.unchanged() and lakehouse.table_md5(settings, "features") == inputs["features_md5"]:
         if _holds(store, schema, sample):

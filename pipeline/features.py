@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from pipeline import dask_engine, lakehouse, versioning
 from pipeline.errors import RawDataChanged, SchemaError
-from pipeline.io import atomic_path, file_md5, remove_stale_temps
+from pipeline.io import TMP_PREFIX, atomic_path, file_md5, remove_stale_temps
 from pipeline.schema import Schema
 from pipeline.validate import validate_chunk
 from pipeline.stage import StageContext, StageResult
@@ -241,7 +241,8 @@ def run(ctx: StageContext) -> StageResult:
     rejected_path = settings.quarantine_dir / REJECTED_FILE
     with contextlib.ExitStack() as stack:
         if settings.lakehouse_uri:  # written beside the process, then published to the store
-            local = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mlops-features-")))
+            local = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f"{TMP_PREFIX}publish-",
+                                                                         dir=settings.features_dir)))
         with contextlib.ExitStack() as files:
             if settings.lakehouse_uri:
                 f_tmp, l_tmp = local / "features.parquet", local / "labels.parquet"

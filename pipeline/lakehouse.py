@@ -32,6 +32,7 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import tempfile
 from collections.abc import Iterator
 from datetime import datetime, timezone
@@ -44,6 +45,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from pipeline.errors import ObjectStoreError
+from pipeline.io import TMP_PREFIX
 from pipeline.objectstore import credentials, require
 from pipeline.settings import Settings
 
@@ -131,7 +133,8 @@ def _write_table(fs, source: Path, base: str, timestamp: str) -> list[dict]:
     schema = parquet.schema_arrow.append(pa.field(PARTITION, pa.string()))
     batches = (_with_event_month(b, timestamp) for b in parquet.iter_batches(batch_size=64 * 1024))
     written: list[dict] = []
-    with tempfile.TemporaryDirectory(prefix="mlops-lakehouse-") as tmp:
+    # beside the source (on the volume, not a small /tmp); a temp name, so a killed run's is removed
+    with tempfile.TemporaryDirectory(prefix=f"{TMP_PREFIX}partitions-", dir=source.parent) as tmp:
         ds.write_dataset(
             ds.Scanner.from_batches(batches, schema=schema), tmp, format="parquet",
             partitioning=ds.partitioning(pa.schema([pa.field(PARTITION, pa.string())]), flavor="hive"),
@@ -140,8 +143,8 @@ def _write_table(fs, source: Path, base: str, timestamp: str) -> list[dict]:
                                                    "rows": f.metadata.num_rows}))
 
         def upload(entry: dict) -> None:
-            with fs.open_output_stream(f"{base}/{entry['path']}") as out:
-                out.write(Path(tmp, entry["path"]).read_bytes())
+            with open(Path(tmp, entry["path"]), "rb") as src, fs.open_output_stream(f"{base}/{entry['path']}") as out:
+                shutil.copyfileobj(src, out, 8 << 20)  # streamed: a partition is never whole in memory
 
         with ThreadPoolExecutor(UPLOAD_THREADS) as pool:
             list(pool.map(upload, written))
@@ -261,12 +264,13 @@ def dvc_remote_url(settings: Settings) -> str:
 def local_copy(settings: Settings, name: str) -> Iterator[Path]:
     """Table ``name`` as one local Parquet file: the volume's own file, or, with the
     lakehouse on, the published version streamed batch by batch into a temporary
-    file beside the process (memory: one batch), removed afterwards."""
+    file on the volume (memory: one batch), removed afterwards."""
     if not settings.lakehouse_uri:
         yield settings.features_path if name == "features" else settings.labels_path
         return
     source = dataset(settings, name)
-    with tempfile.TemporaryDirectory(prefix=f"mlops-{name}-") as folder:
+    settings.features_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f"{TMP_PREFIX}{name}-copy-", dir=settings.features_dir) as folder:
         path = Path(folder) / f"{name}.parquet"
         with pq.ParquetWriter(path, source.schema) as writer:
             for batch in source.to_batches(use_threads=False):

@@ -32,6 +32,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
+from pipeline import lakehouse
 from pipeline.feast import open_store
 from pipeline.schema import Schema
 from pipeline.settings import Settings
@@ -43,13 +44,14 @@ BUCKET_HASH_KEY = "mlops-train-chnk"  # 16 characters, as SipHash takes
 
 
 def labels_dataset(settings: Settings) -> ds.Dataset:
-    """The labels (entity rows: key, event time, target) as a pyarrow dataset."""
-    return ds.dataset(settings.labels_path, format="parquet")
+    """The labels (entity rows: key, event time, target) as a pyarrow dataset: the
+    volume's file, or the lakehouse's published version in the object store."""
+    return lakehouse.dataset(settings, "labels")
 
 
 def features_dataset(settings: Settings) -> ds.Dataset:
-    """The features Feast's view is defined over, as a pyarrow dataset."""
-    return ds.dataset(settings.features_path, format="parquet")
+    """The features Feast's view is defined over, as a pyarrow dataset (volume or lakehouse)."""
+    return lakehouse.dataset(settings, "features")
 
 
 def bucket_of(keys: pa.Array | pa.ChunkedArray, buckets: int) -> np.ndarray:

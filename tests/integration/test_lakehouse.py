@@ -54,7 +54,8 @@ def user_env(settings) -> dict[str, str]:
                MLOPS_S3_BUCKET=settings.s3_bucket, MLOPS_S3_PREFIX=settings.s3_prefix,
                MLOPS_S3_ACCESS_KEY_FILE=str(settings.s3_access_key_file),
                MLOPS_S3_SECRET_KEY_FILE=str(settings.s3_secret_key_file),
-               MLOPS_LAKEHOUSE=str(settings.lakehouse).lower())
+               MLOPS_LAKEHOUSE=str(settings.lakehouse).lower(),
+               MLOPS_TRAIN_CHUNK_ROWS=str(settings.train_chunk_rows))
     return env
 
 
@@ -67,7 +68,9 @@ def runs(store, tmp_path_factory):
               "s3_access_key_file": env["MLOPS_S3_ACCESS_KEY_FILE"],
               "s3_secret_key_file": env["MLOPS_S3_SECRET_KEY_FILE"]}
     volume = make_settings(tmp_path_factory.mktemp("volume") / "shared", **common)
-    lake = make_settings(tmp_path_factory.mktemp("lake") / "shared", lakehouse=True, **common)
+    # train reads the store's tables in chunks (about 3 here), the volume's in one
+    lake = make_settings(tmp_path_factory.mktemp("lake") / "shared", lakehouse=True, train_chunk_rows=1000,
+                         **common)
     before = {k for k in os.environ if k.startswith(("AWS_", "MLFLOW_S3"))}
     run_stages(volume, STAGES)
     # the keys were in the environment for the stages' blocks only
@@ -101,14 +104,16 @@ def bucket_keys(store, settings, under: str) -> list[str]:
 def test_the_lakehouse_gives_the_same_model_and_answers_as_the_volume(runs):
     volume, lake = runs
     trained = [read_record(s.runs_dir, "train").outputs for s in (volume, lake)]
+    assert trained[0]["train_chunks"] == 1 and trained[1]["train_chunks"] > 1
+    # the streamed fit equals the in-memory one to 1e-9 (docs/training.md)
     for name in schema.feature_names:
-        assert trained[1]["coefficients"][name] == pytest.approx(trained[0]["coefficients"][name], rel=1e-12)
-    assert trained[1]["intercept"] == pytest.approx(trained[0]["intercept"], rel=1e-12)
+        assert trained[1]["coefficients"][name] == pytest.approx(trained[0]["coefficients"][name], rel=1e-9)
+    assert trained[1]["intercept"] == pytest.approx(trained[0]["intercept"], rel=1e-9)
 
     on_volume, in_store = predictions(volume), predictions(lake)
     assert len(on_volume) > 100 and on_volume.keys() == in_store.keys()
     for key, value in on_volume.items():
-        assert in_store[key] == pytest.approx(value, rel=1e-12), key
+        assert in_store[key] == pytest.approx(value, rel=1e-9), key
 
     # the features Feast reads are the published dataset, and hold what the volume's file holds
     published = lakehouse.dataset(lake, "features").to_table().to_pandas()
@@ -142,7 +147,7 @@ def test_run_and_serve_from_the_cli_work_with_the_lakehouse(runs):
             answered = json.loads(resp.read())["predictions"]
     assert [p[schema.join_key] for p in answered] == few
     for p in answered:
-        assert p["prediction"] == pytest.approx(expected[p[schema.join_key]], rel=1e-12)
+        assert p["prediction"] == pytest.approx(expected[p[schema.join_key]], rel=1e-9)
 
 
 def test_raw_data_features_and_artifacts_are_in_the_bucket_not_on_the_volume(runs, store):
