@@ -27,6 +27,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from pipeline.errors import EngineUnavailable
+from pipeline.io import TMP_PREFIX
 from pipeline.schema import Schema
 from pipeline.settings import Settings
 
@@ -118,7 +119,8 @@ def transform(settings: Settings, parts: list[Path], features_out: Path, labels_
 
     from pipeline.features import features_schema, labels_schema
 
-    scratch = settings.features_dir / f".dask-{uuid.uuid4().hex}"
+    # a temp name: a killed run's pieces are removed when the features stage next starts
+    scratch = settings.features_dir / f"{TMP_PREFIX}dask-{uuid.uuid4().hex}"
     scratch.mkdir(parents=True)
     try:
         with open_client(settings) as client:

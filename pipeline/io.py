@@ -12,6 +12,7 @@ import errno
 import fcntl
 import hashlib
 import json
+import shutil
 import logging
 import os
 import socket
@@ -65,12 +66,16 @@ def atomic_write_json(target: Path, obj: Any) -> None:
 
 
 def remove_stale_temps(folder: Path) -> int:
-    """Remove temp files a killed writer left behind; returns how many."""
+    """Remove temp files and scratch folders a killed writer left behind; returns how many.
+    Call it holding the pipeline lock: no live writer's temps are in the folder then."""
     removed = 0
     if folder.is_dir():
         for tmp in folder.glob(f"{TMP_PREFIX}*"):
             with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
+                if tmp.is_dir() and not tmp.is_symlink():
+                    shutil.rmtree(tmp)
+                else:
+                    tmp.unlink()
                 removed += 1
     return removed
 

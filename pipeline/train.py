@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 
 from pipeline.drift import reference
 from pipeline.errors import SchemaError
-from pipeline.io import atomic_path
+from pipeline.io import TMP_PREFIX, atomic_path, remove_stale_temps
 from pipeline.lstsq import ErrorSums, Fit, StreamedLeastSquares, fit_least_squares  # noqa: F401 (the core's names)
 from pipeline.plots import plot_fit
 from pipeline.registry import (
@@ -218,7 +218,8 @@ def train_model(settings: Settings, schema: Schema, holdout_fraction: float):
     """``(fit, gathered, train error sums, holdout error sums)`` from Feast, chunk by chunk."""
     from pipeline.train_data import training_chunks
 
-    with tempfile.TemporaryDirectory(prefix=".train-", dir=settings.shared) as tmp:
+    remove_stale_temps(settings.shared)  # a killed train's buckets (under the lock: none is live)
+    with tempfile.TemporaryDirectory(prefix=f"{TMP_PREFIX}train-", dir=settings.shared) as tmp:
         spill = Path(tmp) / "scored.parquet"
         gathered = gather(training_chunks(settings, schema, Path(tmp)), schema, holdout_fraction,
                           settings.seed, spill)

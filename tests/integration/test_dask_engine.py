@@ -58,7 +58,7 @@ def test_features_on_dask_equal_the_single_process_files(tmp_path, cluster):
     assert rejected == (kept / "rejected.csv").read_bytes()
     assert rejected.count(b"\n") > 100  # the generator's bad rows were quarantined on the workers
     assert _outputs(on_dask) == expected
-    assert not list(on_dask.features_dir.glob(".dask-*")), "the workers' scratch pieces were left behind"
+    assert not list(on_dask.features_dir.glob(".tmp-dask-*")), "the workers' scratch pieces were left behind"
 
 
 def test_a_scheduler_that_does_not_answer_is_one_line(tmp_path):
