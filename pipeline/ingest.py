@@ -125,7 +125,8 @@ def generate_chunk(rows: int, seed: int, index: int, bad_fraction: float = DEFAU
     step_us = SPAN.value // 1000 / rows
     stamps = START + batch * SPAN + pd.to_timedelta((position * step_us).astype(np.int64), unit="us")
     features = _draw_features(rng, n)
-    shift_features(features, drift or {})
+    # the rounding draws from a stream of its own: the other columns are those of the undrifted batch
+    shift_features(features, drift or {}, np.random.default_rng([seed, index, batch, 1]))
     target = TRUTH.intercept + sum(
         TRUTH.coefficients[name] * features[name].astype(float) for name in SYNTHETIC.feature_names
     ) + rng.normal(0.0, TRUTH.noise_sd, n)

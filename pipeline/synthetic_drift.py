@@ -52,14 +52,19 @@ def parse_drift(spec: str | None) -> dict[str, float]:
     return shifts
 
 
-def shift_features(features: dict[str, np.ndarray], drift: dict[str, float]) -> None:
+def shift_features(features: dict[str, np.ndarray], drift: dict[str, float],
+                   rng: np.random.Generator | None = None) -> None:
     """Move each named feature by its shift in generated standard deviations, then round
-    (integer features) and clip to the declared bounds (out-of-range values would be quarantined)."""
+    integer features at random to a neighbour (up with the probability of the fraction,
+    so the mean moves by the whole shift, even one below half a unit) and clip to the
+    declared bounds (out-of-range values would be quarantined)."""
     for feature in SYNTHETIC.features:
         shift = drift.get(feature.name)
         if not shift:
             continue
         moved = features[feature.name] + shift * GENERATED_SD[feature.name]
         if feature.integer:
-            moved = np.rint(moved).astype(np.int64)
+            floor = np.floor(moved)
+            up = (rng or np.random.default_rng(0)).random(len(moved)) < moved - floor
+            moved = (floor + up).astype(np.int64)
         features[feature.name] = np.clip(moved, feature.low, feature.high).astype(moved.dtype)

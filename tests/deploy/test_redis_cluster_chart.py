@@ -71,4 +71,10 @@ def test_every_object_is_valid_kubernetes(on_cluster):
 ])
 def test_the_schema_refuses_a_cluster_url_the_pipeline_could_not_use_safely(url, why):
     with pytest.raises(Exception, match=why):
-        render(values={"redis": {"cluster": {"enabled": True, "url": url}}})
+        render(values={"redis": {"existingSecret": "cluster-keys", "cluster": {"enabled": True, "url": url}}})
+
+
+def test_a_cluster_without_its_password_is_refused_at_render_time():
+    """A generated password would not be the external cluster's: every pod would fail to log in."""
+    with pytest.raises(Exception, match="redis.existingSecret"):
+        render(values={"redis": {"cluster": {"enabled": True, "url": "redis://redis-cluster:6379/0"}}})

@@ -124,3 +124,16 @@ def test_the_cli_says_what_is_wrong_with_a_batch_or_drift_in_one_line(flags, exp
     assert main(["ingest", "--shared-dir", str(tmp_path), *flags]) == 2
     err = capsys.readouterr().err.strip()
     assert expected in err and "Traceback" not in err and len(err.splitlines()) == 1, err
+
+
+def test_a_shift_below_half_a_unit_still_moves_an_integer_feature():
+    """Rounding to the nearest integer would undo it: late_payments' shift is 0.45 of a
+    payment here; the mean must move by it (random rounding), within sampling error."""
+    rows = 100_000
+    plain, _ = generate_chunk(rows, 3, 0, bad_fraction=0, batch=1)
+    shifted, _ = generate_chunk(rows, 3, 0, bad_fraction=0, batch=1, drift={"late_payments": 0.45})
+    wanted = 0.45 * GENERATED_SD["late_payments"]
+    assert wanted < 0.5
+    moved = shifted["late_payments"].mean() - plain["late_payments"].mean()
+    assert abs(moved - wanted) < 0.02, (moved, wanted)
+    assert (shifted["late_payments"] >= 0).all()

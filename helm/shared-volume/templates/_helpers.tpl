@@ -57,6 +57,9 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 MLOPS_SHARED_DIR: /shared
 {{- if .Values.redis.cluster.enabled }}
 {{- /* an external Redis Cluster: one node's URL; the password stays in the Secret */}}
+{{- if not (or .Values.redis.existingSecret .Values.redis.password) }}
+{{- fail "redis.cluster: give the cluster's password in redis.existingSecret (key redis-password) or redis.password; a generated one would not match the cluster's" }}
+{{- end }}
 MLOPS_REDIS_URL: {{ required "redis.cluster.url: name one node of the Redis Cluster (redis://host:port/0)" .Values.redis.cluster.url | quote }}
 MLOPS_REDIS_CLUSTER: "true"
 {{- else }}
