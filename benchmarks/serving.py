@@ -18,6 +18,7 @@ median over rounds. Traffic goes to 127.0.0.1 only; every loop is bounded.
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import os
 import sys
@@ -96,29 +97,41 @@ def batch(settings: Settings, entities: list[int], port: int, quick: bool, out: 
 
 
 class ChainClient:
-    """One prediction the stock way: features from ``feast serve``, then ``mlflow models serve``."""
+    """One prediction the stock way: features from ``feast serve``, then ``mlflow models serve``.
+
+    Keep-alive, reconnecting once when a server closed the connection (``feast serve``'s
+    workers restart after ``--max-requests``, 1000 by default), as an HTTP library would."""
 
     def __init__(self, feast_port: int, mlflow_port: int) -> None:
-        self.feast, self.mlflow = Http(feast_port), Http(mlflow_port)
+        self.ports = {"feast": feast_port, "mlflow": mlflow_port}
+        self.conns = {name: Http(port) for name, port in self.ports.items()}
+
+    def _post(self, server: str, path: str, body: str) -> dict:
+        for attempt in (0, 1):
+            try:
+                conn = self.conns[server].conn
+                conn.request("POST", path, headers={"Content-Type": "application/json"}, body=body)
+                resp = conn.getresponse()
+                answer = json.loads(resp.read())
+                break
+            except (http.client.HTTPException, ConnectionError):
+                if attempt:
+                    raise
+                self.conns[server].conn.close()
+                self.conns[server] = Http(self.ports[server])
+        if resp.status != 200:
+            raise RuntimeError(f"{server} answered {resp.status}: {str(answer)[:300]}")
+        return answer
 
     def predict(self, entity: int) -> float:
         refs = list(schema.feature_refs())
-        self.feast.conn.request("POST", "/get-online-features", headers={"Content-Type": "application/json"},
-                                body=json.dumps({"features": refs, "entities": {schema.join_key: [entity]}}))
-        resp = self.feast.conn.getresponse()
-        got = json.loads(resp.read())
-        if resp.status != 200:
-            raise RuntimeError(f"feast serve answered {resp.status}: {str(got)[:300]}")
+        got = self._post("feast", "/get-online-features",
+                         json.dumps({"features": refs, "entities": {schema.join_key: [entity]}}))
         names = [n.split(":")[-1] for n in got["metadata"]["feature_names"]]
         values = {n: r["values"][0] for n, r in zip(names, got["results"])}
         row = [[values[n] for n in schema.feature_names]]
         body = json.dumps({"dataframe_split": {"columns": list(schema.feature_names), "data": row}})
-        self.mlflow.conn.request("POST", "/invocations", headers={"Content-Type": "application/json"}, body=body)
-        resp = self.mlflow.conn.getresponse()
-        answer = json.loads(resp.read())
-        if resp.status != 200:
-            raise RuntimeError(f"mlflow models serve answered {resp.status}: {str(answer)[:300]}")
-        return answer["predictions"][0]
+        return self._post("mlflow", "/invocations", body)["predictions"][0]
 
 
 def python_clients(call_of, clients: int, seconds: float, max_calls: int) -> dict:
