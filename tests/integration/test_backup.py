@@ -26,7 +26,7 @@ from pipeline.errors import ObjectStoreError
 from pipeline.objectstore import client
 from pipeline.serve import create_app
 from tests.service.fakes import metrics_in_memory
-from tests.support import ROOT, clean_env, make_settings, pipeline_cli, seaweedfs
+from tests.support import ROOT, clean_env, make_settings, pipeline_cli, seaweedfs, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -133,8 +133,9 @@ def test_a_killed_backup_leaves_no_complete_looking_snapshot(volume):
     # Enough new content that sending it takes a while: the kill lands while objects go up.
     reports = settings.shared / "reports"
     reports.mkdir(exist_ok=True)
-    for i in range(400):
+    for i in range(800):
         (reports / f"report-{i:03d}.bin").write_bytes(os.urandom(64 * 1024))
+    stored_before = len(backup._list_keys(s3, settings, "objects/"))
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", "backup"], env=env, cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -143,8 +144,11 @@ def test_a_killed_backup_leaves_no_complete_looking_snapshot(volume):
             if "new object(s) to send" in line:
                 break
             assert time.monotonic() < deadline, "backup never started sending"
-        objects_before_kill = len(backup._list_keys(s3, settings, "objects/"))
+        # kill as soon as the first new object is in the store: mid-send, not after the manifest
+        wait_until(lambda: len(backup._list_keys(s3, settings, "objects/")) > stored_before, 60,
+                   "the backup's first new object", interval=0.01)
         proc.send_signal(signal.SIGKILL)
+        objects_before_kill = len(backup._list_keys(s3, settings, "objects/")) - stored_before
     finally:
         proc.kill()
         proc.wait(30)
