@@ -95,6 +95,11 @@ def drill():
 
         mark = time.monotonic()
         for stage in ("ingest", "features", "feast", "monitor"):  # what compose's variables say: batch 1, drifted
+            if stage == "monitor":
+                # serve writes its log off the request path and rolls a file once its oldest entry
+                # is a minute old: the monitor reads what is written, so wait for it on a quick machine
+                wait_for("the prediction log's first file", lambda: logged_files(drifted), timeout=180,
+                         interval=5)
             drifted("run", "--rm", "--no-deps", "-T", stage, timeout=600)
         timings["drifted batch through the monitor"] = time.monotonic() - mark
         mark = time.monotonic()
@@ -109,6 +114,13 @@ def drill():
     finally:
         print("e2e monitoring timings:", {k: round(v, 1) for k, v in timings.items()})
         compose(*PROFILES, "down", "--volumes", "--remove-orphans", check=False)
+
+
+def logged_files(compose: Compose) -> int:
+    """How many Parquet files serve's prediction log has written on the volume."""
+    out = compose("run", "--rm", "--no-deps", "-T", "shell", "sh", "-c",
+                  "ls /shared/monitoring/predictions 2>/dev/null | grep -c '[.]parquet$' || true").stdout
+    return int(out.strip() or 0)
 
 
 def firing(prometheus: str, alertname: str) -> list[dict]:
