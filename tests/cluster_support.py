@@ -140,3 +140,15 @@ def redis_single(folder: Path, password: str = "single-test-pw") -> Iterator[str
         yield f"redis://:{password}@{LOOPBACK}:{port}/0"
     finally:
         stop(proc, timeout=10)
+
+
+def cluster_or_skip(folder: Path):
+    """A fixture's body: the running cluster, or a skip (a failure on CI) where
+    Debian's redis-server is not installed."""
+    import pytest
+
+    try:
+        with redis_cluster(folder) as running:
+            yield running
+    except NoRedisServer as exc:
+        (pytest.fail if required() else pytest.skip)(str(exc))

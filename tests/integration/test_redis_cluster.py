@@ -25,7 +25,7 @@ from pipeline.errors import ConfigError
 from pipeline.feast import online_features, open_store
 from pipeline.io import read_record
 from pipeline.redis_layout import FeastRedisLayout, connect, load_latest, loaded_marker
-from tests.cluster_support import NoRedisServer, redis_cluster, redis_single, required
+from tests.cluster_support import cluster_or_skip, redis_single
 from tests.service.fakes import metrics_in_memory
 from tests.support import clean_env, make_settings, running_server
 
@@ -38,11 +38,7 @@ RECOVERY_BOUND_S, MAX_SECONDS, SLOW_ANSWER_S = 30.0, 40.0, 2.0
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    try:
-        with redis_cluster(tmp_path_factory.mktemp("cluster")) as running:
-            yield running
-    except NoRedisServer as exc:
-        (pytest.fail if required() else pytest.skip)(str(exc))
+    yield from cluster_or_skip(tmp_path_factory.mktemp("cluster"))
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import redis
 from pipeline.dataset import CUSTOMERS as schema
 from pipeline.feast import definitions, online_features, open_store
 from pipeline.redis_layout import FeastRedisLayout, LayoutChanged, connect, latest_rows, load_latest
-from tests.cluster_support import NoRedisServer, redis_cluster, required
+from tests.cluster_support import cluster_or_skip
 from tests.conftest import clean_env, make_settings, pipeline_cli
 
 pytestmark = [pytest.mark.integration, pytest.mark.docker]
@@ -74,11 +74,7 @@ def test_the_loader_writes_the_bytes_feast_materialize_writes(features, redis_ur
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    try:
-        with redis_cluster(tmp_path_factory.mktemp("loader-cluster")) as running:
-            yield running
-    except NoRedisServer as exc:
-        (pytest.fail if required() else pytest.skip)(str(exc))
+    yield from cluster_or_skip(tmp_path_factory.mktemp("loader-cluster"))
 
 
 def dump_masters(cluster) -> dict[int, dict[bytes, dict[bytes, bytes]]]:
