@@ -11,6 +11,12 @@ it names is stored: a failed or killed backup leaves objects nobody names (the
 next backup's retention deletes them), never a snapshot that looks complete.
 Both incremental: an unchanged file is one object, sent once.
 
+With the lakehouse on, a snapshot also names copies (under ``objects/``, made inside
+the store) of what lives in the lakehouse rather than on the volume: the published
+features and labels, with the pointer, and MLflow's artifacts; so a later publish
+(which prunes old versions) or a lost ``lakehouse/`` does not break it. Restore
+copies back what is missing or changed, then the pointer.
+
 Taken under the pipeline lock, so no stage writes meanwhile; SQLite files (the
 MLflow store, whether the CLI's or the tracking server's) are copied with
 SQLite's backup API, consistent even while a server holds them open. Not
@@ -41,6 +47,7 @@ from pipeline.transfer import call as _call
 from pipeline.transfer import dvc_checkout, dvc_listing, dvc_object, dvc_objects, dvc_transfer
 from pipeline.transfer import each as _each
 from pipeline.transfer import key as _key
+from pipeline.transfer import lakehouse_restore, lakehouse_snapshot, lakehouse_verify
 from pipeline.transfer import list_keys as _list_keys
 from pipeline.transfer import put as _put
 from pipeline.settings import Settings
@@ -134,10 +141,19 @@ def backup(settings: Settings) -> dict:
                  snapshot, len(entries), len(todo), pushed)
         _each(lambda item: _put(s3, settings, _key(settings, "objects", item[0]), item[1]), todo.items())
         phases.done("send")
+        lake = None
+        if settings.lakehouse_uri:
+            ids = snapshot_ids(s3, settings)
+            previous = read_manifest(s3, settings, ids[-1]).get("lakehouse") if ids else None
+            lake, copied = lakehouse_snapshot(s3, settings, previous, stored | set(todo))
+            log.info("backup %s: lakehouse version %s and %d MLflow artifact(s): %d new object(s) copied",
+                     snapshot, (lake["pointer"] or {}).get("version", "(none published)"),
+                     sum(f["key"].startswith("mlflow/") for f in lake["files"]), copied)
+            phases.done("lakehouse")
         dvc_file = shared / "data" / "raw.dvc"
         manifest = {"format": FORMAT, "id": snapshot, "created_at": datetime.now(timezone.utc).isoformat(),
                     "shared": str(shared), "raw_dvc": dvc_file.is_file(),
-                    "files": [e.__dict__ for e, _ in entries],
+                    "files": [e.__dict__ for e, _ in entries], "lakehouse": lake,
                     "bytes": sum(e.size for e, _ in entries), "sent_bytes": sum(
                         os.path.getsize(s) for s in todo.values())}
         # Last: only now does the snapshot exist.
@@ -163,7 +179,8 @@ def retain(s3, settings: Settings) -> int:
               Key=_key(settings, "snapshots", f"{snapshot}.json"))
     wanted = set()
     for snapshot in ids[-settings.backup_keep:]:
-        wanted |= {f["sha256"] for f in read_manifest(s3, settings, snapshot)["files"]}
+        manifest = read_manifest(s3, settings, snapshot)
+        wanted |= {f["sha256"] for f in manifest["files"] + (manifest.get("lakehouse") or {}).get("files", [])}
     for key in _list_keys(s3, settings, "objects/"):
         if key.rsplit("/", 1)[-1] not in wanted:
             _call(settings, "delete an unused object", s3.delete_object, Bucket=settings.s3_bucket, Key=key)
@@ -265,6 +282,10 @@ def restore(settings: Settings, snapshot: str | None = None) -> dict:
                                "point MLOPS_SHARED_DIR at an empty folder or empty this one first")
     t0 = time.monotonic()
     manifest = _pick(s3, settings, snapshot)
+    lake = manifest.get("lakehouse")
+    if lake and not settings.lakehouse_uri:
+        raise ObjectStoreError(f"snapshot {manifest['id']} was taken with the lakehouse on: restore it with "
+                               "MLOPS_LAKEHOUSE=true and the same MLOPS_S3_BUCKET and MLOPS_S3_PREFIX")
     with pipeline_lock(shared, f"restore {manifest['id']}", settings.lock_timeout_seconds):
         phases = _Phases()
         written = restore_files(s3, settings, manifest, shared, phases)
@@ -273,13 +294,17 @@ def restore(settings: Settings, snapshot: str | None = None) -> dict:
                 folder.mkdir(parents=True, exist_ok=True)
             versioning.add_and_push(shared, settings.raw_dir, settings)  # the configured remote again
         phases.done("dvc_store")
+        if lake:  # the published features and MLflow's artifacts as the snapshot has them, then the pointer
+            log.info("restore %s: lakehouse version %s, %d object(s) copied back", manifest["id"],
+                     (lake["pointer"] or {}).get("version"), lakehouse_restore(s3, settings, lake))
+            phases.done("lakehouse")
         feast_record = settings.runs_dir / "feast" / "latest.json"
         if feast_record.is_file():
             # The online store is not in the snapshot: without its latest record
             # (the history keeps a copy) the feast stage applies and loads again.
             feast_record.unlink()
-            if settings.lakehouse_uri:  # publishes the snapshot's features again if the bucket moved on
-                execute("features", settings, locked=True)
+            if settings.lakehouse_uri and not lake:  # a snapshot without the lakehouse's part:
+                execute("features", settings, locked=True)  # publish from the restored raw data
             execute("feast", settings, locked=True)
         phases.done("online_store")
     seconds = round(time.monotonic() - t0, 2)
@@ -300,9 +325,11 @@ def verify(settings: Settings, snapshot: str | None = None) -> dict:
         root = Path(tmp)
         written = restore_files(s3, settings, manifest, root)
         changed = versioning.changed_files(root) if manifest["raw_dvc"] else []
+        if manifest.get("lakehouse"):
+            changed += lakehouse_verify(s3, settings, manifest["lakehouse"])
         if changed:
-            raise ObjectStoreError(f"snapshot {manifest['id']}: raw data restored from the DVC remote does not "
-                                   f"match its record ({', '.join(changed[:3])}); take a new backup")
+            raise ObjectStoreError(f"snapshot {manifest['id']}: raw data or lakehouse objects restored do "
+                                   f"not match their record ({', '.join(changed[:3])}); take a new backup")
     log.info("verify %s: %d file(s), %.1f MB restored and matched", manifest["id"], len(manifest["files"]),
              written / 1e6)
     return {"id": manifest["id"], "files": len(manifest["files"]), "bytes": written}

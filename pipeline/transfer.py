@@ -1,11 +1,13 @@
 """Moving bytes between the shared volume and the object store: S3 calls whose
-failures become one line, parallel sends and fetches, keys under the prefix, and
-the raw data's DVC remote (DVC's cache objects under the keys DVC gives them, and
-``dvc push``/``dvc pull`` with the remote held in memory only)."""
+failures become one line, parallel sends and fetches, keys under the prefix, the
+raw data's DVC remote (DVC's cache objects under the keys DVC gives them, and
+``dvc push``/``dvc pull`` with the remote held in memory only), and the
+lakehouse's part of a snapshot (copied inside the store, never through the volume)."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -35,12 +37,12 @@ class Phases(dict):
         self[name], self.mark = round(now - self.mark, 2), now
 
 
-def each(fn, items) -> None:
-    """``fn`` on every item, WORKERS at a time; the first failure stops the rest and is raised."""
+def each(fn, items) -> list:
+    """``fn`` on every item, WORKERS at a time, the results in order; the first failure
+    stops the rest and is raised."""
     pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="objectstore")
     try:
-        for _ in pool.map(fn, items):
-            pass
+        return list(pool.map(fn, items))
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
@@ -55,23 +57,26 @@ def call(settings: Settings, doing: str, fn, *args, **kwargs):
         raise describe(exc, settings, doing) from None
 
 
-def list_keys(s3, settings: Settings, prefix: str) -> list[str]:
-    keys, token = [], None
+def list_objects(s3, settings: Settings, prefix: str) -> list[dict]:
+    """Every object under ``prefix`` (below the settings' prefix): its Key, Size and ETag."""
+    found, token = [], None
     while True:
         extra = {"ContinuationToken": token} if token else {}
         page = call(settings, "list the bucket", s3.list_objects_v2, Bucket=settings.s3_bucket,
-                     Prefix=key(settings, prefix), **extra)
-        keys += [item["Key"] for item in page.get("Contents", [])]
+                    Prefix=key(settings, prefix), **extra)
+        found += page.get("Contents", [])
         if not page.get("IsTruncated"):
-            return keys
+            return found
         token = page["NextContinuationToken"]
 
+
+def list_keys(s3, settings: Settings, prefix: str) -> list[str]:
+    return [item["Key"] for item in list_objects(s3, settings, prefix)]
 
 
 def put(s3, settings: Settings, key: str, path: Path) -> None:
     with open(path, "rb") as body:
         call(settings, "store a file", s3.put_object, Bucket=settings.s3_bucket, Key=key, Body=body)
-
 
 
 DVC_REMOTE = "objectstore"
@@ -156,3 +161,96 @@ def _dvc_error(exc: BaseException, settings: Settings, action: str) -> ObjectSto
 
 class _Denied(Exception):
     response = {"Error": {"Code": "AccessDenied"}}
+
+
+# ------------------------------------------------------------ lakehouse
+# With the lakehouse on, part of what a snapshot must hold is already in the store, under
+# lakehouse/: the published features and labels (which the next two publishes prune) and
+# MLflow's artifacts. A snapshot names a copy of each under objects/<sha256>, like the
+# volume's files; restore copies back what is missing or changed, then the pointer.
+LAKEHOUSE, POINTER = "lakehouse", "current.json"
+
+
+def lakehouse_pointer(s3, settings: Settings) -> dict | None:
+    """The lakehouse's published pointer (``current.json``), or None when nothing is published."""
+    from botocore.exceptions import ClientError
+
+    try:
+        return json.loads(s3.get_object(Bucket=settings.s3_bucket,
+                                        Key=key(settings, LAKEHOUSE, POINTER))["Body"].read())
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+            return None
+        raise describe(exc, settings, "read the lakehouse's pointer") from None
+
+
+def _lakehouse_objects(s3, settings: Settings, folders: list[str]) -> dict[str, dict]:
+    """Key under lakehouse/ -> {size, etag} of every object in ``folders``."""
+    base = key(settings, LAKEHOUSE) + "/"
+    return {o["Key"].removeprefix(base): {"size": o["Size"], "etag": o["ETag"].strip('"')}
+            for folder in folders for o in list_objects(s3, settings, f"{LAKEHOUSE}/{folder}")}
+
+
+def _sha256_of(s3, settings: Settings, object_key: str) -> str:
+    def read() -> str:
+        digest, body = hashlib.sha256(), s3.get_object(Bucket=settings.s3_bucket, Key=object_key)["Body"]
+        while block := body.read(1 << 20):
+            digest.update(block)
+        return digest.hexdigest()
+    return call(settings, f"read {object_key}", read)
+
+
+def _copy(s3, settings: Settings, source: str, target: str) -> None:
+    call(settings, "copy an object inside the store", s3.copy_object, Bucket=settings.s3_bucket, Key=target,
+         CopySource={"Bucket": settings.s3_bucket, "Key": source})
+
+
+def lakehouse_snapshot(s3, settings: Settings, previous: dict | None, stored: set[str]) -> tuple[dict, int]:
+    """The lakehouse's part of a snapshot: the pointer, and the published version's files
+    and MLflow's artifacts, each copied to ``objects/<sha256>`` (inside the store) unless
+    ``stored`` has it. An object the ``previous`` section names with the same ETag and
+    size is not read again. Returns the section and how many objects were copied."""
+    pointer = lakehouse_pointer(s3, settings)
+    tables = {} if pointer is None else {f"{name}/{pointer['version']}/{f['path']}": name
+                                         for name, table in pointer["tables"].items() for f in table["files"]}
+    folders = sorted({"/".join(k.split("/")[:2]) + "/" for k in tables}) + ["mlflow/"]
+    found = _lakehouse_objects(s3, settings, folders)
+    if missing := sorted(set(tables) - set(found)):
+        raise ObjectStoreError(f"the lakehouse's published version {pointer['version']} lacks {missing[0]}; "
+                               "re-run the features stage (`python -m pipeline features`), then back up")
+    wanted = sorted(k for k in found if k in tables or k.startswith("mlflow/"))
+    known = {(f["key"], f["etag"], f["size"]): f["sha256"] for f in (previous or {}).get("files", [])}
+
+    def entry(name: str) -> dict:
+        info = found[name]
+        sha = known.get((name, info["etag"], info["size"])) or _sha256_of(s3, settings, key(settings, LAKEHOUSE, name))
+        return {"key": name, **info, "sha256": sha}
+
+    files = each(entry, wanted)
+    todo = {f["sha256"]: f["key"] for f in files if f["sha256"] not in stored}
+    each(lambda item: _copy(s3, settings, key(settings, LAKEHOUSE, item[1]), key(settings, "objects", item[0])),
+         todo.items())
+    return {"pointer": pointer, "files": files}, len(todo)
+
+
+def lakehouse_restore(s3, settings: Settings, section: dict) -> int:
+    """Copy back every object of the snapshot's lakehouse section that is missing or
+    differs, then (last, as a publish does) the snapshot's pointer. Returns the objects
+    copied back (the pointer not counted)."""
+    files = section["files"]
+    found = _lakehouse_objects(s3, settings, sorted({f["key"].split("/", 1)[0] + "/" for f in files}))
+    todo = [f for f in files if found.get(f["key"]) != {"size": f["size"], "etag": f["etag"]}]
+    each(lambda f: _copy(s3, settings, key(settings, "objects", f["sha256"]), key(settings, LAKEHOUSE, f["key"])),
+         todo)
+    pointer = section["pointer"]
+    if pointer is not None and lakehouse_pointer(s3, settings) != pointer:
+        call(settings, "write the lakehouse's pointer", s3.put_object, Bucket=settings.s3_bucket,
+             Key=key(settings, LAKEHOUSE, POINTER), ContentType="application/json",
+             Body=json.dumps(pointer, indent=2, sort_keys=True).encode())
+    return len(todo)
+
+
+def lakehouse_verify(s3, settings: Settings, section: dict) -> list[str]:
+    """The lakehouse objects of a snapshot whose copy does not match its sha256."""
+    return [f["key"] for f in section["files"]
+            if _sha256_of(s3, settings, key(settings, "objects", f["sha256"])) != f["sha256"]]
