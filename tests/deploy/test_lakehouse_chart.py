@@ -1,7 +1,9 @@
 """The chart with the lakehouse (``objectStore.lakehouse``): the ConfigMap turns it on
 for every pipeline pod with the object store's settings, every pipeline pod gets the
-keys as files (never as values), the MLflow server keeps its artifacts in the bucket;
-off, nothing of the store reaches the stages; without the object store it is refused."""
+keys as files (never as values): serve the read-only identity's, the others the keys
+that write; the MLflow server keeps its artifacts in the bucket; off, nothing of the
+store reaches the stages; without the object store, or without a read-only identity
+for serve, it is refused."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from tests.deploy.chart import by_kind, render
 
 STORE = {"enabled": True, "endpoint": "http://seaweedfs.storage:8333", "bucket": "data",
          "prefix": "/team-a/prod/", "accessKey": "AKIA-chart-test", "secretKey": "s3cr3t-chart-test"}
+READ_ONLY = {"accessKey": "AKIA-read-only-test", "secretKey": "r3ad-0nly-chart-test"}
 
 
 def config_data(objects: list[dict]) -> dict[str, str]:
@@ -30,7 +33,7 @@ def pods(objects: list[dict]) -> dict[str, dict]:
 
 
 def test_the_lakehouse_reaches_every_pipeline_pod_with_the_keys_as_files():
-    objects = render(values={"objectStore": {**STORE, "lakehouse": True}})
+    objects = render(values={"objectStore": {**STORE, "lakehouse": True, "serve": READ_ONLY}})
     data = config_data(objects)
     assert data["MLOPS_LAKEHOUSE"] == "true"
     assert data["MLOPS_S3_ENDPOINT"] == STORE["endpoint"] and data["MLOPS_S3_BUCKET"] == "data"
@@ -40,10 +43,13 @@ def test_the_lakehouse_reaches_every_pipeline_pod_with_the_keys_as_files():
 
     found = pods(objects)
     assert {"ingest", "features", "feast", "train", "promote", "monitor", "serve", "mlflow"} <= found.keys()
-    secret = next(o for o in by_kind(objects, "Secret") if o["metadata"]["name"].endswith("-objectstore"))
+    secrets = {o["metadata"]["name"]: o for o in by_kind(objects, "Secret")}
+    secret, read_only = secrets["mlops-shared-volume-objectstore"], secrets["mlops-shared-volume-objectstore-serve"]
     for name, spec in found.items():
         volumes = {v["name"]: v for v in spec["volumes"]}
-        assert volumes["s3-keys"]["secret"]["secretName"] == secret["metadata"]["name"], name
+        # serve only reads the bucket: the read-only identity; everything else may write
+        expected = read_only if name == "serve" else secret
+        assert volumes["s3-keys"]["secret"]["secretName"] == expected["metadata"]["name"], name
         for container in spec["containers"]:
             mounts = [m for m in container["volumeMounts"] if m["name"] == "s3-keys"]
             assert len(mounts) == 1 and mounts[0]["mountPath"] == "/run/secrets/s3", (name, container["name"])
@@ -54,7 +60,7 @@ def test_the_lakehouse_reaches_every_pipeline_pod_with_the_keys_as_files():
 
 
 def test_the_tracking_server_keeps_artifacts_in_the_bucket():
-    objects = render(values={"objectStore": {**STORE, "lakehouse": True}})
+    objects = render(values={"objectStore": {**STORE, "lakehouse": True, "serve": READ_ONLY}})
     server = pods(objects)["mlflow"]["containers"][0]
     assert "--artifacts-destination=s3://data/team-a/prod/lakehouse/mlflow" in server["command"]
     env = {e["name"]: e.get("value") for e in server["env"]}
@@ -81,3 +87,14 @@ def test_off_by_default_nothing_of_the_store_reaches_the_stages():
 def test_the_lakehouse_without_the_object_store_is_refused():
     with pytest.raises(Exception, match="objectStore.lakehouse needs the object store"):
         render(values={"objectStore": {"lakehouse": True}})
+
+
+def test_the_lakehouse_without_a_read_only_identity_for_serve_is_refused():
+    # an external store's keys cannot be made up: the store must know them
+    with pytest.raises(Exception, match=r"objectStore.serve.accessKey \(or objectStore.serve.existingSecret\) "
+                                        r"is required with objectStore.lakehouse: serve reads"):
+        render(values={"objectStore": {**STORE, "lakehouse": True}})
+    objects = render(values={"objectStore": {**STORE, "lakehouse": True, "serve": {"existingSecret": "s3-reader"}}})
+    assert not [s for s in by_kind(objects, "Secret") if s["metadata"]["name"].endswith("-objectstore-serve")]
+    serve = pods(objects)["serve"]
+    assert {v["name"]: v for v in serve["volumes"]}["s3-keys"]["secret"]["secretName"] == "s3-reader"

@@ -108,7 +108,7 @@ true
 
 {{/* The MLOPS_S3_* settings as ConfigMap entries (the lakehouse: every pipeline pod). */}}
 {{- define "shared-volume.objectStoreSettings" }}
-MLOPS_S3_ENDPOINT: {{ required "objectStore.endpoint is required with objectStore.enabled: the S3 endpoint URL (https://s3.eu-west-1.amazonaws.com, http://minio:9000)" .Values.objectStore.endpoint | quote }}
+MLOPS_S3_ENDPOINT: {{ include "shared-volume.objectStoreEndpoint" . | quote }}
 MLOPS_S3_BUCKET: {{ .Values.objectStore.bucket | quote }}
 MLOPS_S3_PREFIX: {{ .Values.objectStore.prefix | quote }}
 MLOPS_S3_REGION: {{ .Values.objectStore.region | quote }}
@@ -142,8 +142,14 @@ seccompProfile:
   type: RuntimeDefault
 {{- end }}
 
-{{/* Volumes of a pipeline pod: the shared volume, a writable /tmp, the Redis password. */}}
+{{/* Volumes of a pipeline pod: the shared volume, a writable /tmp, the Redis and MLflow passwords, the
+     data set, and the object store's keys (with the lakehouse, or "objectStore" true): the serve
+     identity's (Read, List) with "identity" "serve", the identity that writes otherwise.
+     Call with (dict "ctx" $ ["identity" "serve"] ["objectStore" true]). */}}
 {{- define "shared-volume.volumes" -}}
+{{- $identity := default "backup" .identity }}
+{{- $objectStore := .objectStore }}
+{{- with .ctx }}
 - name: shared
 {{- if .Values.sharedVolume.useHostPath }}
   hostPath:
@@ -171,11 +177,12 @@ seccompProfile:
   configMap:
     name: {{ include "shared-volume.fullname" . }}-dataset
 {{- end }}
-{{- if include "shared-volume.lakehouse" . }}
+{{- if or $objectStore (include "shared-volume.lakehouse" .) }}
 - name: s3-keys
   secret:
-    secretName: {{ include "shared-volume.objectStoreSecret" . }}
+    secretName: {{ ternary (include "shared-volume.objectStoreServeSecret" .) (include "shared-volume.objectStoreSecret" .) (eq $identity "serve") }}
     defaultMode: 0440
+{{- end }}
 {{- end }}
 {{- end }}
 
@@ -285,13 +292,7 @@ template:
             readOnly: true
           {{- end }}
     volumes:
-      {{- include "shared-volume.volumes" $ | nindent 6 }}
-      {{- if and .objectStore (not (include "shared-volume.lakehouse" $)) }}
-      - name: s3-keys
-        secret:
-          secretName: {{ include "shared-volume.objectStoreSecret" $ }}
-          defaultMode: 0440
-      {{- end }}
+      {{- include "shared-volume.volumes" (dict "ctx" $ "objectStore" .objectStore) | nindent 6 }}
 {{- end }}
 
 {{/* One scheduled run of a pipeline command (monitor, retrain, backup): the stage Jobs' pod
@@ -328,15 +329,63 @@ spec:
       {{- include "shared-volume.jobSpec" . | nindent 6 }}
 {{- end }}
 
-{{/* The name of the Secret holding the object store's keys (keys: access_key, secret_key). */}}
+{{/* The name of the Secret holding the keys of the object store's identity that writes
+     (keys: access_key, secret_key). */}}
 {{- define "shared-volume.objectStoreSecret" -}}
 {{- default (printf "%s-objectstore" (include "shared-volume.fullname" .)) .Values.objectStore.existingSecret }}
+{{- end }}
+
+{{/* The name of the Secret holding the read-only serve identity's keys (keys: access_key, secret_key). */}}
+{{- define "shared-volume.objectStoreServeSecret" -}}
+{{- default (printf "%s-objectstore-serve" (include "shared-volume.fullname" .)) .Values.objectStore.serve.existingSecret }}
+{{- end }}
+
+{{/* The object store's S3 endpoint: the bundled SeaweedFS's Service, or objectStore.endpoint. */}}
+{{- define "shared-volume.objectStoreEndpoint" -}}
+{{- if .Values.objectStore.bundled.enabled }}
+{{- if .Values.objectStore.endpoint }}
+{{- fail "objectStore.bundled.enabled and objectStore.endpoint: the bundled SeaweedFS is the endpoint; leave objectStore.endpoint empty, or turn objectStore.bundled.enabled off to use the external store" }}
+{{- end }}
+{{- printf "http://%s:%d" (include "shared-volume.seaweedfsName" .) (int .Values.objectStore.bundled.port) }}
+{{- else }}
+{{- required "objectStore.endpoint is required with objectStore.enabled: the S3 endpoint URL (https://s3.eu-west-1.amazonaws.com, http://minio:9000), or objectStore.bundled.enabled for a store in the release" .Values.objectStore.endpoint }}
+{{- end }}
+{{- end }}
+
+{{/* The bundled SeaweedFS's StatefulSet and Service. */}}
+{{- define "shared-volume.seaweedfsName" -}}
+{{- printf "%s-seaweedfs" (include "shared-volume.fullname" . | trunc 53 | trimSuffix "-") }}
+{{- end }}
+
+{{/* The data of a Secret holding one identity's keys (access_key, secret_key): from values, or, for
+     the bundled store (which knows whatever keys it is given), generated once and kept on upgrades
+     (lookup; under Argo CD, which has no lookup, give an existing Secret instead). An external
+     store's keys cannot be generated: the store must know them.
+     Call with (dict "ctx" $ "name" SECRET "role" "backup" "keys" .Values.objectStore "path" "objectStore"
+     ["why" " is required with ...: what for"]). */}}
+{{- define "shared-volume.s3KeysData" -}}
+{{- $ := .ctx }}
+{{- $access := .keys.accessKey }}
+{{- $secret := .keys.secretKey }}
+{{- if and $.Values.objectStore.bundled.enabled (not $access) (not $secret) }}
+{{- $existing := lookup "v1" "Secret" $.Release.Namespace .name }}
+{{- if and $existing $existing.data }}
+{{- $access = index $existing.data "access_key" | b64dec }}
+{{- $secret = index $existing.data "secret_key" | b64dec }}
+{{- else }}
+{{- $access = printf "%s-%s" .role (randAlphaNum 16 | lower) }}
+{{- $secret = randAlphaNum 40 }}
+{{- end }}
+{{- end }}
+{{- $why := default " is required with objectStore.enabled" .why }}
+access_key: {{ required (printf "%s.accessKey (or %s.existingSecret)%s" .path .path $why) $access | b64enc | quote }}
+secret_key: {{ required (printf "%s.secretKey (or %s.existingSecret)%s" .path .path $why) $secret | b64enc | quote }}
 {{- end }}
 
 {{/* The MLOPS_S3_* settings of a pod that talks to the object store (keys as files). */}}
 {{- define "shared-volume.objectStoreEnv" -}}
 - name: MLOPS_S3_ENDPOINT
-  value: {{ required "objectStore.endpoint is required with objectStore.enabled: the S3 endpoint URL (https://s3.eu-west-1.amazonaws.com, http://minio:9000)" .Values.objectStore.endpoint | quote }}
+  value: {{ include "shared-volume.objectStoreEndpoint" . | quote }}
 - name: MLOPS_S3_BUCKET
   value: {{ .Values.objectStore.bucket | quote }}
 - name: MLOPS_S3_PREFIX
