@@ -11,8 +11,11 @@ ever formed: the triangle of the ones column holds the means (``R[0, j] / R[0,
 ones column's rotation is the centring), whose column norms are the scales.
 The scaled problem is then solved from the small triangle by SVD with the
 cutoff the in-memory fit uses (``eps * max(rows, columns)``), so rank handling
-is the same. :class:`ErrorSums` streams the metrics, with Chan's merge for the
-target's spread.
+is the same. :meth:`StreamedLeastSquares.merge` joins triangles computed apart
+(on separate workers, each with its own shift): a shift only changes the ones
+column's row, so a triangle is moved to another shift exactly, then stacked and
+reduced like a chunk. :class:`ErrorSums` streams the metrics, with Chan's merge
+for the target's spread.
 """
 
 from __future__ import annotations
@@ -86,6 +89,24 @@ class StreamedLeastSquares:
         # exact min/max: a constant column is told apart from one with rounding-level spread
         self.low, self.high = np.minimum(self.low, x.min(axis=0)), np.maximum(self.high, x.max(axis=0))
 
+    def merge(self, other: StreamedLeastSquares) -> None:
+        """Add the rows ``other`` was fed, as if they had come to this one (TSQR's merge step).
+
+        ``[1, x - c, y - c_y] = [1, x - c_o, y - c_o_y] M`` with ``M`` the identity
+        plus ``(c_o - c, c_o_y - c_y)`` in its first row, so ``R_o M`` is ``other``'s
+        triangle at this one's shift: only its first row changes."""
+        if not other.rows:
+            return
+        if self.shift is None:
+            self.shift, self.y_shift, self.r = other.shift.copy(), other.y_shift, other.r.copy()
+        else:
+            moved = other.r.copy()
+            moved[0, 1:-1] += moved[0, 0] * (other.shift - self.shift)
+            moved[0, -1] += moved[0, 0] * (other.y_shift - self.y_shift)
+            self.r = np.linalg.qr(np.vstack([self.r, moved]), mode="r")
+        self.rows += other.rows
+        self.low, self.high = np.minimum(self.low, other.low), np.maximum(self.high, other.high)
+
     def _triangle(self) -> np.ndarray:
         if not self.rows:
             raise ValueError("no rows to fit")
@@ -148,6 +169,18 @@ class ErrorSums:
         delta = mean_b - self.y_mean
         self.y_mean += delta * n_b / n
         self.y_m2 += m2_b + delta * delta * self.n * n_b / n
+        self.n = n
+
+    def merge(self, other: ErrorSums) -> None:
+        """Add the predictions ``other`` was fed (Chan's merge of the spreads)."""
+        if not other.n:
+            return
+        n = self.n + other.n
+        delta = other.y_mean - self.y_mean
+        self.ss_res += other.ss_res
+        self.abs_res += other.abs_res
+        self.y_mean += delta * other.n / n
+        self.y_m2 += other.y_m2 + delta * delta * self.n * other.n / n
         self.n = n
 
     def metrics(self) -> dict[str, float]:

@@ -15,17 +15,11 @@ import json
 import logging
 import subprocess
 import tempfile
-from collections.abc import Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipeline.drift import reference
-from pipeline.errors import SchemaError
 from pipeline.io import TMP_PREFIX, atomic_path, remove_stale_temps
 from pipeline.lstsq import ErrorSums, Fit, StreamedLeastSquares, fit_least_squares  # noqa: F401 (the core's names)
 from pipeline.plots import plot_fit
@@ -37,45 +31,20 @@ from pipeline.registry import (
 from pipeline.schema import Schema
 from pipeline.settings import Settings
 from pipeline.stage import StageContext, StageResult
+from pipeline.train_stats import (  # noqa: F401 (the core's names)
+    SAMPLE_ROWS,
+    Gathered,
+    check_split,
+    gather,
+    holdout_mask,
+    score,
+    split,
+)
 
 log = logging.getLogger(__name__)
 
 MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
 SOLVER = "centred, scaled columns; tall-skinny QR over chunks, SVD of the final triangle"
-# Rows kept (a seeded sample, the same whatever the chunking) for the fit plot and the
-# monitor's reference: bounded, whatever the data's size.
-SAMPLE_ROWS = 100_000
-
-
-def holdout_mask(keys: np.ndarray, holdout_fraction: float, seed: int) -> np.ndarray:
-    """Which rows are held out: every row of an entity goes the same way.
-
-    A row is held out when ``pandas.util.hash_array`` (SipHash-2-4) of its
-    entity key written as text, with ``hash_key`` the seed as 16 digits,
-    divided by 2**64, is below ``holdout_fraction``. So anyone can say which
-    rows trained a model from the data, the key and the seed alone, and a row
-    keeps its side when other rows are added.
-    """
-    if holdout_fraction <= 0:
-        return np.zeros(len(keys), dtype=bool)
-    text = np.asarray(keys).astype(str).astype(object)
-    hashes = pd.util.hash_array(text, hash_key=f"{seed:016d}"[-16:], categorize=True)
-    return hashes < np.uint64(min(holdout_fraction, 1.0) * 2.0**64)
-
-
-def check_split(train_rows: int, holdout_rows: int, holdout_fraction: float) -> None:
-    if train_rows < 2 or (holdout_fraction > 0 and holdout_rows == 0):
-        raise SchemaError(f"train: {train_rows + holdout_rows} usable rows are too few to hold out "
-                          f"{holdout_fraction:.0%} and still train; ingest more rows (--rows), or declare a "
-                          "different holdout (holdout: 0 fits on every row)")
-
-
-def split(keys: np.ndarray, holdout_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(train_index, holdout_index)`` by :func:`holdout_mask`; with no holdout every row trains."""
-    held = holdout_mask(keys, holdout_fraction, seed)
-    train, holdout = np.flatnonzero(~held), np.flatnonzero(held)
-    check_split(len(train), len(holdout), holdout_fraction)
-    return train, holdout
 
 
 def regression_metrics(y: np.ndarray, predicted: np.ndarray) -> dict[str, float]:
@@ -113,86 +82,6 @@ def git_commit(settings: Settings) -> str | None:
     return out.stdout.strip() or None
 
 
-@dataclass
-class Gathered:
-    """What one pass over the training chunks leaves: the streamed fit, counts, the
-    newest training event time, and a bounded sample of rows (``held`` marks the holdout's)."""
-
-    train: StreamedLeastSquares
-    rows: int = 0
-    holdout_rows: int = 0
-    chunks: int = 0
-    event_time_max: pd.Timestamp | None = None
-    sample: pd.DataFrame | None = None
-    priority: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.uint64))
-
-    @property
-    def train_rows(self) -> int:
-        return self.rows - self.holdout_rows
-
-
-def _keep_sample(gathered: Gathered, frame: pd.DataFrame, held: np.ndarray, schema: Schema, seed: int,
-                 size: int) -> None:
-    """Keep the ``size`` rows of lowest seeded hash of (key, event time) seen so far: the
-    same sample whatever the chunking."""
-    priority = pd.util.hash_pandas_object(frame[[schema.join_key, schema.timestamp]], index=False,
-                                          hash_key=f"{seed:016d}"[-16:]).to_numpy()
-    rows = frame[[schema.join_key, schema.timestamp, *schema.feature_names, schema.target]].assign(held=held)
-    if gathered.sample is not None:
-        rows, priority = pd.concat([gathered.sample, rows], ignore_index=True), \
-            np.concatenate([gathered.priority, priority])
-    if len(rows) > size:
-        keep = np.sort(np.argpartition(priority, size - 1)[:size])
-        rows, priority = rows.iloc[keep].reset_index(drop=True), priority[keep]
-    gathered.sample, gathered.priority = rows, priority
-
-
-def gather(chunks: Iterable[pd.DataFrame], schema: Schema, holdout_fraction: float, seed: int,
-           spill: Path | None = None, sample_rows: int = SAMPLE_ROWS) -> Gathered:
-    """One pass: the training rows into the streamed least squares, every row's
-    ``(held, target, features)`` to the Parquet file ``spill`` (read again by :func:`score`)."""
-    names = list(schema.feature_names)
-    gathered = Gathered(StreamedLeastSquares(len(names)))
-    columns = pa.schema([("held", pa.bool_()), (schema.target, pa.float64())]
-                        + [(name, pa.float64()) for name in names])
-    writer = pq.ParquetWriter(spill, columns) if spill is not None else None
-    try:
-        for frame in chunks:
-            x = frame[names].to_numpy(dtype=np.float64)
-            y = frame[schema.target].to_numpy(dtype=np.float64)
-            held = holdout_mask(frame[schema.join_key].to_numpy(), holdout_fraction, seed)
-            gathered.train.add(x[~held], y[~held])
-            gathered.rows += len(frame)
-            gathered.chunks += 1
-            gathered.holdout_rows += int(held.sum())
-            if (~held).any():
-                newest = pd.Timestamp(frame[schema.timestamp][~held].max())
-                newest = newest.tz_localize("UTC") if newest.tzinfo is None else newest
-                gathered.event_time_max = max(filter(None, [gathered.event_time_max, newest]))
-            if writer is not None:
-                writer.write_table(pa.table([held, y, *x.T], schema=columns))
-            _keep_sample(gathered, frame, held, schema, seed, sample_rows)
-            del frame, x, y  # not alive while the next chunk is retrieved
-    finally:
-        if writer is not None:
-            writer.close()
-    check_split(gathered.train_rows, gathered.holdout_rows, holdout_fraction)
-    return gathered
-
-
-def score(fit: Fit, spill: Path, schema: Schema) -> tuple[ErrorSums, ErrorSums]:
-    """``(train, holdout)`` error sums of ``fit`` over the rows :func:`gather` spilled."""
-    train, holdout = ErrorSums(), ErrorSums()
-    for batch in pq.ParquetFile(spill).iter_batches(batch_size=1 << 16):
-        held = batch.column("held").to_numpy(zero_copy_only=False)
-        y = batch.column(schema.target).to_numpy()
-        x = np.column_stack([batch.column(name).to_numpy() for name in schema.feature_names])
-        predicted = fit.predict(x)
-        train.add(y[~held], predicted[~held])
-        holdout.add(y[held], predicted[held])
-    return train, holdout
-
-
 def metrics_of(train: ErrorSums, holdout: ErrorSums) -> tuple[dict[str, float], str]:
     """``(metrics, scored_on)``: the holdout's, or in-sample with no holdout."""
     metrics = {f"train_{k}": v for k, v in train.metrics().items()}
@@ -214,12 +103,21 @@ def training_reference(fit: Fit, gathered: Gathered, schema: Schema) -> dict:
     return ref
 
 
+def engine_of(settings: Settings) -> str:
+    """Where train's statistics were computed, as the MLflow run records it."""
+    return "dask" if settings.dask_scheduler else "single process"
+
+
 def train_model(settings: Settings, schema: Schema, holdout_fraction: float):
     """``(fit, gathered, train error sums, holdout error sums)`` from Feast, chunk by chunk."""
     from pipeline.train_data import training_chunks
 
     remove_stale_temps(settings.shared)  # a killed train's buckets (under the lock: none is live)
     with tempfile.TemporaryDirectory(prefix=f"{TMP_PREFIX}train-", dir=settings.shared) as tmp:
+        if settings.dask_scheduler:  # one task per bucket on the Dask cluster, the same statistics
+            from pipeline import dask_train
+
+            return dask_train.train_model(settings, schema, holdout_fraction, Path(tmp))
         spill = Path(tmp) / "scored.parquet"
         gathered = gather(training_chunks(settings, schema, Path(tmp)), schema, holdout_fraction,
                           settings.seed, spill)
@@ -281,7 +179,8 @@ def run(ctx: StageContext) -> StageResult:
                 params={"rows": gathered.rows, "train_rows": gathered.train_rows,
                         "holdout_rows": gathered.holdout_rows, "seed": settings.seed,
                         "train_chunk_rows": settings.train_chunk_rows,
-                        "holdout_fraction": holdout, "scored_on": scored_on, "solver": SOLVER},
+                        "holdout_fraction": holdout, "scored_on": scored_on, "solver": SOLVER,
+                        "engine": engine_of(settings)},
                 metrics={**metrics, **{f"coef_abs_error_{k}": v for k, v in errors.items()}},
                 score=(score_rmse, scored_on),
                 lineage={
@@ -313,6 +212,7 @@ def run(ctx: StageContext) -> StageResult:
         "train_rows": gathered.train_rows,
         "holdout_rows": gathered.holdout_rows,
         "train_chunks": gathered.chunks,
+        "engine": engine_of(settings),
         "scored_on": scored_on,
         "score_rmse": score_rmse,
         "metrics": metrics,

@@ -23,7 +23,9 @@ import copy
 import gc
 import logging
 import math
+import shutil
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -121,20 +123,24 @@ def _tidy(frame: pd.DataFrame, schema: Schema) -> pd.DataFrame:
     return frame.sort_values([schema.timestamp, schema.join_key], kind="stable").reset_index(drop=True)
 
 
-def chunk_store(store, schema: Schema, folder: Path):
-    """A Feast store of its own in ``folder`` (registry and a SQLite online store nobody
-    reads) holding the registered entity; the buckets' views are applied to it."""
+def _own_store(folder: Path, project: str, provider: str, offline_store, serialization: int, entity):
     from feast import FeatureStore, RepoConfig
 
     config = RepoConfig(
-        repo_path=folder, project=store.config.project, provider=store.config.provider,
+        repo_path=folder, project=project, provider=provider,
         registry={"registry_type": "file", "path": str(folder / "registry.db"), "cache_ttl_seconds": 0},
         online_store={"type": "sqlite", "path": str(folder / "online_store.db")},
-        offline_store=store.config.offline_store,
-        entity_key_serialization_version=store.config.entity_key_serialization_version)
+        offline_store=offline_store, entity_key_serialization_version=serialization)
     own = FeatureStore(config=config)
-    own.registry.apply_entity(store.get_entity(schema.entity), own.project)
+    own.registry.apply_entity(entity, own.project)
     return own
+
+
+def chunk_store(store, schema: Schema, folder: Path):
+    """A Feast store of its own in ``folder`` (registry and a SQLite online store nobody
+    reads) holding the registered entity; the buckets' views are applied to it."""
+    return _own_store(folder, store.config.project, store.config.provider, store.config.offline_store,
+                      store.config.entity_key_serialization_version, store.get_entity(schema.entity))
 
 
 def bucket_view(view, path: Path):
@@ -149,27 +155,39 @@ def bucket_view(view, path: Path):
     return chunk
 
 
+def bucket_count(settings: Settings, labels: ds.Dataset, schema: Schema) -> int:
+    rows = labels.count_rows()
+    buckets = max(1, math.ceil(rows / settings.train_chunk_rows))
+    log.info("train: historical retrieval of %d feature(s) for %d label rows in %d chunk(s)",
+             len(schema.feature_names), rows, buckets)
+    return buckets
+
+
+def split_into_buckets(settings: Settings, schema: Schema, labels: ds.Dataset, buckets: int,
+                       folder: Path) -> list[tuple[Path, Path]]:
+    """``(labels, features)`` Parquet files of each bucket, in ``folder``."""
+    flush_rows = settings.train_chunk_rows
+    label_paths = partition(labels, schema.join_key, buckets, folder, "labels", flush_rows)
+    feature_paths = partition(features_dataset(settings), schema.join_key, buckets, folder, "features",
+                              flush_rows)
+    return list(zip(label_paths, feature_paths))
+
+
 def training_chunks(settings: Settings, schema: Schema, folder: Path) -> Iterator[pd.DataFrame]:
     """Labels with their point-in-time features, about ``train_chunk_rows`` rows at a time,
     each chunk sorted by event time and key; ``folder`` holds the buckets meanwhile."""
     store = open_store(settings)
     labels = labels_dataset(settings)
-    rows = labels.count_rows()
-    buckets = max(1, math.ceil(rows / settings.train_chunk_rows))
-    log.info("train: historical retrieval of %d feature(s) for %d label rows in %d chunk(s)",
-             len(schema.feature_names), rows, buckets)
+    buckets = bucket_count(settings, labels, schema)
     if buckets == 1:
         frame = store.get_historical_features(entity_df=labels.to_table().to_pandas(),
                                               features=schema.feature_refs()).to_df()
         yield _tidy(frame, schema)
         return
-    flush_rows = settings.train_chunk_rows
-    label_paths = partition(labels, schema.join_key, buckets, folder, "labels", flush_rows)
-    feature_paths = partition(features_dataset(settings), schema.join_key, buckets, folder, "features",
-                              flush_rows)
+    pairs = split_into_buckets(settings, schema, labels, buckets, folder)
     own = chunk_store(store, schema, folder)
     view = store.get_feature_view(schema.feature_view)
-    for i, (label_path, feature_path) in enumerate(zip(label_paths, feature_paths)):
+    for i, (label_path, feature_path) in enumerate(pairs):
         entity_df = pq.read_table(label_path).to_pandas()
         if len(entity_df):
             own.registry.apply_feature_view(bucket_view(view, feature_path), own.project)
@@ -182,3 +200,45 @@ def training_chunks(settings: Settings, schema: Schema, folder: Path) -> Iterato
         # next one would otherwise be piled on top of
         gc.collect()
         log.info("train: chunk %d of %d retrieved", i + 1, buckets)
+
+
+@dataclass(frozen=True)
+class BucketRetrieval:
+    """What one bucket's point-in-time retrieval needs of the registered store, as
+    plain picklable values: a Dask worker runs it with no settings (no secrets) and no
+    access to the online store, reading only the bucket's files on the shared volume."""
+
+    project: str
+    provider: str
+    offline_store: object
+    serialization: int
+    entity: object
+    view: object
+    schema: Schema
+
+    @classmethod
+    def of(cls, settings: Settings, schema: Schema) -> BucketRetrieval:
+        store = open_store(settings)
+        return cls(store.config.project, store.config.provider, store.config.offline_store,
+                   store.config.entity_key_serialization_version, store.get_entity(schema.entity),
+                   store.get_feature_view(schema.feature_view), schema)
+
+    def frame(self, label_path: Path, feature_path: Path, registry: Path) -> pd.DataFrame | None:
+        """The bucket's labels with their features (``None`` for a bucket without labels),
+        through Feast with a registry of its own in ``registry``; the bucket's files
+        and that registry are removed."""
+        try:
+            entity_df = pq.read_table(label_path).to_pandas()
+            if not len(entity_df):
+                return None
+            registry.mkdir()
+            own = _own_store(registry, self.project, self.provider, self.offline_store, self.serialization,
+                             self.entity)
+            own.registry.apply_feature_view(bucket_view(self.view, feature_path), own.project)
+            frame = own.get_historical_features(entity_df=entity_df,
+                                                features=self.schema.feature_refs()).to_df()
+            return _tidy(frame, self.schema)
+        finally:
+            label_path.unlink(missing_ok=True)
+            feature_path.unlink(missing_ok=True)
+            shutil.rmtree(registry, ignore_errors=True)

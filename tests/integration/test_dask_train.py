@@ -1,0 +1,112 @@
+"""Train's statistics on Dask: with a scheduler named, each bucket's point-in-time
+retrieval and statistics run on a local cluster of separate worker processes, and
+train registers the model, metrics and reference of the single-process run (to
+1e-9), recording the engine in the MLflow run. Real Feast, real MLflow store."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+
+from pipeline.cli import run_stages
+from pipeline.dataset import CUSTOMERS as schema
+from pipeline.io import read_record
+from pipeline.registry import mlflow_session
+from pipeline.train_stats import gather, merge
+from tests.support import clean_env, free_port, make_settings, pipeline_cli
+
+pytestmark = pytest.mark.integration
+
+ROWS = 12_000
+CHUNK = 2_500  # five buckets: five tasks
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address=None) as local:
+        yield local.scheduler_address
+
+
+@pytest.fixture(scope="module")
+def trained_both_ways(tmp_path_factory, cluster):
+    """The pipeline once in one process; then train again, on Dask, as another model
+    (the same data, Feast and MLflow store; a new name, so it is not skipped as done)."""
+    shared = tmp_path_factory.mktemp("shared-dask-train")
+    single = make_settings(shared, rows=ROWS, train_chunk_rows=CHUNK)
+    run_stages(single, ["ingest", "features", "feast", "train"])
+    expected = read_record(single.runs_dir, "train").outputs
+    on_dask = make_settings(shared, rows=ROWS, train_chunk_rows=CHUNK, dask_scheduler=cluster,
+                            model_name=f"{single.model_name}-dask")
+    run_stages(on_dask, ["train"])
+    return single, expected, on_dask, read_record(on_dask.runs_dir, "train").outputs
+
+
+def test_train_on_dask_registers_the_single_process_model(trained_both_ways):
+    single, expected, on_dask, got = trained_both_ways
+    assert expected["train_chunks"] == got["train_chunks"] == -(-ROWS // CHUNK)
+    for key in ("rows", "train_rows", "holdout_rows", "scored_on"):
+        assert got[key] == expected[key], key
+    names = schema.feature_names
+    x = np.random.default_rng(0).uniform(0, 100, (200, len(names)))
+    predict = [r["intercept"] + x @ np.array([r["coefficients"][n] for n in names]) for r in (expected, got)]
+    np.testing.assert_allclose(predict[1], predict[0], rtol=1e-9)
+    np.testing.assert_allclose([got["coefficients"][n] for n in names],
+                               [expected["coefficients"][n] for n in names], rtol=1e-9)
+    assert got["metrics"].keys() == expected["metrics"].keys()
+    for key, value in expected["metrics"].items():
+        assert got["metrics"][key] == pytest.approx(value, rel=1e-9), key
+    # the monitor's reference: the same sample, so the same bins, counts and newest event time
+    ref, want = got["reference"], expected["reference"]
+    assert {k: ref[k] for k in ("rows", "sample_rows", "event_time_max")} == \
+        {k: want[k] for k in ("rows", "sample_rows", "event_time_max")}
+    assert json.dumps(ref["features"]) == json.dumps(want["features"])
+    assert not list(on_dask.shared.glob(".tmp-train-*")), "the buckets and spills were left behind"
+
+
+def test_the_mlflow_run_records_the_engine(trained_both_ways):
+    single, expected, on_dask, got = trained_both_ways
+    assert (expected["engine"], got["engine"]) == ("single process", "dask")
+    with mlflow_session(single, schema):
+        client = MlflowClient()
+        engines = {name: client.get_run(record["run_id"]).data.params["engine"]
+                   for name, record in (("single", expected), ("dask", got))}
+    assert engines == {"single": "single process", "dask": "dask"}
+
+
+def test_the_merge_does_not_depend_on_the_order_tasks_finish():
+    """The driver merges bucket results as they arrive: any arrival order, the same bits."""
+    rng = np.random.default_rng(3)
+    frames = []
+    for bucket in range(4):
+        x = rng.uniform(0, 1e3, (300, len(schema.feature_names)))
+        frame = {name: x[:, i] for i, name in enumerate(schema.feature_names)}
+        frame[schema.join_key] = np.arange(300) + 1000 * bucket
+        frame[schema.timestamp] = np.datetime64("2024-01-01", "ns") + np.arange(300).astype("timedelta64[s]")
+        frame[schema.target] = x @ np.arange(1.0, len(schema.feature_names) + 1) + rng.normal(0, 1, 300)
+        frames.append(pd.DataFrame(frame))
+    parts = [(i, gather([f], schema, 0.2, 7, sample_rows=500, check=False)) for i, f in enumerate(frames)]
+    one_pass = gather(frames, schema, 0.2, 7, sample_rows=500)
+    forward = merge(parts, len(schema.feature_names), 500)
+    backward = merge(parts[::-1], len(schema.feature_names), 500)
+    assert np.array_equal(forward.train.r, backward.train.r)
+    assert forward.sample.equals(backward.sample) and forward.sample.equals(one_pass.sample)
+    np.testing.assert_allclose(forward.train.fit().coefficients, one_pass.train.fit().coefficients, rtol=1e-9)
+
+
+def test_a_scheduler_that_does_not_answer_stops_train_in_one_line(trained_both_ways):
+    single = trained_both_ways[0]
+    address = f"tcp://127.0.0.1:{free_port()}"
+    env = clean_env(MLOPS_SHARED_DIR=str(single.shared), MLOPS_ROWS=str(ROWS), MLOPS_DASK_SCHEDULER=address,
+                    MLOPS_MODEL_NAME="unreachable", MLOPS_TRAIN_CHUNK_ROWS=str(CHUNK))
+    proc = pipeline_cli(["train"], env, check=False)
+    assert proc.returncode == 12, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert f"cannot reach the Dask scheduler at {address}" in proc.stderr
+    assert not list(single.shared.glob(".tmp-train-*"))
