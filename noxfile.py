@@ -352,7 +352,7 @@ def render_manifests(session: nox.Session) -> Path:
     session.run("python", "scripts/render_chart.py", str(out), "helm/shared-volume/values-minikube.yaml",
                 "helm/shared-volume/values-argocd.yaml", "helm/shared-volume/ci/monitoring-values.yaml",
                 "helm/shared-volume/ci/redis-cluster-values.yaml", "helm/shared-volume/ci/dask-values.yaml",
-                "helm/shared-volume/ci/lakehouse-values.yaml")
+                "helm/shared-volume/ci/lakehouse-values.yaml", "helm/shared-volume/ci/objectstore-values.yaml")
     return out
 
 

@@ -1,9 +1,9 @@
 """The chart with the lakehouse (``objectStore.lakehouse``): the ConfigMap turns it on
 for every pipeline pod with the object store's settings, every pipeline pod gets the
-keys as files (never as values): serve the read-only identity's, the others the keys
-that write; the MLflow server keeps its artifacts in the bucket; off, nothing of the
-store reaches the stages; without the object store, or without a read-only identity
-for serve, it is refused."""
+keys as files (never as values): serve and the monitor the read-only identity's (as in
+compose.lakehouse.yaml), the others the keys that write; the MLflow server keeps its
+artifacts in the bucket; off, nothing of the store reaches the stages; without the
+object store, or without a read-only identity for the pods that only read, it is refused."""
 
 from __future__ import annotations
 
@@ -27,13 +27,14 @@ def pods(objects: list[dict]) -> dict[str, dict]:
     for obj in by_kind(objects, "Job") + by_kind(objects, "Deployment") + by_kind(objects, "CronJob"):
         spec = (obj["spec"]["jobTemplate"]["spec"] if obj["kind"] == "CronJob" else obj["spec"])["template"]["spec"]
         component = obj["metadata"]["labels"]["app.kubernetes.io/component"]
-        if component != "redis":
+        if component not in ("redis", "monitor-exporter"):  # neither talks to the store
             found[component if obj["kind"] != "CronJob" else f"cron-{component}"] = spec
     return found
 
 
 def test_the_lakehouse_reaches_every_pipeline_pod_with_the_keys_as_files():
-    objects = render(values={"objectStore": {**STORE, "lakehouse": True, "serve": READ_ONLY}})
+    objects = render(values={"objectStore": {**STORE, "lakehouse": True, "serve": READ_ONLY},
+                             "monitoring": {"enabled": True}, "retrain": {"enabled": True}})
     data = config_data(objects)
     assert data["MLOPS_LAKEHOUSE"] == "true"
     assert data["MLOPS_S3_ENDPOINT"] == STORE["endpoint"] and data["MLOPS_S3_BUCKET"] == "data"
@@ -42,13 +43,14 @@ def test_the_lakehouse_reaches_every_pipeline_pod_with_the_keys_as_files():
     assert STORE["accessKey"] not in str(data) and STORE["secretKey"] not in str(data)
 
     found = pods(objects)
-    assert {"ingest", "features", "feast", "train", "promote", "monitor", "serve", "mlflow"} <= found.keys()
+    assert {"ingest", "features", "feast", "train", "promote", "monitor", "serve", "mlflow",
+            "cron-monitor", "cron-retrain", "cron-backup"} <= found.keys()
     secrets = {o["metadata"]["name"]: o for o in by_kind(objects, "Secret")}
     secret, read_only = secrets["mlops-shared-volume-objectstore"], secrets["mlops-shared-volume-objectstore-serve"]
     for name, spec in found.items():
         volumes = {v["name"]: v for v in spec["volumes"]}
-        # serve only reads the bucket: the read-only identity; everything else may write
-        expected = read_only if name == "serve" else secret
+        # serve and the monitor only read the bucket: the read-only identity; everything else may write
+        expected = read_only if name in ("serve", "monitor", "cron-monitor") else secret
         assert volumes["s3-keys"]["secret"]["secretName"] == expected["metadata"]["name"], name
         for container in spec["containers"]:
             mounts = [m for m in container["volumeMounts"] if m["name"] == "s3-keys"]
@@ -92,9 +94,10 @@ def test_the_lakehouse_without_the_object_store_is_refused():
 def test_the_lakehouse_without_a_read_only_identity_for_serve_is_refused():
     # an external store's keys cannot be made up: the store must know them
     with pytest.raises(Exception, match=r"objectStore.serve.accessKey \(or objectStore.serve.existingSecret\) "
-                                        r"is required with objectStore.lakehouse: serve reads"):
+                                        r"is required with objectStore.lakehouse: serve and the monitor read"):
         render(values={"objectStore": {**STORE, "lakehouse": True}})
     objects = render(values={"objectStore": {**STORE, "lakehouse": True, "serve": {"existingSecret": "s3-reader"}}})
     assert not [s for s in by_kind(objects, "Secret") if s["metadata"]["name"].endswith("-objectstore-serve")]
-    serve = pods(objects)["serve"]
-    assert {v["name"]: v for v in serve["volumes"]}["s3-keys"]["secret"]["secretName"] == "s3-reader"
+    for name in ("serve", "monitor"):
+        volumes = {v["name"]: v for v in pods(objects)[name]["volumes"]}
+        assert volumes["s3-keys"]["secret"]["secretName"] == "s3-reader", name

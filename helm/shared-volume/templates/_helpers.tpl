@@ -292,7 +292,7 @@ template:
             readOnly: true
           {{- end }}
     volumes:
-      {{- include "shared-volume.volumes" (dict "ctx" $ "objectStore" .objectStore) | nindent 6 }}
+      {{- include "shared-volume.volumes" (dict "ctx" $ "objectStore" .objectStore "identity" (include "shared-volume.s3Identity" .stage)) | nindent 6 }}
 {{- end }}
 
 {{/* One scheduled run of a pipeline command (monitor, retrain, backup): the stage Jobs' pod
@@ -333,6 +333,13 @@ spec:
      (keys: access_key, secret_key). */}}
 {{- define "shared-volume.objectStoreSecret" -}}
 {{- default (printf "%s-objectstore" (include "shared-volume.fullname" .)) .Values.objectStore.existingSecret }}
+{{- end }}
+
+{{/* Which of the object store's identities a pod takes, by component: serve and the monitor only read
+     the bucket (the monitor's MLflow run goes through the tracking server), so they take the read-only
+     serve identity, as in compose.lakehouse.yaml; every other pod the identity that writes. */}}
+{{- define "shared-volume.s3Identity" -}}
+{{- ternary "serve" "backup" (has . (list "serve" "monitor")) }}
 {{- end }}
 
 {{/* The name of the Secret holding the read-only serve identity's keys (keys: access_key, secret_key). */}}
