@@ -104,6 +104,15 @@ def test_bundled_is_one_seaweedfs_node_with_its_pvc_behind_a_clusterip_service(b
     assert store["spec"]["selector"]["matchLabels"] == service["spec"]["selector"]
 
 
+def test_helm_lint_is_clean():
+    import helm_python as helm
+
+    for values in (BUNDLED, LAKEHOUSE):
+        report = helm.lint(str(CHART), values, strict=True)
+        assert report["errors"] == []
+        assert [m for m in report["messages"] if m["severity"] >= 2] == [], report["messages"]
+
+
 def test_the_store_pod_meets_the_restricted_profile(bundled):
     pod = store_pod(bundled)
     assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] > 0
