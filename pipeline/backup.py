@@ -290,8 +290,9 @@ def restore(settings: Settings, snapshot: str | None = None) -> dict:
         phases = _Phases()
         written = restore_files(s3, settings, manifest, shared, phases)
         if manifest["raw_dvc"]:
-            for folder in settings.layout():
-                folder.mkdir(parents=True, exist_ok=True)
+            for folder in settings.layout():  # with the lakehouse, DVC's remote is the store's, not dvc-store/
+                if not (settings.lakehouse_uri and folder == settings.dvc_remote_dir):
+                    folder.mkdir(parents=True, exist_ok=True)
             versioning.add_and_push(shared, settings.raw_dir, settings)  # the configured remote again
         phases.done("dvc_store")
         if lake:  # the published features and MLflow's artifacts as the snapshot has them, then the pointer

@@ -48,7 +48,8 @@ def cli_env(settings, **extra: str) -> dict[str, str]:
     env.update(MLOPS_SHARED_DIR=str(settings.shared), MLOPS_LOCK_TIMEOUT_SECONDS="30",
                MLOPS_S3_ENDPOINT=settings.s3_endpoint, MLOPS_S3_BUCKET=settings.s3_bucket,
                MLOPS_S3_PREFIX=settings.s3_prefix, MLOPS_S3_ACCESS_KEY_FILE=str(settings.s3_access_key_file),
-               MLOPS_S3_SECRET_KEY_FILE=str(settings.s3_secret_key_file), MLOPS_LAKEHOUSE="true", **extra)
+               MLOPS_S3_SECRET_KEY_FILE=str(settings.s3_secret_key_file), MLOPS_LAKEHOUSE="true")
+    env.update(extra)
     return env
 
 
