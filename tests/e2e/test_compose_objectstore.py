@@ -1,12 +1,17 @@
-"""The disaster drill in the compose twin, as a user runs it (README, docs/objectstore.md):
-the stack with the object store profile, the pipeline, serve; a snapshot with the one-shot
-``backup``; ``docker compose down`` and the shared volume deleted (the object store's kept);
-``restore`` (profile ``restore``) onto a new empty volume; serve again. Every entity must
-get the same /predict answer, the registry the same versions and aliases, ``dvc status``
-must be clean in the volume and the model version's lineage tags must name the restored files."""
+"""The lakehouse path and the disaster drill in the compose twin, as a user runs them
+(docs/objectstore.md): the stack with ``compose.lakehouse.yaml`` (SeaweedFS first; raw
+data's DVC remote, features, labels and MLflow's artifacts in its bucket), the pipeline,
+serve (with the read-only ``serve`` identity); a snapshot with the one-shot ``backup``;
+``docker compose down`` and the shared volume deleted (the object store's kept);
+``restore`` (profile ``restore``) onto a new empty volume; serve again. The features must
+be in the bucket and not on the volume; serve's keys must be refused a write; every entity
+must get the same /predict answer before and after, the registry the same versions and
+aliases, the same published version, ``dvc status`` must be clean in the volume and the
+model version's lineage tags must name the restored raw data and the published features."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -26,20 +31,50 @@ PROJECT = "mlops-e2e-objectstore"
 ROWS, SEED = 500, 42  # 100 entities: small, so the drill is about the store, not the pipeline
 UP = 1500  # seconds a whole `up --wait` may take on a busy machine (a few minutes on an idle one)
 SECRETS = ROOT / ".secrets"
-S3_FILES = ("s3_identities.json", "s3_backup_access_key", "s3_backup_secret_key")
+S3_FILES = ("s3_identities.json", "s3_backup_access_key", "s3_backup_secret_key", "s3_serve_access_key",
+            "s3_serve_secret_key")
+# the lakehouse: compose.yaml with its override, as docs/objectstore.md runs it
+FILES = "compose.yaml:compose.lakehouse.yaml"
 MODEL = "mlops-linear"
-# What the restored volume says about itself, asked inside a container of the image:
-# DVC's own status, the recorded raw hash, and the md5 of the features the lineage names.
+# What the volume and the bucket say, asked inside a container of the image: DVC's own
+# status, the recorded raw hash, the published version and its features' md5 (what the
+# lineage names), what of the lakehouse is in the bucket and what is (not) on the volume.
 LINEAGE = """
 import json, subprocess
 from pathlib import Path
-from pipeline import versioning
-from pipeline.io import file_md5
-shared = Path('/shared')
+from pipeline import lakehouse, versioning
+from pipeline.objectstore import client
+from pipeline.settings import Settings
+from pipeline.transfer import list_keys
+settings, shared = Settings(), Path('/shared')
 status = subprocess.run(['dvc', 'status'], cwd=shared, capture_output=True, text=True)
+pointer, s3 = lakehouse.current(settings), client(settings)
+count = lambda under: len(list_keys(s3, settings, 'lakehouse/' + under))
 print(json.dumps({'dvc_status': status.stdout.strip(), 'dvc_rc': status.returncode,
                   'raw_dvc_hash': versioning.recorded_hash(shared),
-                  'features_md5': file_md5(shared / 'data' / 'features' / 'features.parquet')}))
+                  'features_md5': lakehouse.table_md5(settings, 'features'), 'version': pointer['version'],
+                  'bucket': {'features': count('features/' + pointer['version'] + '/'),
+                             'labels': count('labels/' + pointer['version'] + '/'),
+                             'mlflow': count('mlflow/'), 'dvc': count('dvc/')},
+                  'on_volume': sorted(p for p in ('data/features/features.parquet', 'dvc-store',
+                                                  'mlflow/server/artifacts') if (shared / p).exists())}))
+"""
+# Inside the running serve container, with its own settings and keys: a list, and a write.
+SERVE_IDENTITY = """
+import hashlib, json
+from botocore.exceptions import ClientError
+from pipeline.objectstore import client, credentials
+from pipeline.settings import Settings
+settings = Settings()
+s3 = client(settings)
+listed = s3.list_objects_v2(Bucket=settings.s3_bucket, Prefix='lakehouse/', MaxKeys=5).get('KeyCount', 0)
+try:
+    s3.put_object(Bucket=settings.s3_bucket, Key='lakehouse/forged.json', Body=b'{}')
+    wrote = 'stored'
+except ClientError as exc:
+    wrote = exc.response['Error']['Code']
+print(json.dumps({'listed': listed, 'write': wrote,
+                  'access_key_sha256': hashlib.sha256(credentials(settings)[0].encode()).hexdigest()}))
 """
 
 
@@ -66,6 +101,10 @@ def registry(mlflow: str) -> dict:
             "aliases": {a["alias"]: a["version"] for a in model["registered_model"].get("aliases", [])}}
 
 
+def last_json(done: subprocess.CompletedProcess) -> dict:
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def volumes(project: str) -> set[str]:
     out = subprocess.run(["docker", "volume", "ls", "--quiet", "--filter", f"label=com.docker.compose.project={project}"],
                          capture_output=True, text=True, check=True).stdout
@@ -82,17 +121,18 @@ def drill():
         pytest.fail(f"no object store secrets in .secrets/ ({', '.join(missing)}): run it through "
                     "`nox -s e2e_compose`, which writes them")
     ports = {"MLOPS_SERVE_PORT": str(free_port()), "MLOPS_MLFLOW_PORT": str(free_port())}
-    env = {**os.environ, **ports, "MLOPS_ROWS": str(ROWS), "MLOPS_SEED": str(SEED)}
+    env = {**os.environ, **ports, "MLOPS_ROWS": str(ROWS), "MLOPS_SEED": str(SEED), "COMPOSE_FILE": FILES}
     compose = Compose(env, project=PROJECT)
     every = ("--profile", "objectstore", "--profile", "restore", "--profile", "debug")
     serve, mlflow = (f"http://127.0.0.1:{ports[name]}" for name in ("MLOPS_SERVE_PORT", "MLOPS_MLFLOW_PORT"))
     compose(*every, "down", "--volumes", "--remove-orphans", check=False)
     seen: dict = {}
     try:
-        # the README's drill, command by command: the pipeline and serve (nox -s compose_up), the store
+        # the lakehouse: the store first, then the pipeline and serve (docs/objectstore.md#lakehouse)
         compose("up", "--detach", "--pull", "never", "--wait", "serve", timeout=UP)
-        compose("--profile", "objectstore", "up", "--detach", "--pull", "never", "--wait", "seaweedfs")
         seen["before"] = {"predict": predict_all(serve), "registry": registry(mlflow)}
+        seen["lakehouse"] = last_json(compose("run", "--rm", "--no-deps", "-T", "shell", "python", "-c", LINEAGE))
+        seen["serve_identity"] = last_json(compose("exec", "-T", "serve", "python", "-c", SERVE_IDENTITY))
         # a snapshot: the one-shot backup
         seen["backup"] = compose("--profile", "objectstore", "run", "--rm", "--no-deps", "backup")
         # the disaster (nox -s compose_down): everything down, the shared volume gone, the store's kept
@@ -105,14 +145,29 @@ def drill():
         seen["after"] = {"predict": predict_all(serve), "registry": registry(mlflow)}
         seen["records"] = {stage: json.loads(compose.read(f"/shared/runs/{stage}/latest.json"))
                            for stage in IDEMPOTENT}
-        lineage = compose("run", "--rm", "--no-deps", "-T", "shell", "python", "-c", LINEAGE).stdout
-        seen["volume"] = json.loads(lineage.strip().splitlines()[-1])
+        seen["volume"] = last_json(compose("run", "--rm", "--no-deps", "-T", "shell", "python", "-c", LINEAGE))
         yield seen
     except BaseException:
         print(compose.failing_logs())
         raise
     finally:
         compose(*every, "down", "--volumes", "--remove-orphans", check=False)
+
+
+def test_the_pipeline_kept_features_raw_data_and_artifacts_in_the_bucket_not_on_the_volume(drill):
+    lake = drill["lakehouse"]
+    # 500 rows over three months: one file per event month and table; DVC's remote and the model there
+    assert lake["bucket"]["features"] == lake["bucket"]["labels"] == 3, lake
+    assert lake["bucket"]["mlflow"] > 0 and lake["bucket"]["dvc"] > 0, lake
+    assert lake["on_volume"] == [], lake
+    assert len(drill["before"]["predict"]) == n_entities(ROWS)
+
+
+def test_serve_has_the_read_only_identity_it_reads_the_bucket_and_cannot_write(drill):
+    identity = drill["serve_identity"]
+    assert identity["listed"] > 0 and identity["write"] == "AccessDenied", identity
+    serve_key = (SECRETS / "s3_serve_access_key").read_text().strip()
+    assert identity["access_key_sha256"] == hashlib.sha256(serve_key.encode()).hexdigest()
 
 
 def test_the_disaster_deleted_the_shared_volume_but_kept_the_backups(drill):
@@ -139,6 +194,8 @@ def test_the_registry_has_the_same_versions_and_aliases(drill):
 def test_the_restored_volume_is_clean_and_the_lineage_resolves(drill):
     volume = drill["volume"]
     assert volume["dvc_rc"] == 0 and "up to date" in volume["dvc_status"], volume
+    # the lakehouse as the snapshot had it: the same published version, nothing moved onto the volume
+    assert volume["version"] == drill["lakehouse"]["version"] and volume["on_volume"] == [], volume
     tags = drill["after"]["registry"]["versions"]["1"]["tags"]
     assert tags["mlops.raw_dvc_hash"] == volume["raw_dvc_hash"]
     assert tags["mlops.features_md5"] == volume["features_md5"]
