@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import math
 from typing import Any
+from urllib.parse import parse_qsl
 
+import werkzeug.urls  # noqa: F401 - registers the "werkzeug.url_quote" error handler parse_query_string uses
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from werkzeug.wrappers import Request, Response
 
@@ -112,12 +114,26 @@ def parse_body(body: bytes, max_batch: int, schema: Schema) -> tuple[list, bool]
 
 
 def parse_query(args, sample_entity, schema: Schema) -> list:
-    """The entity of ``GET /predict[?<key>=N]``: the sample one when none is given."""
+    """The entity of ``GET /predict[?<key>=N]`` from werkzeug's ``request.args``: the sample one when none is given."""
+    return _query_entity(set(args), args.getlist(schema.join_key), sample_entity, schema)
+
+
+def parse_query_string(query_string: str, sample_entity, schema: Schema) -> list:
+    """:func:`parse_query` of a WSGI ``QUERY_STRING``, parsed as werkzeug parses ``request.args``
+    (without building the request)."""
+    if not query_string:
+        return _query_entity(set(), [], sample_entity, schema)
+    pairs = parse_qsl(query_string.encode("latin1").decode(), keep_blank_values=True, errors="werkzeug.url_quote")
     key = schema.join_key
-    unexpected = sorted(set(args) - {key})
+    return _query_entity({name for name, _ in pairs}, [value for name, value in pairs if name == key],
+                         sample_entity, schema)
+
+
+def _query_entity(names: set, raw: list, sample_entity, schema: Schema) -> list:
+    key = schema.join_key
+    unexpected = sorted(names - {key})
     if unexpected:
         raise UnprocessableEntity(f"unknown query parameters {unexpected[:5]}; use ?{key}=<key>")
-    raw = args.getlist(key)
     if len(raw) > 1:
         raise UnprocessableEntity(f"give {key} once, or POST a batch")
     return [parse_entity_id(raw[0], schema)] if raw else [sample_entity]

@@ -32,18 +32,21 @@ Metrics on ``/metrics`` (every family the service exposes, and nothing else):
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import uuid
 from typing import Any
 
+import numpy as np
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram,
                                generate_latest)
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import Map, Rule
 from werkzeug.wrappers import Request, Response
 
-from pipeline.api import ARRIVED, JSONHTTPException, json_response, parse_request, spec
+from pipeline.api import (ARRIVED, JSONHTTPException, json_response, parse_query_string, parse_request,
+                          spec)
 from pipeline.errors import NoModel, PipelineError
 from pipeline.schema import Schema
 from pipeline.settings import Settings
@@ -80,6 +83,18 @@ class Metrics:
         self.log_dropped = Counter("mlops_prediction_log_dropped",
                                    "Served predictions not logged because the log's queue was full.", registry=r)
         self.families = {family.name for family in r.collect()}
+        # (route, method, status) -> (latency histogram, request counter): the labelled
+        # children, looked up once (``labels()`` takes a lock and builds a key per call)
+        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+
+    def answered(self, route: str, method: str, status: int, seconds: float) -> None:
+        """Count one answered request and observe its duration."""
+        children = self._children.get((route, method, status))
+        if children is None:
+            children = self._children[(route, method, status)] = (
+                self.latency.labels(route), self.requests.labels(route, method, str(status)))
+        children[0].observe(seconds)
+        children[1].inc()
 
     def model_loaded(self, outcome: str, version: int) -> None:
         self.model_loads.labels(outcome).inc()
@@ -144,27 +159,35 @@ class PredictionService:
             "/openapi.json": "this API, described in OpenAPI 3"}})
 
     def on_predict(self, request: Request) -> Response:
-        ids, batch = parse_request(request, self.schema, max_batch=self.settings.max_batch,
-                                   max_body_bytes=self.settings.max_body_bytes,
-                                   sample_entity=self.sample_entity)
+        # HEAD only: wsgi_app answers GET and POST /predict without werkzeug's objects
+        return Response(self.predict(request.environ, request.method), mimetype="application/json")
+
+    def predict(self, environ: dict, method: str) -> bytes:
+        """The JSON body of a ``/predict`` answer (errors are raised, as for any handler)."""
+        schema, settings = self.schema, self.settings
+        if method == "POST":
+            ids, batch = parse_request(Request(environ), schema, max_batch=settings.max_batch,
+                                       max_body_bytes=settings.max_body_bytes, sample_entity=self.sample_entity)
+        else:
+            ids, batch = parse_query_string(environ.get("QUERY_STRING", ""), self.sample_entity, schema), False
         model = self.watcher.current  # read once: a swap mid-request cannot mix versions
         if model is None:
-            raise NoModel(self.settings.model_name, self.settings.model_alias)
-        matrix, features = self.online.lookup(ids, arrived=request.environ.get(ARRIVED))
-        predictions = model.predict(matrix)
+            raise NoModel(settings.model_name, settings.model_alias)
+        matrix, features = self.online.lookup(ids, arrived=environ.get(ARRIVED))
+        predictions = np.asarray(model.predict(matrix), dtype=np.float64).tolist()
         self.metrics.predictions.inc(len(ids))
         if self.predlog is not None:
             # Queued for the log's writer thread: never waits, a full queue drops and counts.
-            request_id, now = request.headers.get("X-Request-Id") or uuid.uuid4().hex, time.time()
+            request_id, now = environ.get("HTTP_X_REQUEST_ID") or uuid.uuid4().hex, time.time()
             for key, prediction, values in zip(ids, predictions, features):
-                if not self.predlog.append(key, values, float(prediction), model.version, request_id, now):
+                if not self.predlog.append(key, values, prediction, model.version, request_id, now):
                     self.metrics.log_dropped.inc()
         meta = {"name": model.name, "version": model.version, "alias": model.alias}
-        answers = [{self.schema.join_key: e, "prediction": float(p), "features": f}
-                   for e, p, f in zip(ids, predictions, features)]
+        key = schema.join_key
         if batch:
-            return json_response({"model": meta, "predictions": answers})
-        return json_response({**answers[0], "model": meta})
+            return json.dumps({"model": meta, "predictions": [{key: e, "prediction": p, "features": f}
+                                                              for e, p, f in zip(ids, predictions, features)]}).encode()
+        return json.dumps({key: ids[0], "prediction": predictions[0], "features": features[0], "model": meta}).encode()
 
     def on_openapi(self, request: Request) -> Response:
         return json_response(self.openapi)
@@ -201,30 +224,49 @@ class PredictionService:
             endpoint, values = adapter.match()
             route = f"/{endpoint}" if endpoint != "index" else "/"
             return route, getattr(self, f"on_{endpoint}")(request, **values)
-        except PipelineError as exc:
-            return route, JSONHTTPException(exc.http_status, exc.message).get_response()
-        except JSONHTTPException as exc:
-            return route, exc.get_response()
-        except HTTPException as exc:
+        except Exception as exc:
+            return route, self.error_response(exc, request.path)
+
+    def error_response(self, exc: Exception, path: str) -> Response:
+        """The JSON answer to an exception a handler raised."""
+        if isinstance(exc, PipelineError):
+            return JSONHTTPException(exc.http_status, exc.message).get_response()
+        if isinstance(exc, JSONHTTPException):
+            return exc.get_response()
+        if isinstance(exc, HTTPException):
             response = JSONHTTPException(exc.code or 500, exc.description or exc.name).get_response()
             for key, value in exc.get_headers():
                 if key.lower() == "allow":
                     response.headers[key] = value
-            return route, response
-        except Exception:
-            log.exception("serve: unexpected error on %s", request.path)
-            return route, JSONHTTPException(500, "internal error; see the server log").get_response()
+            return response
+        log.error("serve: unexpected error on %s", path, exc_info=exc)
+        return JSONHTTPException(500, "internal error; see the server log").get_response()
 
     def wsgi_app(self, environ, start_response):
         started = time.perf_counter()
+        method = environ.get("REQUEST_METHOD", "GET")
+        if environ.get("PATH_INFO") == "/predict" and (method == "GET" or method == "POST"):
+            # The hot path: what the url map would route to on_predict, answered
+            # without werkzeug's Request, routing and Response objects (the same
+            # body and headers; tests/service holds them to the contract).
+            try:
+                body = self.predict(environ, method)
+            except Exception as exc:
+                response = self.error_response(exc, "/predict")
+            else:
+                self.metrics.answered("/predict", method, 200, time.perf_counter() - started)
+                start_response("200 OK", [("Content-Type", "application/json"),
+                                          ("Content-Length", str(len(body)))])
+                return [body]
+            self.record("/predict", method, response.status_code, time.perf_counter() - started)
+            return response(environ, start_response)
         request = Request(environ)
         route, response = self.dispatch_request(request)
         self.record(route, request.method, response.status_code, time.perf_counter() - started)
         return response(environ, start_response)
 
     def record(self, route: str, method: str, status: int, seconds: float) -> None:
-        self.metrics.latency.labels(route).observe(seconds)
-        self.metrics.requests.labels(route, method, str(status)).inc()
+        self.metrics.answered(route, method, status, seconds)
 
     def route_of(self, path: str) -> str:
         """The route label of a path (what ``/metrics`` counts it under)."""
