@@ -11,11 +11,9 @@ it names is stored: a failed or killed backup leaves objects nobody names (the
 next backup's retention deletes them), never a snapshot that looks complete.
 Both incremental: an unchanged file is one object, sent once.
 
-With the lakehouse on, a snapshot also names copies (under ``objects/``, made inside
-the store) of what lives in the lakehouse rather than on the volume: the published
-features and labels, with the pointer, and MLflow's artifacts; so a later publish
-(which prunes old versions) or a lost ``lakehouse/`` does not break it. Restore
-copies back what is missing or changed, then the pointer.
+With the lakehouse on, a snapshot also holds the pointer and copies (made inside the
+store) of the published features and labels and of MLflow's artifacts: a later publish
+or a lost ``lakehouse/`` does not break it (:func:`pipeline.transfer.lakehouse_snapshot`).
 
 Taken under the pipeline lock, so no stage writes meanwhile; SQLite files (the
 MLflow store, whether the CLI's or the tracking server's) are copied with
