@@ -39,8 +39,13 @@ log = logging.getLogger(__name__)
 def _bucket(retrieval: BucketRetrieval, index: int, label_path: str, feature_path: str, holdout_fraction: float,
             seed: int, sample_rows: int) -> tuple[int, Gathered, str | None]:
     """On a worker: one bucket retrieved and gathered; its rows spilled beside it for scoring."""
+    import dask
+
     folder = Path(label_path).parent
-    frame = retrieval.frame(Path(label_path), Path(feature_path), folder / f"registry-{index:05d}")
+    # Feast's file offline store computes with Dask itself: inside a task that would hand its
+    # graph (a shuffle) back to the cluster; this worker's one thread runs it instead
+    with dask.config.set(scheduler="synchronous"):
+        frame = retrieval.frame(Path(label_path), Path(feature_path), folder / f"registry-{index:05d}")
     if frame is None:  # no label hashed here: nothing to count, as in one process
         return index, gather([], retrieval.schema, holdout_fraction, seed, check=False), None
     spill = folder / f"scored-{index:05d}.parquet"
