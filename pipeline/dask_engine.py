@@ -10,7 +10,8 @@ worker sees (the shared volume); the stage then joins the pieces in part order,
 row group by row group, so the files hold exactly the rows, values and order of
 the single-process run, and memory stays one row group.
 
-Unset, everything runs in the stage's own process, as before.
+Train's buckets run on the same cluster (:mod:`pipeline.dask_train`), through
+:func:`open_client` here. Unset, everything runs in the stage's own process, as before.
 """
 
 from __future__ import annotations
