@@ -15,9 +15,11 @@ from mlflow import MlflowClient
 from pipeline.cli import run_stages
 from pipeline.dataset import CUSTOMERS as schema
 from pipeline.io import read_record
+from pipeline.lstsq import ErrorSums, StreamedLeastSquares, fit_least_squares
 from pipeline.registry import mlflow_session
 from pipeline.train_stats import gather, merge
 from tests.support import clean_env, free_port, make_settings, pipeline_cli
+from tests.unit.test_numerics import exact_predictions, ill_conditioned, relative_error
 
 pytestmark = pytest.mark.integration
 
@@ -110,3 +112,29 @@ def test_a_scheduler_that_does_not_answer_stops_train_in_one_line(trained_both_w
     assert "Traceback" not in proc.stderr
     assert f"cannot reach the Dask scheduler at {address}" in proc.stderr
     assert not list(single.shared.glob(".tmp-train-*"))
+
+
+@pytest.mark.parametrize("sizes", [[1], [3], [2, 7, 1, 40], [17]], ids=lambda s: "buckets-" + "-".join(map(str, s)))
+def test_triangles_of_separate_buckets_merge_to_the_in_memory_fit(sizes):
+    """Each bucket on its own (its own shift, as a worker computes it), merged: the
+    in-memory fit and the exact solution to 1e-9 on the badly conditioned table;
+    the merged error sums are those of all rows at once."""
+    x, y = ill_conditioned()
+    merged, start, i, sums = StreamedLeastSquares(x.shape[1]), 0, 0, ErrorSums()
+    want = fit_least_squares(x, y)
+    while start < len(x):
+        stop = start + sizes[i % len(sizes)]
+        bucket = StreamedLeastSquares(x.shape[1])
+        bucket.add(x[start:stop], y[start:stop])
+        merged.merge(bucket)
+        part = ErrorSums()
+        part.add(y[start:stop], want.predict(x[start:stop]))
+        sums.merge(part)
+        start, i = stop, i + 1
+    got = merged.fit().predict(x)
+    assert relative_error(got, want.predict(x)) < 1e-9
+    assert relative_error(got, exact_predictions(x, y)) < 1e-9
+    whole = ErrorSums()
+    whole.add(y, want.predict(x))
+    for key, value in whole.metrics().items():
+        assert sums.metrics()[key] == pytest.approx(value, rel=1e-9), key
