@@ -10,24 +10,28 @@ Prometheus and Alertmanager run with the users' configuration files unchanged
 the alert fires at the first evaluation that sees the report. They are started
 after the drifted monitor run, so the first notification to the retrain webhook
 carries the drift alert (Alertmanager holds later alerts of one group for its
-5 minute group interval).
+5 minute group interval). Last, Prometheus's console page (the compose twin's
+dashboard) is read and screenshotted with its panels full.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import time
 import urllib.parse
 import urllib.request
 
+import numpy as np
 import pandas as pd
 import pytest
 
 from pipeline.dataset import CUSTOMERS as schema
 from tests.e2e.test_compose import Compose, get
-from tests.support import docker_available, free_port
+from tests.support import ROOT, docker_available, free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.docker]
 
@@ -203,3 +207,62 @@ def test_the_retrain_webhook_retrains_and_the_gate_decides(drill):
     assert "within 5% of the current" in outcome["reason"]
     wait_for("serve answering with version 2",
              lambda: json.loads(get(f"{drill['serve']}/predict")[1])["model"]["version"] == 2, timeout=60)
+
+
+CORE_PANELS = ("Request rate", "Error ratio (5xx)", "Latency /predict", "Model version",
+               "Drift per feature (PSI)", "Drift per feature (KS)", "Feature freshness")
+
+
+def panels(page: str) -> dict[str, str]:
+    """Each console panel's HTML by its title."""
+    parts = page.split('<section class="panel')[1:]
+    return {re.search(r'data-title="([^"]+)"', part).group(1): part.split("</section>")[0] for part in parts}
+
+
+def test_the_dashboard_shows_the_service_beside_drift_and_freshness(drill, tmp_path):
+    """Prometheus's console page (monitoring/grafana/dashboard.py's panels) on 127.0.0.1,
+    after some traffic: every core panel has a current value and a drawn line, and the
+    screenshot a user would see is not blank; it is kept as .reports/e2e/dashboard.png."""
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("chromium is missing on CI: apt-get install chromium")
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    body = json.dumps({"instances": [{schema.join_key: 1000 + i} for i in range(5)]}).encode()
+    deadline, sent = time.monotonic() + 45, 0
+    while time.monotonic() < deadline and sent < 300:  # ~5 requests a second across two scrapes
+        request = urllib.request.Request(f"{drill['serve']}/predict", data=body, method="POST",
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=10) as resp:
+            assert resp.status == 200
+        sent += 1
+        time.sleep(0.2)
+    query = urllib.parse.quote('sum(rate(mlops_http_requests_total{route="/predict"}[1m])) > 0')
+    wait_for("the request rate in Prometheus",
+             lambda: get_json(f"{drill['prometheus']}/api/v1/query?query={query}")["data"]["result"], timeout=90)
+
+    url = f"{drill['prometheus']}/consoles/mlops.html"
+    with urllib.request.urlopen(url, timeout=30) as resp:
+        now = panels(resp.read().decode())
+    for title in CORE_PANELS:
+        assert 'class="num"' in now[title] and 'class="nodata"' not in now[title], (title, now[title])
+    assert f"<td>{SHIFTED} (features)</td>" in now["Drift per feature (PSI)"]
+
+    common = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+              "--hide-scrollbars", f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=20000"]
+    dom = subprocess.run([*common, "--dump-dom", url], capture_output=True, text=True, timeout=120,
+                         check=False).stdout
+    assert 'data-drawn="true"' in dom, dom[-2000:]
+    drawn = {title: int(re.search(r'data-points="(\d+)"', part).group(1)) for title, part in panels(dom).items()}
+    assert all(drawn[title] >= 2 for title in CORE_PANELS), drawn
+    png = ROOT / ".reports" / "e2e" / "dashboard.png"
+    png.parent.mkdir(parents=True, exist_ok=True)
+    png.unlink(missing_ok=True)
+    proc = subprocess.run([*common, "--window-size=1200,1500", f"--screenshot={png}", url],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert png.is_file(), proc.stderr[-2000:]
+    from PIL import Image
+
+    image = np.asarray(Image.open(png).convert("L"), dtype=float)
+    assert image.std() > 10, "the dashboard's screenshot is blank"
+    assert 0.005 < (image < 128).mean() < 0.5
