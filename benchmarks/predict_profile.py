@@ -4,6 +4,7 @@ against the granian floor's, side by side, and a cProfile of ours.
     python -m benchmarks.predict_profile                 # multiprocess metrics, no prediction log
     python -m benchmarks.predict_profile --log           # with the prediction log on
     python -m benchmarks.predict_profile --single        # metrics in memory (one worker)
+    python -m benchmarks.predict_profile --against DIR   # and another checkout's, side by side
 
 A real redis-server on a free 127.0.0.1 port holds one feature view in Feast's
 layout (:func:`pipeline.redis_layout.FeastRedisLayout.hset`, as the loader
@@ -129,6 +130,81 @@ def _timed(fn, count: int, deadline: float) -> list[float]:
     return out
 
 
+@contextlib.contextmanager
+def _tree(root: Path | None):
+    """Imports of ``pipeline`` from ``root`` (another checkout) within the block, this
+    checkout's again after it; what was built in the block keeps the other's code."""
+    if root is None:
+        yield
+        return
+    ours = {name: sys.modules.pop(name) for name in list(sys.modules)
+            if name == "pipeline" or name.startswith("pipeline.")}
+    sys.path.insert(0, str(root))
+    try:
+        yield
+    finally:
+        sys.path.remove(str(root))
+        for name in [n for n in sys.modules if n == "pipeline" or n.startswith("pipeline.")]:
+            del sys.modules[name]
+        sys.modules.update(ours)
+
+
+def _service(args, work: Path, redis_url: str, weights: dict, loop, tag: str) -> dict:
+    """The timed layers of one ``pipeline`` package (whichever is imported now)."""
+    from pipeline.dataset import CUSTOMERS as schema
+    from pipeline.front import call_wsgi, rsgi_app
+    from pipeline.mlflow_model import LinearModel
+    from pipeline.online import open_online
+    from pipeline.registry import check_model
+    from pipeline.serve import Metrics, create_app
+    from pipeline.settings import Settings
+
+    settings = Settings(shared_dir=work / f"shared{tag}", redis_url=redis_url, mlflow_tracking_uri=None,
+                        prediction_log=args.log, online_timeout_seconds=5.0)
+    metrics = Metrics(None if args.single else str(work / "prometheus"))
+    online = open_online(settings, schema, on_read=metrics.lookup.observe, on_unreachable=metrics.lookup_errors.inc)
+    model = check_model("harness", 1, "production", LinearModel.from_weights(weights))
+    app = create_app(settings, schema=schema, online=online, watcher=_Watcher(model), metrics=metrics,
+                     sample_entity=FIRST)
+    front = rsgi_app(app, settings)
+    query = f"{schema.join_key}={FIRST}"
+    post = json.dumps({schema.join_key: FIRST}).encode()
+    get_headers = {"host": "127.0.0.1:8000", "user-agent": "wrk"}
+    post_headers = {**get_headers, "content-type": "application/json", "content-length": str(len(post))}
+
+    def wsgi_get() -> None:
+        status, _, _ = call_wsgi(app, front._environ(_Scope("GET", "/predict", query, get_headers), b""))
+        assert status == 200, status
+
+    def rsgi(method: str, headers: dict, body: bytes):
+        """Calls of the front inside one running loop, as granian's worker makes them."""
+        async def call() -> None:
+            protocol = _Protocol(body)
+            await front.__rsgi__(_Scope(method, "/predict", query if method == "GET" else "", headers), protocol)
+            assert protocol.status == 200, (protocol.status, protocol.payload)
+
+        async def calls(count: int, deadline: float) -> list[float]:
+            out = []
+            for _ in range(count):
+                if time.monotonic() > deadline:
+                    break
+                t = time.perf_counter()
+                await call()
+                out.append(time.perf_counter() - t)
+            return out
+        return lambda count, deadline: loop.run_until_complete(calls(count, deadline))
+
+    def timed(fn):
+        return lambda count, deadline: _timed(fn, count, deadline)
+
+    layers = {f"read{tag}": timed(lambda: online.reader.read([FIRST])),
+              f"lookup{tag}": timed(lambda: online.lookup([FIRST])),
+              f"wsgi GET{tag}": timed(wsgi_get),
+              f"rsgi GET{tag}": rsgi("GET", get_headers, b""),
+              f"rsgi POST{tag}": rsgi("POST", post_headers, post)}
+    return {"layers": layers, "app": app, "pipeline": Path(sys.modules["pipeline"].__file__).parent}
+
+
 def run(args: argparse.Namespace, work: Path) -> None:
     import numpy as np
 
@@ -141,99 +217,61 @@ def run(args: argparse.Namespace, work: Path) -> None:
         os.environ.update({"FLOOR_REDIS_URL": redis_url, "FLOOR_ENTITY": str(FIRST),
                            "FLOOR_COEFFICIENTS": json.dumps(weights["coefficients"])})
         from benchmarks import floor_app
-        from pipeline.front import rsgi_app
-        from pipeline.mlflow_model import LinearModel
-        from pipeline.online import open_online
-        from pipeline.registry import check_model
-        from pipeline.serve import Metrics, create_app
-        from pipeline.settings import Settings
 
-        settings = Settings(shared_dir=work / "shared", redis_url=redis_url, mlflow_tracking_uri=None,
-                            prediction_log=args.log, online_timeout_seconds=5.0)
-        metrics = Metrics(None if args.single else str(work / "prometheus"))
-        online = open_online(settings, schema, on_read=metrics.lookup.observe,
-                             on_unreachable=metrics.lookup_errors.inc)
-        model = check_model("harness", 1, "production", LinearModel.from_weights(weights))
-        app = create_app(settings, schema=schema, online=online, watcher=_Watcher(model), metrics=metrics,
-                         sample_entity=FIRST)
-        front = rsgi_app(app, settings)
-        loop = asyncio.new_event_loop()
-        entity = FIRST
-        query = f"{schema.join_key}={entity}"
-        post = json.dumps({schema.join_key: entity}).encode()
-        get_headers = {"host": "127.0.0.1:8000", "user-agent": "wrk"}
-        post_headers = {**get_headers, "content-type": "application/json", "content-length": str(len(post))}
+        try:  # the loop granian's workers run ("auto": uvloop where it is installed)
+            import uvloop
+
+            loop = uvloop.new_event_loop()
+        except ImportError:
+            loop = asyncio.new_event_loop()
 
         def floor() -> None:
-            chunks = floor_app.app(_floor_environ(entity), lambda status, headers: None)
-            b"".join(chunks)
+            b"".join(floor_app.app(_floor_environ(FIRST), lambda status, headers: None))
 
-        def read() -> None:
-            online.reader.read([entity])
+        services = []
+        if args.against:
+            with _tree(args.against):
+                services.append(_service(args, work, redis_url, weights, loop, " (against)"))
+        services.append(_service(args, work, redis_url, weights, loop, ""))
+        layers = {"floor": lambda count, deadline: _timed(floor, count, deadline)}
+        for name in services[-1]["layers"]:  # side by side: ours, then the other checkout's
+            for service in reversed(services):
+                layers.update({n: f for n, f in service["layers"].items() if n.startswith(name)})
 
-        def lookup() -> None:
-            online.lookup([entity])
-
-        def wsgi_get() -> None:
-            environ = front._environ(_Scope("GET", "/predict", query, get_headers), b"")
-            from pipeline.front import call_wsgi
-
-            status, _, _ = call_wsgi(app, environ)
-            assert status == 200, status
-
-        def rsgi(method: str, headers: dict, body: bytes):
-            async def call() -> None:
-                protocol = _Protocol(body)
-                await front.__rsgi__(_Scope(method, "/predict", query if method == "GET" else "", headers),
-                                     protocol)
-                assert protocol.status == 200, (protocol.status, protocol.payload)
-            return lambda: loop.run_until_complete(call())
-
-        async def noop() -> None:
-            pass
-
-        def loop_only() -> None:
-            loop.run_until_complete(noop())
-
-        layers = {"floor": floor, "read": read, "lookup": lookup, "wsgi GET": wsgi_get,
-                  "rsgi GET": rsgi("GET", get_headers, b""), "rsgi POST": rsgi("POST", post_headers, post),
-                  "(loop hop)": loop_only}
-        for fn in layers.values():  # warm up, and check every layer answers
-            for _ in range(200):
-                fn()
+        for name, fn in layers.items():  # warm up, and check every layer answers
+            fn(200, time.monotonic() + 60)
         samples: dict[str, list[float]] = {name: [] for name in layers}
         deadline = time.monotonic() + args.seconds
         for _ in range(args.rounds):
             for name, fn in layers.items():
-                samples[name] += _timed(fn, args.calls, deadline)
+                samples[name] += fn(args.calls, deadline)
         floor_us = statistics.median(samples["floor"]) * 1e6
-        hop_us = statistics.median(samples["(loop hop)"]) * 1e6
         print(f"\nµs per call, median over {args.rounds} interleaved rounds of up to {args.calls} calls "
-              f"(metrics {'in memory' if args.single else 'multiprocess'}, "
-              f"prediction log {'on' if args.log else 'off'}; pipeline from {Path(sys.modules['pipeline.serve'].__file__).parent}):")
-        print(f"{'layer':<12}{'calls':>8}{'p50 µs':>10}{'mean µs':>10}{'over floor':>12}")
+              f"({type(loop).__module__.split('.')[0]} loop, metrics {'in memory' if args.single else 'multiprocess'}, "
+              f"prediction log {'on' if args.log else 'off'}; pipeline from "
+              + " and ".join(f"{s['pipeline']}" for s in reversed(services)) + "):")
+        width = max(map(len, layers)) + 2
+        print(f"{'layer':<{width}}{'calls':>8}{'p50 µs':>10}{'mean µs':>10}{'over floor':>12}")
         for name, values in samples.items():
             p50 = statistics.median(values) * 1e6
-            # an RSGI call runs on a loop here (one run_until_complete); granian's loop is
-            # already running, so the hop is taken off for the ratio
-            net = p50 - hop_us if name.startswith("rsgi") else p50
-            ratio = f"{net / floor_us:.2f}x" if name != "(loop hop)" else ""
-            print(f"{name:<12}{len(values):>8}{p50:>10.1f}{statistics.fmean(values) * 1e6:>10.1f}{ratio:>12}")
+            print(f"{name:<{width}}{len(values):>8}{p50:>10.1f}{statistics.fmean(values) * 1e6:>10.1f}"
+                  f"{p50 / floor_us:>11.2f}x")
 
         if args.profile:
-            target = layers["rsgi POST" if args.profile == "post" else "rsgi GET"]
             profiler = cProfile.Profile()
             deadline = time.monotonic() + args.seconds
             profiler.enable()
-            _timed(target, args.profile_calls, deadline)
+            layers["rsgi POST" if args.profile == "post" else "rsgi GET"](args.profile_calls, deadline)
             profiler.disable()
             out = io.StringIO()
             pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(args.top)
-            print(f"\ncProfile of rsgi {args.profile.upper()}, {args.profile_calls} calls, by own time:")
+            print(f"\ncProfile of rsgi {args.profile.upper()} ({services[-1]['pipeline']}), "
+                  f"{args.profile_calls} calls, by own time:")
             print("\n".join(line for line in out.getvalue().splitlines()[4:] if line.strip()))
         loop.close()
-        if app.predlog is not None:
-            app.predlog.close(timeout=10)
+        for service in services:
+            if service["app"].predlog is not None:
+                service["app"].predlog.close(timeout=10)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -247,6 +285,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="cProfile this request through the RSGI front (default get)")
     parser.add_argument("--profile-calls", type=int, default=5000)
     parser.add_argument("--top", type=int, default=20)
+    parser.add_argument("--against", type=Path, metavar="DIR",
+                        help="another checkout (e.g. `git worktree add DIR <commit>`): its pipeline package is "
+                             "timed beside this one, in this process")
     args = parser.parse_args(argv)
     args.profile = None if args.profile == "none" else args.profile
     with tempfile.TemporaryDirectory(prefix="predict-profile-") as tmp:

@@ -22,6 +22,7 @@ from pipeline.schema import ENTITY_ID_MAX, ENTITY_KEY_MAX_BYTES, Schema
 
 
 ARRIVED = "mlops.arrived"  # environ key: when the front received the request (time.monotonic)
+BODY = "mlops.body"  # environ key: the whole request body as the front read it (bytes, within its limit)
 
 
 # ----------------------------------------------------------------- errors
@@ -69,7 +70,7 @@ def parse_entity_id(value: Any, schema: Schema) -> int | str:
         if not text.isdigit() or not text.isascii():
             raise UnprocessableEntity(f"{key} must be an integer, got {value[:40]!r}")
         significant = text.lstrip("0") or "0"
-        if len(significant) > len(str(ENTITY_ID_MAX)):
+        if len(significant) > _ENTITY_ID_DIGITS:
             # too long for an int64 (and past Python's int-from-text limit at 4300 digits)
             raise UnprocessableEntity(f"{key} must be between 0 and {ENTITY_ID_MAX}")
         value = int(significant)  # not int(text): leading zeros count towards that limit too
@@ -78,6 +79,9 @@ def parse_entity_id(value: Any, schema: Schema) -> int | str:
     if not 0 <= value <= ENTITY_ID_MAX:
         raise UnprocessableEntity(f"{key} must be between 0 and {ENTITY_ID_MAX}")
     return value
+
+
+_ENTITY_ID_DIGITS = len(str(ENTITY_ID_MAX))
 
 
 def _example(schema: Schema) -> str:
@@ -123,6 +127,10 @@ def parse_query_string(query_string: str, sample_entity, schema: Schema) -> list
     (without building the request)."""
     if not query_string:
         return _query_entity(set(), [], sample_entity, schema)
+    if query_string.isascii() and not any(c in query_string for c in "&%+"):
+        # one plain name=value (what a client sends): parse_qsl's answer, without its work
+        name, _, value = query_string.partition("=")
+        return _query_entity({name}, [value] if name == schema.join_key else [], sample_entity, schema)
     pairs = parse_qsl(query_string.encode("latin1").decode(), keep_blank_values=True, errors="werkzeug.url_quote")
     key = schema.join_key
     return _query_entity({name for name, _ in pairs}, [value for name, value in pairs if name == key],
@@ -172,6 +180,17 @@ def parse_request(request: Request, schema: Schema, *, max_batch: int, max_body_
     except RequestEntityTooLarge:
         raise _too_large(max_body_bytes) from None
     return parse_body(body, max_batch, schema)
+
+
+def parse_post(environ: dict, schema: Schema, *, max_batch: int, max_body_bytes: int) -> tuple[list, bool]:
+    """:func:`parse_request` of a POST, from its WSGI environ."""
+    body = environ.get(BODY)
+    if body is not None and len(body) <= max_body_bytes:
+        # The front read the body whole (wsgi.input holds the same bytes and Content-Length
+        # is their length): what werkzeug would read, without a Request to read it again.
+        return parse_body(body, max_batch, schema)
+    return parse_request(Request(environ), schema, max_batch=max_batch, max_body_bytes=max_body_bytes,
+                         sample_entity=None)
 
 
 # ---------------------------------------------------------------- OpenAPI

@@ -18,7 +18,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from pipeline.api import ARRIVED
+from pipeline.api import ARRIVED, BODY
 from pipeline.serve import PredictionService
 from pipeline.settings import Settings
 
@@ -99,7 +99,9 @@ class RSGIFront:
             if "transfer-encoding" not in headers and headers.get("content-length", "0").strip() == "0":
                 body = b""  # no body (a GET): nothing to wait for, no round trip through granian
             else:
-                body = await asyncio.wait_for(self._read_body(scope, protocol), self.body_timeout_seconds)
+                # asyncio.timeout, not wait_for: the read stays in this task (no task made per body)
+                async with asyncio.timeout(self.body_timeout_seconds):
+                    body = await self._read_body(scope, protocol)
         except asyncio.TimeoutError:
             return self._refuse(scope, protocol, started, 408, "request body not received within "
                                 f"{self.body_timeout_seconds:g} s; send the whole body at once")
@@ -111,7 +113,7 @@ class RSGIFront:
             return self._refuse(scope, protocol, started, 400, "request body could not be read "
                                 "(malformed chunked encoding?); send JSON with a Content-Length")
         environ = self._environ(scope, body)
-        environ[ARRIVED] = arrived
+        environ[ARRIVED], environ[BODY] = arrived, body
         try:
             if self.executor is None:
                 self._call_started = time.monotonic()

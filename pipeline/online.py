@@ -246,6 +246,7 @@ class OnlineFeatures:
                  on_unreachable: Callable[[], None] | None = None) -> None:
         self.reader = reader
         self.schema = schema
+        self._names = schema.feature_names
         self.backoff_seconds = backoff_seconds
         self.failures_before_backoff = failures_before_backoff
         self.clock = clock
@@ -289,7 +290,7 @@ class OnlineFeatures:
         unknown = [e for e, row in zip(entity_ids, rows) if row is None]
         if unknown:
             raise UnknownEntity(self.schema.join_key, unknown)
-        names = self.schema.feature_names
+        names = self._names
         matrix = np.asarray(rows, dtype=np.float64).reshape(len(rows), len(names))
         return matrix, [dict(zip(names, row)) for row in rows]
 

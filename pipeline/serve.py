@@ -45,8 +45,7 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.routing import Map, Rule
 from werkzeug.wrappers import Request, Response
 
-from pipeline.api import (ARRIVED, JSONHTTPException, json_response, parse_query_string, parse_request,
-                          spec)
+from pipeline.api import ARRIVED, JSONHTTPException, json_response, parse_post, parse_query_string, spec
 from pipeline.errors import NoModel, PipelineError
 from pipeline.schema import Schema
 from pipeline.settings import Settings
@@ -159,15 +158,15 @@ class PredictionService:
             "/openapi.json": "this API, described in OpenAPI 3"}})
 
     def on_predict(self, request: Request) -> Response:
-        # HEAD only: wsgi_app answers GET and POST /predict without werkzeug's objects
+        # HEAD (or a method not in capitals): wsgi_app answers GET and POST itself
         return Response(self.predict(request.environ, request.method), mimetype="application/json")
 
     def predict(self, environ: dict, method: str) -> bytes:
         """The JSON body of a ``/predict`` answer (errors are raised, as for any handler)."""
         schema, settings = self.schema, self.settings
         if method == "POST":
-            ids, batch = parse_request(Request(environ), schema, max_batch=settings.max_batch,
-                                       max_body_bytes=settings.max_body_bytes, sample_entity=self.sample_entity)
+            ids, batch = parse_post(environ, schema, max_batch=settings.max_batch,
+                                    max_body_bytes=settings.max_body_bytes)
         else:
             ids, batch = parse_query_string(environ.get("QUERY_STRING", ""), self.sample_entity, schema), False
         model = self.watcher.current  # read once: a swap mid-request cannot mix versions
@@ -185,9 +184,11 @@ class PredictionService:
         meta = {"name": model.name, "version": model.version, "alias": model.alias}
         key = schema.join_key
         if batch:
-            return json.dumps({"model": meta, "predictions": [{key: e, "prediction": p, "features": f}
-                                                              for e, p, f in zip(ids, predictions, features)]}).encode()
-        return json.dumps({key: ids[0], "prediction": predictions[0], "features": features[0], "model": meta}).encode()
+            answer = {"model": meta, "predictions": [{key: e, "prediction": p, "features": f}
+                                                     for e, p, f in zip(ids, predictions, features)]}
+        else:
+            answer = {key: ids[0], "prediction": predictions[0], "features": features[0], "model": meta}
+        return json.dumps(answer).encode()
 
     def on_openapi(self, request: Request) -> Response:
         return json_response(self.openapi)
