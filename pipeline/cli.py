@@ -147,7 +147,7 @@ def configure_logging(quiet: bool) -> None:
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, stream=sys.stdout,
                         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", force=True)
     for noisy in ("feast", "dvc", "mlflow", "alembic", "urllib3", "matplotlib", "numexpr",
-                  "botocore", "_granian", "granian.access", "distributed"):
+                  "botocore", "_granian", "granian.access"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if not quiet:
         logging.getLogger("_granian").setLevel(logging.INFO)

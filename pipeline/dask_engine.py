@@ -43,6 +43,9 @@ def open_client(settings: Settings) -> Iterator:
     """A Dask client on the configured scheduler (or a LocalCluster for ``local``)."""
     from distributed import Client, LocalCluster
 
+    # importing distributed set its loggers to INFO: the cluster's start-up and shutdown
+    # chatter (dozens of lines) would bury the stage's own progress
+    logging.getLogger("distributed").setLevel(logging.WARNING)
     address = settings.dask_scheduler
     with contextlib.ExitStack() as stack:
         try:
