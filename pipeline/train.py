@@ -1,9 +1,11 @@
 """Stage 4, train: Feast historical retrieval, NumPy least squares, MLflow.
 
-Pure core: :func:`split`, :func:`gather` (one pass over chunks of rows: the
-streamed least squares of :mod:`pipeline.lstsq`, counts, a bounded sample) and
-:func:`score` (the metrics, streamed). :func:`run` reads the training set in
-chunks through Feast's point-in-time join (:mod:`pipeline.train_data`), so
+Pure core in :mod:`pipeline.train_stats`: :func:`split`, :func:`gather` (one
+pass over chunks of rows: the streamed least squares of :mod:`pipeline.lstsq`,
+counts, a bounded sample) and :func:`score` (the metrics, streamed). :func:`run`
+reads the training set in chunks through Feast's point-in-time join
+(:mod:`pipeline.train_data`; with ``MLOPS_DASK_SCHEDULER``, one task per chunk
+on a Dask cluster, :mod:`pipeline.dask_train`), so
 memory is set by ``train_chunk_rows``, not by the data; it logs params,
 metrics, plots and lineage to MLflow and registers a model version (MLflow
 "model from code", weights as JSON: nothing is pickled).
