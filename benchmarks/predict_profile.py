@@ -10,8 +10,9 @@ A real redis-server on a free 127.0.0.1 port holds one feature view in Feast's
 layout (:func:`pipeline.redis_layout.FeastRedisLayout.hset`, as the loader
 writes it). The service is :func:`pipeline.serve.create_app` over the real
 Redis reader and the real metrics, behind the real RSGI front
-(:class:`pipeline.front.RSGIFront`), driven on an asyncio loop as granian
-drives it; only the model registry is replaced (a loaded model in memory), and
+(:class:`pipeline.front.RSGIFront`), each call awaited inside one running
+event loop (uvloop where it is installed, as granian's "auto" loop picks);
+only the model registry is replaced (a loaded model in memory), and
 HTTP parsing, which granian does in Rust for both servers, is left out. The
 floor is :mod:`benchmarks.floor_app`'s WSGI callable with an environ like the
 one granian builds. By default the metrics are in prometheus-client's
@@ -25,6 +26,10 @@ Layers timed, each as µs per call (median of interleaved rounds):
 - ``lookup``: :meth:`pipeline.online.OnlineFeatures.lookup` (read, back-off, metric);
 - ``wsgi GET``: the werkzeug app for ``GET /predict?customer_id=N``;
 - ``rsgi GET`` / ``rsgi POST``: the same through the RSGI front (what granian calls).
+
+With ``--against DIR`` each of ours is followed by the same layer of the
+``pipeline`` package in DIR (another checkout, e.g. ``git worktree add DIR
+<commit>``), built and timed in this process, marked ``(against)``.
 
 Every loop is bounded in count and time; nothing leaves 127.0.0.1.
 """
