@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from grafanalib._gen import DashboardEncoder
-from grafanalib.core import Dashboard, GaugePanel, GridPos, Target, TimeSeries
+from grafanalib.core import Dashboard, GaugePanel, GridPos, Target, Threshold, TimeSeries
 
 MONITORING = Path(__file__).resolve().parent.parent
 GRAFANA_JSON = MONITORING / "grafana" / "dashboard.json"
@@ -50,6 +50,7 @@ class Panel:
     width: int = 12  # of Grafana's 24 columns
     gauge: bool = False  # one number (Grafana's gauge); the console draws it as a line too
     units: dict[str, str] = field(default_factory=dict)  # a legend's own unit, where not the panel's
+    threshold: float | None = None  # the alert rule's line (rules.yml), drawn dashed
 
     def unit_of(self, legend: str) -> str:
         return self.units.get(legend, self.unit)
@@ -65,9 +66,9 @@ PANELS = (
           "percentunit", units={"online store errors/s": "reqps"}),
     Panel("Latency /predict", {"p50": latency(0.5), "p99": latency(0.99)}, "s"),
     Panel("Model version", {"version": "max(mlops_model_version)"}, gauge=True),
-    Panel("Drift per feature (PSI)", {"{{feature}} ({{source}})": "mlops_feature_psi"}),
-    Panel("Drift per feature (KS)", {"{{feature}} ({{source}})": "mlops_feature_ks"}),
-    Panel("Feature freshness", {"{{store}}": "mlops_feature_freshness_seconds"}, "s"),
+    Panel("Drift per feature (PSI)", {"{{feature}} ({{source}})": "mlops_feature_psi"}, threshold=0.2),
+    Panel("Drift per feature (KS)", {"{{feature}} ({{source}})": "mlops_feature_ks"}, threshold=0.1),
+    Panel("Feature freshness", {"{{store}}": "mlops_feature_freshness_seconds"}, "s", threshold=86400),
     Panel("Live error", {"live RMSE": "max(mlops_live_rmse)", "live MAE": "max(mlops_live_mae)",
                          "training holdout RMSE": "max(mlops_training_holdout_rmse)"}),
     Panel("Prediction shift and quarantine", {"prediction PSI": "max(mlops_prediction_shift)",
@@ -97,8 +98,11 @@ def dashboard() -> Dashboard:
         else:
             overrides = [{"matcher": {"id": "byName", "options": legend},
                           "properties": [{"id": "unit", "value": unit}]} for legend, unit in p.units.items()]
+            lines = {} if p.threshold is None else {
+                "thresholdsStyleMode": "dashed",
+                "thresholds": [Threshold("transparent", 0, 0.0), Threshold("red", 1, float(p.threshold))]}
             panels.append(TimeSeries(
-                title=p.title, dataSource=DATASOURCE, unit=p.unit, gridPos=pos, overrides=overrides,
+                title=p.title, dataSource=DATASOURCE, unit=p.unit, gridPos=pos, overrides=overrides, **lines,
                 targets=[Target(expr=expr, legendFormat=legend, refId=chr(ord("A") + i))
                          for i, (legend, expr) in enumerate(p.exprs.items())]))
     return Dashboard(title=TITLE, uid=TITLE, timezone="utc", refresh="30s", description=DESCRIPTION,
@@ -127,12 +131,13 @@ def js_legend(legend: str) -> str:
 def console_panel(p: Panel) -> str:
     series = json.dumps([[js_legend(legend), expr, p.unit_of(legend)] for legend, expr in p.exprs.items()])
     rows = "\n".join(
-        f"      {{{{ range query `{expr}` }}}}<tr><td>{go_legend(legend)}</td>"
+        f"      {{{{ range query `sort_desc({expr})` }}}}<tr><td>{go_legend(legend)}</td>"
         f"<td class=\"num\">{FORMAT[p.unit_of(legend)]}</td></tr>"
         f"{{{{ else }}}}<tr><td>{html.escape(legend if '{' not in legend else '')}</td>"
         f"<td class=\"nodata\">no data</td></tr>{{{{ end }}}}"
         for legend, expr in p.exprs.items())
-    return (f'  <section class="panel w{p.width}" data-title="{html.escape(p.title)}" data-unit="{p.unit}"\n'
+    threshold = "" if p.threshold is None else f' data-threshold="{p.threshold:g}"'
+    return (f'  <section class="panel w{p.width}" data-title="{html.escape(p.title)}" data-unit="{p.unit}"{threshold}\n'
             f'           data-series="{html.escape(series)}">\n'
             f"    <h2>{html.escape(p.title)}</h2>\n"
             f'    <svg class="chart" viewBox="0 0 {50 * p.width} 170" preserveAspectRatio="none"></svg>\n'
