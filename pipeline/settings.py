@@ -66,8 +66,9 @@ class Settings(BaseSettings):
                                                                 "memory grows with this, not with the data")
     dask_scheduler: str | None = Field(None, description="Dask scheduler (`tcp://host:8786`, or `local` for a "
                                                          "LocalCluster of worker processes): the features stage "
-                                                         "validates one raw part per task there; unset: one "
-                                                         "process (docs/scale.md)")
+                                                         "validates one raw part per task there, train retrieves "
+                                                         "and reduces one bucket per task; unset: one process "
+                                                         "(docs/scale.md)")
     promote_tolerance: float = Field(0.05, ge=0, description="relative holdout-RMSE slack a new version may "
                                                              "have over the current one and still be promoted")
     wait_seconds: float = Field(0.0, ge=0, description="how long a stage waits for its upstream's run record")
