@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks import backup, end_to_end, features, loading, monitor, serving
+from benchmarks import backup, end_to_end, features, lakehouse, loading, monitor, serving
 from benchmarks.common import Run
 from benchmarks.report import write
 from tests.support import ROOT, redis_server, redis_url
@@ -23,6 +23,7 @@ from tests.support import ROOT, redis_server, redis_url
 SECTIONS = {"features": (features, False), "loading": (loading, True), "serving": (serving, True),
             "end_to_end": (end_to_end, True), "monitor": (monitor, False)}
 SECTIONS["backup"] = (backup, True)  # pipeline.backup beside a plain copy to the same SeaweedFS
+SECTIONS["lakehouse"] = (lakehouse, True)  # the lakehouse path beside the volume path, same rows
 
 
 def machine() -> str:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from benchmarks import scaling
+from benchmarks import lakehouse, scaling
 from benchmarks.serving import CHAIN, CLIENTS, FLOOR, PREDICT, TARGETS
 
 
@@ -15,10 +15,11 @@ def write(results: dict, out: Path) -> str:
     """Targets into ``results``, then results.json, results.md and the plots in ``out``."""
     results["targets"] = [dict(zip(("target", "wanted", "measured", "met"), t)) for t in targets(results)]
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    text = markdown(results) + backup_markdown(results)
+    text = markdown(results) + backup_markdown(results) + lakehouse.markdown(results)
     (out / "results.md").write_text(text)
     plots(results, out)
     backup_plot(results, out)
+    lakehouse.plot(results, out)
     return text
 
 
