@@ -36,20 +36,29 @@ S3_FILES = ("s3_identities.json", "s3_backup_access_key", "s3_backup_secret_key"
 # the lakehouse: compose.yaml with its override, as docs/objectstore.md runs it
 FILES = "compose.yaml:compose.lakehouse.yaml"
 MODEL = "mlops-linear"
-# What the volume and the bucket say, asked inside a container of the image: DVC's own
-# status, the recorded raw hash, the published version and its features' md5 (what the
-# lineage names), what of the lakehouse is in the bucket and what is (not) on the volume.
-LINEAGE = """
-import json, subprocess
+# What the volume and the bucket say, asked inside the running serve container (one exec,
+# not a container per question): DVC's own status, the recorded raw hash, the published
+# version and its features' md5 (what the lineage names), what of the lakehouse is in the
+# bucket and what is (not) on the volume, the stages' last records; and, with serve's own
+# keys, a list of the bucket and a write.
+INSIDE = """
+import hashlib, json, subprocess
+from botocore.exceptions import ClientError
 from pathlib import Path
 from pipeline import lakehouse, versioning
-from pipeline.objectstore import client
+from pipeline.dag import IDEMPOTENT
+from pipeline.objectstore import client, credentials
 from pipeline.settings import Settings
 from pipeline.transfer import list_keys
 settings, shared = Settings(), Path('/shared')
 status = subprocess.run(['dvc', 'status'], cwd=shared, capture_output=True, text=True)
 pointer, s3 = lakehouse.current(settings), client(settings)
 count = lambda under: len(list_keys(s3, settings, 'lakehouse/' + under))
+try:
+    s3.put_object(Bucket=settings.s3_bucket, Key='lakehouse/forged.json', Body=b'{}')
+    wrote = 'stored'
+except ClientError as exc:
+    wrote = exc.response['Error']['Code']
 print(json.dumps({'dvc_status': status.stdout.strip(), 'dvc_rc': status.returncode,
                   'raw_dvc_hash': versioning.recorded_hash(shared),
                   'features_md5': lakehouse.table_md5(settings, 'features'), 'version': pointer['version'],
@@ -57,24 +66,11 @@ print(json.dumps({'dvc_status': status.stdout.strip(), 'dvc_rc': status.returnco
                              'labels': count('labels/' + pointer['version'] + '/'),
                              'mlflow': count('mlflow/'), 'dvc': count('dvc/')},
                   'on_volume': sorted(p for p in ('data/features/features.parquet', 'dvc-store',
-                                                  'mlflow/server/artifacts') if (shared / p).exists())}))
-"""
-# Inside the running serve container, with its own settings and keys: a list, and a write.
-SERVE_IDENTITY = """
-import hashlib, json
-from botocore.exceptions import ClientError
-from pipeline.objectstore import client, credentials
-from pipeline.settings import Settings
-settings = Settings()
-s3 = client(settings)
-listed = s3.list_objects_v2(Bucket=settings.s3_bucket, Prefix='lakehouse/', MaxKeys=5).get('KeyCount', 0)
-try:
-    s3.put_object(Bucket=settings.s3_bucket, Key='lakehouse/forged.json', Body=b'{}')
-    wrote = 'stored'
-except ClientError as exc:
-    wrote = exc.response['Error']['Code']
-print(json.dumps({'listed': listed, 'write': wrote,
-                  'access_key_sha256': hashlib.sha256(credentials(settings)[0].encode()).hexdigest()}))
+                                                  'mlflow/server/artifacts') if (shared / p).exists()),
+                  'records': {stage: json.loads((shared / 'runs' / stage / 'latest.json').read_text())
+                              for stage in IDEMPOTENT},
+                  'identity': {'write': wrote,
+                               'access_key_sha256': hashlib.sha256(credentials(settings)[0].encode()).hexdigest()}}))
 """
 
 
@@ -131,8 +127,7 @@ def drill():
         # the lakehouse: the store first, then the pipeline and serve (docs/objectstore.md#lakehouse)
         compose("up", "--detach", "--pull", "never", "--wait", "serve", timeout=UP)
         seen["before"] = {"predict": predict_all(serve), "registry": registry(mlflow)}
-        seen["lakehouse"] = last_json(compose("run", "--rm", "--no-deps", "-T", "shell", "python", "-c", LINEAGE))
-        seen["serve_identity"] = last_json(compose("exec", "-T", "serve", "python", "-c", SERVE_IDENTITY))
+        seen["lakehouse"] = last_json(compose("exec", "-T", "serve", "python", "-c", INSIDE))
         # a snapshot: the one-shot backup
         seen["backup"] = compose("--profile", "objectstore", "run", "--rm", "--no-deps", "backup")
         # the disaster (nox -s compose_down): everything down, the shared volume gone, the store's kept
@@ -143,9 +138,7 @@ def drill():
         seen["restore"] = compose("--profile", "restore", "run", "--rm", "restore")
         compose("up", "--detach", "--pull", "never", "--wait", "serve", timeout=UP)
         seen["after"] = {"predict": predict_all(serve), "registry": registry(mlflow)}
-        seen["records"] = {stage: json.loads(compose.read(f"/shared/runs/{stage}/latest.json"))
-                           for stage in IDEMPOTENT}
-        seen["volume"] = last_json(compose("run", "--rm", "--no-deps", "-T", "shell", "python", "-c", LINEAGE))
+        seen["volume"] = last_json(compose("exec", "-T", "serve", "python", "-c", INSIDE))
         yield seen
     except BaseException:
         print(compose.failing_logs())
@@ -164,10 +157,12 @@ def test_the_pipeline_kept_features_raw_data_and_artifacts_in_the_bucket_not_on_
 
 
 def test_serve_has_the_read_only_identity_it_reads_the_bucket_and_cannot_write(drill):
-    identity = drill["serve_identity"]
-    assert identity["listed"] > 0 and identity["write"] == "AccessDenied", identity
-    serve_key = (SECRETS / "s3_serve_access_key").read_text().strip()
-    assert identity["access_key_sha256"] == hashlib.sha256(serve_key.encode()).hexdigest()
+    serve_key = hashlib.sha256((SECRETS / "s3_serve_access_key").read_text().strip().encode()).hexdigest()
+    for when in ("lakehouse", "volume"):  # before the backup, and after the restore
+        seen = drill[when]
+        assert seen["bucket"]["features"] > 0, seen  # it listed the bucket with its keys ...
+        assert seen["identity"]["write"] == "AccessDenied", seen["identity"]  # ... and could not write
+        assert seen["identity"]["access_key_sha256"] == serve_key
 
 
 def test_the_disaster_deleted_the_shared_volume_but_kept_the_backups(drill):
@@ -202,7 +197,9 @@ def test_the_restored_volume_is_clean_and_the_lineage_resolves(drill):
 
 
 def test_the_stages_after_restore_did_no_new_work(drill):
-    for stage, record in drill["records"].items():
+    records = drill["volume"]["records"]
+    assert set(records) == set(IDEMPOTENT)
+    for stage, record in records.items():
         assert record["status"] == "skipped", (stage, record.get("message"))
 
 
