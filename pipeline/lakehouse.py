@@ -102,6 +102,7 @@ def s3_environment(settings: Settings) -> Iterator[None]:
         wanted.update(AWS_ACCESS_KEY_ID=access, AWS_SECRET_ACCESS_KEY=secret)
     saved = {name: os.environ.get(name) for name in wanted}
     os.environ.update(wanted)
+    _forget_clients()
     try:
         yield
     finally:
@@ -110,6 +111,23 @@ def s3_environment(settings: Settings) -> Iterator[None]:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+        _forget_clients()
+
+
+def _forget_clients() -> None:
+    """Drop the S3 clients that remember keys read from the environment: boto3's default
+    session resolves them once per process, MLflow's S3 store caches its clients by
+    endpoint (not by key) and s3fs its filesystems by arguments. Without this, a block
+    would use the keys of the first one in the process (another identity, or another store's)."""
+    import sys
+
+    if (boto3 := sys.modules.get("boto3")) is not None:
+        boto3.DEFAULT_SESSION = None
+    repo = sys.modules.get("mlflow.store.artifact.s3_artifact_repo")
+    if hasattr(getattr(repo, "_cached_get_s3_client", None), "cache_clear"):
+        repo._cached_get_s3_client.cache_clear()
+    if (s3fs := sys.modules.get("s3fs")) is not None:
+        s3fs.S3FileSystem.clear_instance_cache()
 
 
 # ---------------------------------------------------------------- publish
