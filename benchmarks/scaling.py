@@ -29,7 +29,7 @@ def targets(e2e: dict) -> list[tuple[str, str, str, bool]]:
     rows = []
     if BASE in e2e:
         wall = e2e[BASE]["wall_s"]
-        rows.append(("python -m pipeline run, 10^6 rows", "< 60 s", f"{wall:.1f} s", wall < 60))
+        rows.append(("python -m pipeline run, 10^6 rows", "< 25 s", f"{wall:.1f} s", wall < 25))
     largest = str(max(_sizes(e2e), default=0))
     if BASE in e2e and int(largest) > int(BASE):
         base, big = e2e[BASE], e2e[largest]
