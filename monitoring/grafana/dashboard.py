@@ -35,8 +35,10 @@ HEIGHT = 8  # Grafana grid rows per panel
 
 
 def latency(q: float) -> str:
+    """A quantile of /predict's latency; none (not NaN) in a window without /predict traffic."""
     return (f'histogram_quantile({q}, sum by (le) '
-            f'(rate(mlops_http_request_duration_seconds_bucket{{route="/predict"}}[5m])))')
+            f'(rate(mlops_http_request_duration_seconds_bucket{{route="/predict"}}[5m]))) '
+            f'and on() (sum(rate(mlops_http_requests_total{{route="/predict"}}[5m])) > 0)')
 
 
 ZERO = "0 * sum(rate(mlops_http_requests_total[5m]))"

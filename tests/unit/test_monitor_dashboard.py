@@ -12,6 +12,7 @@ import re
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -78,7 +79,9 @@ def test_prometheus_renders_the_console_page_with_every_panel(tmp_path):
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/consoles/mlops.html", timeout=5) as resp:
                     page = resp.read().decode()
-            except OSError:
+            except urllib.error.HTTPError as err:  # Prometheus answered: a template error is a 500
+                pytest.fail(f"the console page failed with {err.code}: {err.read().decode()[-2000:]}")
+            except OSError:  # not listening yet
                 time.sleep(0.3)
         if page is None:
             proc.kill()
