@@ -222,6 +222,16 @@ def test_keys_given_or_existing_secrets_replace_the_generated_ones():
     assert "readers" in secret_refs(store_pod(given))
 
 
+def test_keys_changed_in_values_restart_the_store():
+    """The identities file is built at start: new keys must roll the pod, or the store keeps refusing them."""
+    def checksum(key: str) -> str:
+        values = {"objectStore": {**BUNDLED["objectStore"], "accessKey": "writer", "secretKey": key}}
+        pod = named(render(values=values), "StatefulSet", SERVICE)["spec"]["template"]
+        return pod["metadata"]["annotations"]["checksum/identities"]
+
+    assert checksum("first-secret-key-0123456789") != checksum("second-secret-key-0123456789")
+
+
 def test_only_the_release_reaches_the_s3_port(lakehouse):
     policy = named(lakehouse, "NetworkPolicy", SERVICE)
     assert policy["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "seaweedfs"
