@@ -5,7 +5,8 @@ MLflow's artifacts in a real SeaweedFS, ``weed mini`` from the pinned wheel on
 loopback), each on a fresh folder and its own Redis database. Wall time, peak
 memory and each stage's seconds, measured as :mod:`benchmarks.end_to_end` measures
 (one process per run, each stage's own high-water mark). The two runs go one after
-the other in the same benchmark run: read the ratio, not the seconds."""
+the other in the same benchmark run, the volume's first (so the lakehouse run finds
+the libraries in the page cache: a small favour): read the ratio, not the seconds."""
 
 from __future__ import annotations
 
