@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -16,6 +17,8 @@ from pathlib import Path
 from pipeline.errors import ObjectStoreError
 from pipeline.objectstore import describe, dvc_remote
 from pipeline.settings import Settings
+
+log = logging.getLogger(__name__)
 
 WORKERS = 8  # files sent or fetched at once (botocore's connection pool holds 10)
 
@@ -200,16 +203,49 @@ def _sha256_of(s3, settings: Settings, object_key: str) -> str:
     return call(settings, f"read {object_key}", read)
 
 
-def _copy(s3, settings: Settings, source: str, target: str) -> None:
-    call(settings, "copy an object inside the store", s3.copy_object, Bucket=settings.s3_bucket, Key=target,
-         CopySource={"Bucket": settings.s3_bucket, "Key": source})
+# A single CopyObject stops at 5 GB on AWS S3 (SeaweedFS does not enforce it) and a month of
+# features can pass that: above the threshold boto3's managed copy copies in parts
+# (UploadPartCopy). One thread per copy: ``each`` already runs WORKERS copies at once, and
+# botocore's pool holds 10 connections.
+COPY_CONFIG = {"multipart_threshold": 256 << 20, "multipart_chunksize": 256 << 20}
+# The sha256 a restore writes on each object it copies back: the copy's ETag is not the
+# original's (a multipart upload's ``md5-N``), so the next backup and restore find the
+# object by this instead of reading or copying it again.
+SHA256 = "sha256"
+_HEADERS = ("ContentType", "ContentEncoding", "ContentDisposition", "ContentLanguage", "CacheControl")
+
+
+def _copy(s3, settings: Settings, source: str, target: str, sha256: str | None = None) -> None:
+    """``source`` to ``target`` inside the bucket, in parts when large; with ``sha256``,
+    the copy carries it as metadata (and the source's headers and metadata)."""
+    from boto3.s3.transfer import TransferConfig, create_transfer_manager
+
+    extra = {}
+    if sha256:
+        head = call(settings, f"read {source}", s3.head_object, Bucket=settings.s3_bucket, Key=source)
+        extra = {"MetadataDirective": "REPLACE", "Metadata": {**head.get("Metadata", {}), SHA256: sha256},
+                 **{name: head[name] for name in _HEADERS if head.get(name)}}
+    config = TransferConfig(**COPY_CONFIG, use_threads=False, preferred_transfer_client="classic")
+
+    def copy() -> None:
+        with create_transfer_manager(s3, config) as manager:
+            manager.copy({"Bucket": settings.s3_bucket, "Key": source}, settings.s3_bucket, target,
+                         extra_args=extra).result()
+    call(settings, "copy an object inside the store", copy)
+
+
+def _recorded_sha256(s3, settings: Settings, object_key: str) -> str | None:
+    """The sha256 a restore wrote on the object (:data:`SHA256`), else None."""
+    head = call(settings, f"read {object_key}", s3.head_object, Bucket=settings.s3_bucket, Key=object_key)
+    return head.get("Metadata", {}).get(SHA256)
 
 
 def lakehouse_snapshot(s3, settings: Settings, previous: dict | None, stored: set[str]) -> tuple[dict, int]:
     """The lakehouse's part of a snapshot: the pointer, and the published version's files
     and MLflow's artifacts, each copied to ``objects/<sha256>`` (inside the store) unless
     ``stored`` has it. An object the ``previous`` section names with the same ETag and
-    size is not read again. Returns the section and how many objects were copied."""
+    size, or that a restore marked with its sha256, is not read again. Returns the
+    section and how many objects were copied."""
     pointer = lakehouse_pointer(s3, settings)
     tables = {} if pointer is None else {f"{name}/{pointer['version']}/{f['path']}": name
                                          for name, table in pointer["tables"].items() for f in table["files"]}
@@ -222,8 +258,9 @@ def lakehouse_snapshot(s3, settings: Settings, previous: dict | None, stored: se
     known = {(f["key"], f["etag"], f["size"]): f["sha256"] for f in (previous or {}).get("files", [])}
 
     def entry(name: str) -> dict:
-        info = found[name]
-        sha = known.get((name, info["etag"], info["size"])) or _sha256_of(s3, settings, key(settings, LAKEHOUSE, name))
+        info, where = found[name], key(settings, LAKEHOUSE, name)
+        sha = (known.get((name, info["etag"], info["size"])) or _recorded_sha256(s3, settings, where)
+               or _sha256_of(s3, settings, where))
         return {"key": name, **info, "sha256": sha}
 
     files = each(entry, wanted)
@@ -235,15 +272,34 @@ def lakehouse_snapshot(s3, settings: Settings, previous: dict | None, stored: se
 
 def lakehouse_restore(s3, settings: Settings, section: dict) -> int:
     """Copy back every object of the snapshot's lakehouse section that is missing or
-    differs, then (last, as a publish does) the snapshot's pointer. Returns the objects
-    copied back (the pointer not counted)."""
+    differs (size, then ETag or the sha256 an earlier restore marked it with), then (last,
+    as a publish does) the snapshot's pointer, or, when the snapshot has none, remove the
+    bucket's. Returns the objects copied back (the pointer not counted)."""
     files = section["files"]
     found = _lakehouse_objects(s3, settings, sorted({f["key"].split("/", 1)[0] + "/" for f in files}))
-    todo = [f for f in files if found.get(f["key"]) != {"size": f["size"], "etag": f["etag"]}]
-    each(lambda f: _copy(s3, settings, key(settings, "objects", f["sha256"]), key(settings, LAKEHOUSE, f["key"])),
-         todo)
-    pointer = section["pointer"]
-    if pointer is not None and lakehouse_pointer(s3, settings) != pointer:
+
+    def differs(f: dict) -> bool:
+        there = found.get(f["key"])
+        if there is None or there["size"] != f["size"]:
+            return True
+        return there["etag"] != f["etag"] and _recorded_sha256(
+            s3, settings, key(settings, LAKEHOUSE, f["key"])) != f["sha256"]
+
+    todo = [f for f, stale in zip(files, each(differs, files)) if stale]
+    each(lambda f: _copy(s3, settings, key(settings, "objects", f["sha256"]), key(settings, LAKEHOUSE, f["key"]),
+                         f["sha256"]), todo)
+    pointer, now = section["pointer"], lakehouse_pointer(s3, settings)
+    if pointer is None and now is not None:
+        # Nothing was published when the snapshot was taken, so nothing is published after
+        # restoring it: a later version left in place would have the feast stage and serve
+        # read features newer than the restored volume and model. Only the pointer goes
+        # (the version's files stay until the next publishes prune them), as writing the
+        # snapshot's pointer replaces a newer one below.
+        log.warning("restore: the snapshot has no published lakehouse version; removing the pointer "
+                    "to version %s", now.get("version"))
+        call(settings, "remove the lakehouse's pointer", s3.delete_object, Bucket=settings.s3_bucket,
+             Key=key(settings, LAKEHOUSE, POINTER))
+    elif pointer is not None and now != pointer:
         call(settings, "write the lakehouse's pointer", s3.put_object, Bucket=settings.s3_bucket,
              Key=key(settings, LAKEHOUSE, POINTER), ContentType="application/json",
              Body=json.dumps(pointer, indent=2, sort_keys=True).encode())

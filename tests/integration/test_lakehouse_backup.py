@@ -7,14 +7,16 @@ gets the same answer, from the same model versions and aliases, and the stages s
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
 
 import pytest
 from pyarrow.fs import FileSelector
 from werkzeug.test import Client
 
-from pipeline import backup, lakehouse, versioning
+from pipeline import backup, lakehouse, transfer, versioning
 from pipeline.cli import run_stages
 from pipeline.dag import IDEMPOTENT, STAGE_NAMES
 from pipeline.dataset import CUSTOMERS as schema
@@ -150,3 +152,54 @@ def test_a_lakehouse_snapshot_is_not_restored_with_the_lakehouse_off(lake, tmp_p
     assert refused.returncode == ObjectStoreError.exit_code
     assert refused.stderr.startswith("error: ") and "MLOPS_LAKEHOUSE=true" in refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1 and not any(tmp_path.iterdir())
+
+
+@pytest.fixture
+def bare(store, tmp_path, request):
+    """The backup identity's settings under a prefix of this test's own, nothing published."""
+    env = store.env("backup")
+    settings = make_settings(tmp_path / "shared", lakehouse=True, s3_endpoint=env["MLOPS_S3_ENDPOINT"],
+                             s3_bucket=store.bucket, s3_prefix=f"{request.node.name[:40]}/",
+                             s3_access_key_file=env["MLOPS_S3_ACCESS_KEY_FILE"],
+                             s3_secret_key_file=env["MLOPS_S3_SECRET_KEY_FILE"])
+    return settings, client(settings)
+
+
+def test_large_objects_are_copied_in_parts_and_a_restored_copy_is_not_read_or_copied_again(bare, monkeypatch):
+    settings, s3 = bare
+    # S3's smallest part: the 6 MiB artifact goes in two parts, as one over 256 MiB does
+    monkeypatch.setattr(transfer, "COPY_CONFIG", {"multipart_threshold": 5 << 20, "multipart_chunksize": 5 << 20})
+    body, where = os.urandom(6 << 20), transfer.key(settings, "lakehouse", "mlflow/1/abc/artifacts/model.pkl")
+    s3.put_object(Bucket=settings.s3_bucket, Key=where, Body=body)
+    section, copied = transfer.lakehouse_snapshot(s3, settings, None, set())
+    (entry,) = section["files"]
+    assert copied == 1 and entry["sha256"] == hashlib.sha256(body).hexdigest()
+    copy = s3.get_object(Bucket=settings.s3_bucket, Key=transfer.key(settings, "objects", entry["sha256"]))
+    assert copy["ETag"].strip('"').endswith("-2") and copy["Body"].read() == body
+
+    s3.delete_object(Bucket=settings.s3_bucket, Key=where)  # the artifact is lost
+    assert transfer.lakehouse_restore(s3, settings, section) == 1
+    back = s3.get_object(Bucket=settings.s3_bucket, Key=where)
+    assert back["Body"].read() == body and back["ETag"].strip('"') != entry["etag"]  # a new ETag
+
+    # ... yet the next restore and backup know it by the sha256 the restore marked it with
+    monkeypatch.setattr(transfer, "_sha256_of", lambda *args: pytest.fail(f"read again: {args[-1]}"))
+    assert transfer.lakehouse_restore(s3, settings, section) == 0
+    again, copied = transfer.lakehouse_snapshot(s3, settings, section, {entry["sha256"]})
+    assert copied == 0 and [f["sha256"] for f in again["files"]] == [entry["sha256"]]
+    # and a copy that differs from the snapshot's is copied back, mark or not
+    s3.put_object(Bucket=settings.s3_bucket, Key=where, Body=body[::-1])
+    assert transfer.lakehouse_restore(s3, settings, section) == 1
+    assert s3.get_object(Bucket=settings.s3_bucket, Key=where)["Body"].read() == body
+
+
+def test_a_snapshot_taken_before_any_publish_restores_no_published_version(bare):
+    settings, s3 = bare
+    section, _ = transfer.lakehouse_snapshot(s3, settings, None, set())
+    assert section == {"pointer": None, "files": []}
+    later = {"version": "20270101T000000Z", "tables": {}}  # a publish after the snapshot
+    s3.put_object(Bucket=settings.s3_bucket, Key=transfer.key(settings, "lakehouse", "current.json"),
+                  Body=json.dumps(later).encode())
+    assert transfer.lakehouse_pointer(s3, settings) == later
+    transfer.lakehouse_restore(s3, settings, section)
+    assert transfer.lakehouse_pointer(s3, settings) is None  # not the later version with the old volume
