@@ -65,6 +65,22 @@ def open_client(settings: Settings) -> Iterator:
         yield client
 
 
+def cluster_lost(address: str, stage: str, exc: BaseException, smaller: str = "") -> EngineUnavailable:
+    """The one-line error for a cluster lost mid-run (scheduler or workers gone, the
+    run's tasks cancelled, a task that killed its workers): what happened and what to do
+    (``smaller``: how to make the stage's tasks smaller, such as a setting to lower)."""
+    from distributed import KilledWorker
+
+    if isinstance(exc, KilledWorker):
+        return EngineUnavailable(
+            f"{stage}: a task killed each Dask worker that ran it, out of memory most likely; "
+            f"give the workers more memory{', or ' + smaller if smaller else ''}, or unset "
+            "MLOPS_DASK_SCHEDULER to run in one process")
+    return EngineUnavailable(
+        f"{stage}: the Dask cluster at {address} was lost mid-run ({type(exc).__name__}); check its "
+        "scheduler and workers and run again, or unset MLOPS_DASK_SCHEDULER to run in one process")
+
+
 def _transform_part(part: str, scratch: str, index: int, schema: Schema, preferred_sample) -> dict:
     """On a worker: one raw part through the single-process transform, into scratch files."""
     from pipeline.features import transform

@@ -115,7 +115,10 @@ def train_model(settings: Settings, schema: Schema, holdout_fraction: float):
     from pipeline.train_data import training_chunks
 
     remove_stale_temps(settings.shared)  # a killed train's buckets (under the lock: none is live)
-    with tempfile.TemporaryDirectory(prefix=f"{TMP_PREFIX}train-", dir=settings.shared) as tmp:
+    # ignore_cleanup_errors: a Dask task still writing into the folder when train fails must
+    # not hide the error at hand behind the clean-up's own (a killed run's leftovers go next start)
+    with tempfile.TemporaryDirectory(prefix=f"{TMP_PREFIX}train-", dir=settings.shared,
+                                     ignore_cleanup_errors=True) as tmp:
         if settings.dask_scheduler:  # one task per bucket on the Dask cluster, the same statistics
             from pipeline import dask_train
 

@@ -24,6 +24,7 @@ import gc
 import logging
 import math
 import shutil
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -223,15 +224,17 @@ class BucketRetrieval:
                    store.config.entity_key_serialization_version, store.get_entity(schema.entity),
                    store.get_feature_view(schema.feature_view), schema)
 
-    def frame(self, label_path: Path, feature_path: Path, registry: Path) -> pd.DataFrame | None:
+    def frame(self, label_path: Path, feature_path: Path, scratch: Path) -> pd.DataFrame | None:
         """The bucket's labels with their features (``None`` for a bucket without labels),
-        through Feast with a registry of its own in ``registry``; the bucket's files
-        and that registry are removed."""
+        through Feast with a registry of its own in a new folder under ``scratch``, removed
+        after. The bucket's files are left alone: Dask may run the task again (its worker
+        lost before the result was fetched), and the driver removes them once it has the result."""
+        entity_df = pq.read_table(label_path).to_pandas()
+        if not len(entity_df):
+            return None
+        # a folder of this attempt's own: a rerun, or a duplicate run of the task, never meets it
+        registry = Path(tempfile.mkdtemp(prefix=f"registry-{label_path.stem}-", dir=scratch))
         try:
-            entity_df = pq.read_table(label_path).to_pandas()
-            if not len(entity_df):
-                return None
-            registry.mkdir()
             own = _own_store(registry, self.project, self.provider, self.offline_store, self.serialization,
                              self.entity)
             own.registry.apply_feature_view(bucket_view(self.view, feature_path), own.project)
@@ -239,6 +242,4 @@ class BucketRetrieval:
                                                 features=self.schema.feature_refs()).to_df()
             return _tidy(frame, self.schema)
         finally:
-            label_path.unlink(missing_ok=True)
-            feature_path.unlink(missing_ok=True)
             shutil.rmtree(registry, ignore_errors=True)

@@ -3,11 +3,13 @@
 Pure core of the train stage. :func:`gather` makes one pass over chunks of
 rows (the streamed least squares of :mod:`pipeline.lstsq`, counts, the newest
 training event time, a bounded seeded sample, every row spilled for
-:func:`score`). :func:`merge` puts the :class:`Gathered` of separate passes
-(one per bucket, as the Dask engine computes them on its workers) together
-into what one pass over all of them leaves: the R factors stacked in bucket
-order, the counts summed, the sample the lowest hashes of the union in the
-single pass's row order.
+:func:`score`). :class:`Merging` (and :func:`merge`) puts the :class:`Gathered` of separate
+passes (one per bucket, as the Dask engine computes them on its workers)
+together as they arrive into what one pass over all of them leaves: the R
+factors stacked in bucket order, the counts summed, the sample the lowest
+hashes of the union in the single pass's row order; memory is one sample plus
+the triangles still waiting for a lower bucket (about a kilobyte each), not a
+sample per bucket.
 """
 
 from __future__ import annotations
@@ -145,18 +147,31 @@ def gather(chunks: Iterable[pd.DataFrame], schema: Schema, holdout_fraction: flo
     return gathered
 
 
-def merge(parts: Iterable[tuple[int, Gathered]], columns: int, sample_rows: int = SAMPLE_ROWS) -> Gathered:
-    """The passes ``(bucket index, gathered)`` as one pass over the buckets in index order.
+class Merging:
+    """Passes of separate buckets folded in as they arrive, in any order, into what one
+    pass over the buckets in index order leaves (:meth:`result`).
 
-    The R factors are stacked in index order (so the result does not depend on the
-    order ``parts`` come in); the sample is taken as they come, in bounded memory,
-    and put in the one pass's row order at the end."""
-    parts = list(parts)
-    total = Gathered(StreamedLeastSquares(columns))
-    for _, part in sorted(parts, key=lambda item: item[0]):
-        total.train.merge(part.train)
-    rows, priority = None, np.empty(0, dtype=np.uint64)
-    for index, part in parts:
+    Memory is bounded whatever the number of buckets: an arriving part's triangle
+    waits only until those of the lower indices have come (triangles are merged in
+    index order, so the result does not depend on the order parts arrive in), and
+    its sample is folded at once into the running sample, the ``sample_rows``
+    lowest hashes of the union so far, tagged with its bucket; the caller can drop
+    the part as soon as :meth:`add` returns."""
+
+    def __init__(self, columns: int, sample_rows: int = SAMPLE_ROWS):
+        self.total = Gathered(StreamedLeastSquares(columns))
+        self.sample_rows = sample_rows
+        self.waiting: dict[int, StreamedLeastSquares] = {}  # triangles ahead of a missing lower index
+        self.next = 0
+        self.rows: pd.DataFrame | None = None
+        self.priority = np.empty(0, dtype=np.uint64)
+
+    def add(self, index: int, part: Gathered) -> None:
+        total = self.total
+        self.waiting[index] = part.train
+        while self.next in self.waiting:
+            total.train.merge(self.waiting.pop(self.next))
+            self.next += 1
         total.rows += part.rows
         total.holdout_rows += part.holdout_rows
         total.chunks += part.chunks
@@ -164,13 +179,32 @@ def merge(parts: Iterable[tuple[int, Gathered]], columns: int, sample_rows: int 
             total.event_time_max = max(filter(None, [total.event_time_max, part.event_time_max]))
         if part.sample is not None and len(part.sample):
             tagged = part.sample.assign(_bucket=index)
-            rows = tagged if rows is None else pd.concat([rows, tagged], ignore_index=True)
-            rows, priority = _lowest(rows, np.concatenate([priority, part.priority]), sample_rows)
-    if rows is not None:
-        order = np.argsort(rows["_bucket"].to_numpy(), kind="stable")  # a bucket's rows stay in their order
-        total.sample = rows.iloc[order].drop(columns="_bucket").reset_index(drop=True)
-        total.priority = priority[order]
-    return total
+            rows = tagged if self.rows is None else pd.concat([self.rows, tagged], ignore_index=True)
+            self.rows, self.priority = _lowest(rows, np.concatenate([self.priority, part.priority]),
+                                               self.sample_rows)
+
+    def result(self) -> Gathered:
+        """The merged pass: triangles past a missing index merged in index order, the
+        sample in the one pass's row order (by bucket, each bucket's rows in their order)."""
+        total = self.total
+        for index in sorted(self.waiting):
+            total.train.merge(self.waiting.pop(index))
+        if self.rows is not None:
+            order = np.argsort(self.rows["_bucket"].to_numpy(), kind="stable")
+            total.sample = self.rows.iloc[order].drop(columns="_bucket").reset_index(drop=True)
+            total.priority = self.priority[order]
+            self.rows = None
+        return total
+
+
+def merge(parts: Iterable[tuple[int, Gathered]], columns: int, sample_rows: int = SAMPLE_ROWS) -> Gathered:
+    """The passes ``(bucket index, gathered)`` as one pass over the buckets in index order,
+    whatever order ``parts`` come in; each part is folded in as it comes (:class:`Merging`),
+    so a generator of parts is merged in bounded memory."""
+    merging = Merging(columns, sample_rows)
+    for index, part in parts:
+        merging.add(index, part)
+    return merging.result()
 
 
 def score(fit: Fit, spill: Path, schema: Schema) -> tuple[ErrorSums, ErrorSums]:

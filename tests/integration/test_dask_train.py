@@ -6,6 +6,8 @@ train registers the model, metrics and reference of the single-process run (to
 from __future__ import annotations
 
 import json
+import os
+import time
 
 import numpy as np
 import pandas as pd
@@ -13,11 +15,14 @@ import pytest
 from mlflow import MlflowClient
 
 from pipeline.cli import run_stages
+from pipeline.dask_train import _bucket, _each
 from pipeline.dataset import CUSTOMERS as schema
+from pipeline.errors import EngineUnavailable
 from pipeline.io import read_record
 from pipeline.lstsq import ErrorSums, StreamedLeastSquares, fit_least_squares
 from pipeline.registry import mlflow_session
-from pipeline.train_stats import gather, merge
+from pipeline.train_data import BucketRetrieval, labels_dataset, split_into_buckets
+from pipeline.train_stats import Merging, gather, merge
 from tests.support import clean_env, free_port, make_settings, pipeline_cli
 from tests.unit.test_numerics import exact_predictions, ill_conditioned, relative_error
 
@@ -100,6 +105,13 @@ def test_the_merge_does_not_depend_on_the_order_tasks_finish():
     assert np.array_equal(forward.train.r, backward.train.r)
     assert forward.sample.equals(backward.sample) and forward.sample.equals(one_pass.sample)
     np.testing.assert_allclose(forward.train.fit().coefficients, one_pass.train.fit().coefficients, rtol=1e-9)
+    # as the driver folds them: never more than one sample held, whatever the buckets' number
+    merging = Merging(len(schema.feature_names), 500)
+    for index, part in (parts[2], parts[0], parts[3], parts[1]):
+        merging.add(index, part)
+        assert len(merging.rows) <= 500
+    folded = merging.result()
+    assert np.array_equal(folded.train.r, forward.train.r) and folded.sample.equals(one_pass.sample)
 
 
 def test_a_scheduler_that_does_not_answer_stops_train_in_one_line(trained_both_ways):
@@ -112,6 +124,50 @@ def test_a_scheduler_that_does_not_answer_stops_train_in_one_line(trained_both_w
     assert "Traceback" not in proc.stderr
     assert f"cannot reach the Dask scheduler at {address}" in proc.stderr
     assert not list(single.shared.glob(".tmp-train-*"))
+
+
+def test_a_bucket_task_run_again_gives_the_same_result(trained_both_ways, tmp_path):
+    """Dask reruns a task whose worker was lost before its result was fetched: the
+    task must find its inputs (it never removes them) and give the same result."""
+    on_dask = trained_both_ways[2]
+    pairs = split_into_buckets(on_dask, schema, labels_dataset(on_dask), 3, tmp_path)
+    retrieval = BucketRetrieval.of(on_dask, schema)
+    labels_path, features_path = pairs[1]
+    first, again = (_bucket(retrieval, 1, str(labels_path), str(features_path), 0.2, 7, 500) for _ in range(2))
+    assert labels_path.exists() and features_path.exists()
+    assert first[2] != again[2] and pd.read_parquet(first[2]).equals(pd.read_parquet(again[2]))
+    assert np.array_equal(first[1].train.r, again[1].train.r) and first[1].sample.equals(again[1].sample)
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(("labels-", "features-",
+                                                                               "scored-"))) == []
+
+
+def _fail(message: str) -> None:
+    raise ValueError(message)
+
+
+def _die() -> None:
+    os._exit(1)
+
+
+def test_a_lost_cluster_is_one_engine_error_and_a_task_error_is_its_own(cluster):
+    """Tasks cancelled (as when the client loses the scheduler) or a task that kills its
+    worker: EngineUnavailable, train's one-line exit 12; a task's own error stays itself."""
+    import dask
+    from distributed import Client, LocalCluster
+
+    with Client(cluster) as client:
+        futures = [client.submit(time.sleep, 1, pure=False)]
+        client.cancel(futures)
+        with pytest.raises(EngineUnavailable, match=f"the Dask cluster at {cluster} was lost mid-run"):
+            list(_each(cluster, futures))
+        with pytest.raises(ValueError, match="the task's own"):
+            list(_each(cluster, [client.submit(_fail, "the task's own", pure=False)]))
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}), \
+            LocalCluster(n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1",
+                         dashboard_address=None) as fragile, Client(fragile) as client:
+        with pytest.raises(EngineUnavailable, match="killed each Dask worker.*MLOPS_TRAIN_CHUNK_ROWS") as caught:
+            list(_each(fragile.scheduler_address, [client.submit(_die, pure=False)]))
+    assert "\n" not in str(caught.value)
 
 
 @pytest.mark.parametrize("sizes", [[1], [3], [2, 7, 1, 40], [17]], ids=lambda s: "buckets-" + "-".join(map(str, s)))
