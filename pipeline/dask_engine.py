@@ -22,6 +22,7 @@ import os
 import shutil
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import CancelledError
 from datetime import datetime
 from pathlib import Path
 
@@ -65,6 +66,12 @@ def open_client(settings: Settings) -> Iterator:
         yield client
 
 
+# How a lost scheduler or worker surfaces in the driver: distributed's comm errors are
+# OSErrors (CommClosedError among them), its timeouts TimeoutErrors, and the run's futures
+# are cancelled (FutureCancelledError) when the client loses the scheduler.
+LOST = (OSError, TimeoutError, CancelledError)
+
+
 def cluster_lost(address: str, stage: str, exc: BaseException, smaller: str = "") -> EngineUnavailable:
     """The one-line error for a cluster lost mid-run (scheduler or workers gone, the
     run's tasks cancelled, a task that killed its workers): what happened and what to do
@@ -79,6 +86,31 @@ def cluster_lost(address: str, stage: str, exc: BaseException, smaller: str = ""
     return EngineUnavailable(
         f"{stage}: the Dask cluster at {address} was lost mid-run ({type(exc).__name__}); check its "
         "scheduler and workers and run again, or unset MLOPS_DASK_SCHEDULER to run in one process")
+
+
+def each_result(address: str, futures: list, stage: str, smaller: str = "") -> Iterator:
+    """Each task's result as it finishes. A task's own error is raised as it is; a lost
+    scheduler or worker (the tasks cancelled, a task that killed its workers, a comm
+    error) as one :class:`~pipeline.errors.EngineUnavailable`."""
+    from distributed import KilledWorker, as_completed
+
+    # as_completed drops each future once yielded: a finished task's result does not stay on its worker
+    tasks = as_completed(futures, with_results=True, raise_errors=False)
+    while True:
+        try:
+            future, result = next(tasks)
+        except StopIteration:
+            return
+        except LOST as exc:
+            raise cluster_lost(address, stage, exc, smaller) from None
+        if future.status == "error":
+            _, exc, traceback = result
+            if isinstance(exc, KilledWorker):
+                raise cluster_lost(address, stage, exc, smaller) from None
+            raise exc.with_traceback(traceback)
+        if future.status == "cancelled" or isinstance(result, CancelledError):
+            raise cluster_lost(address, stage, result, smaller) from None
+        yield result
 
 
 def _transform_part(part: str, scratch: str, index: int, schema: Schema, preferred_sample) -> dict:
@@ -135,8 +167,6 @@ def merge_stats(parts: list[dict], preferred_sample) -> dict:
 def transform(settings: Settings, parts: list[Path], features_out: Path, labels_out: Path, rejected_out: Path,
               schema: Schema, preferred_sample=None) -> dict:
     """:func:`pipeline.features.transform` with one task per part on the Dask cluster."""
-    from distributed import as_completed
-
     from pipeline.features import features_schema, labels_schema
 
     # a temp name: a killed run's pieces are removed when the features stage next starts
@@ -146,9 +176,13 @@ def transform(settings: Settings, parts: list[Path], features_out: Path, labels_
         with open_client(settings) as client:
             futures = [client.submit(_transform_part, str(part), str(scratch), i, schema, preferred_sample,
                                      pure=False) for i, part in enumerate(parts)]
-            for done, _ in enumerate(as_completed(futures), start=1):
-                log.info("features: %d/%d part(s) validated on dask", done, len(parts))
-            results = client.gather(futures)  # in part order
+            try:
+                for done, _ in enumerate(each_result(settings.dask_scheduler, futures, "features"), start=1):
+                    log.info("features: %d/%d part(s) validated on dask", done, len(parts))
+                results = client.gather(futures)  # in part order
+            except BaseException:
+                client.cancel(futures)
+                raise
         _concat_parquet([r["paths"]["features"] for r in results], features_out, features_schema(schema))
         _concat_parquet([r["paths"]["labels"] for r in results], labels_out, labels_schema(schema))
         _concat_csv([r["paths"]["rejected"] for r in results], rejected_out)

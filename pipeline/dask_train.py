@@ -33,23 +33,29 @@ from __future__ import annotations
 import gc
 import logging
 import uuid
-from collections.abc import Iterator
-from concurrent.futures import CancelledError
 from pathlib import Path
 
-from pipeline.dask_engine import cluster_lost, open_client
+from pipeline.dask_engine import LOST, cluster_lost, each_result, open_client
 from pipeline.lstsq import ErrorSums, Fit
 from pipeline.schema import Schema
 from pipeline.settings import Settings
-from pipeline.train_data import BucketRetrieval, bucket_count, labels_dataset, split_into_buckets
-from pipeline.train_stats import SAMPLE_ROWS, Gathered, Merging, check_split, gather, score
+from pipeline.train_data import (
+    BucketRetrieval,
+    bucket_count,
+    labels_dataset,
+    split_into_buckets,
+)
+from pipeline.train_stats import (
+    SAMPLE_ROWS,
+    Gathered,
+    Merging,
+    check_split,
+    gather,
+    score,
+)
 
 log = logging.getLogger(__name__)
 
-# How a lost scheduler or worker surfaces in the driver: distributed's comm errors are
-# OSErrors (CommClosedError among them), its timeouts TimeoutErrors, and the run's futures
-# are cancelled (FutureCancelledError) when the client loses the scheduler.
-_LOST = (OSError, TimeoutError, CancelledError)
 SMALLER = "lower MLOPS_TRAIN_CHUNK_ROWS"
 
 
@@ -81,31 +87,6 @@ def _score(index: int, fit: Fit, spill: str, schema: Schema) -> tuple[int, Error
     return (index, *score(fit, Path(spill), schema))
 
 
-def _each(address: str, futures: list) -> Iterator:
-    """Each task's result as it finishes. A task's own error is raised as it is; a lost
-    scheduler or worker (the tasks cancelled, a task that killed its workers, a comm
-    error) as one :class:`~pipeline.errors.EngineUnavailable`."""
-    from distributed import KilledWorker, as_completed
-
-    # as_completed drops each future once yielded: a finished task's result does not stay on its worker
-    tasks = as_completed(futures, with_results=True, raise_errors=False)
-    while True:
-        try:
-            future, result = next(tasks)
-        except StopIteration:
-            return
-        except _LOST as exc:
-            raise cluster_lost(address, "train", exc, SMALLER) from None
-        if future.status == "error":
-            _, exc, traceback = result
-            if isinstance(exc, KilledWorker):
-                raise cluster_lost(address, "train", exc, SMALLER) from None
-            raise exc.with_traceback(traceback)
-        if future.status == "cancelled" or isinstance(result, CancelledError):
-            raise cluster_lost(address, "train", result, SMALLER) from None
-        yield result
-
-
 def train_model(settings: Settings, schema: Schema, holdout_fraction: float, folder: Path,
                 sample_rows: int = SAMPLE_ROWS) -> tuple[Fit, Gathered, ErrorSums, ErrorSums]:
     """:func:`pipeline.train.train_model` with one task per bucket on the Dask cluster;
@@ -119,7 +100,7 @@ def train_model(settings: Settings, schema: Schema, holdout_fraction: float, fol
         try:
             try:
                 shared = client.scatter(BucketRetrieval.of(settings, schema), broadcast=True)
-            except _LOST as exc:
+            except LOST as exc:
                 raise cluster_lost(address, "train", exc, SMALLER) from None
             futures = [client.submit(_bucket, shared, i, str(labels_path), str(features_path), holdout_fraction,
                                      settings.seed, sample_rows, pure=False)
@@ -127,7 +108,7 @@ def train_model(settings: Settings, schema: Schema, holdout_fraction: float, fol
             # each result folded in as it arrives and dropped: the driver holds one sample and
             # small triangles, whatever the number of buckets
             merging, spills = Merging(len(schema.feature_names), sample_rows), {}
-            for done, (index, gathered, spill) in enumerate(_each(address, futures), start=1):
+            for done, (index, gathered, spill) in enumerate(each_result(address, futures, "train", SMALLER), start=1):
                 merging.add(index, gathered)
                 del gathered
                 if spill is not None:
@@ -142,7 +123,7 @@ def train_model(settings: Settings, schema: Schema, holdout_fraction: float, fol
             futures = [client.submit(_score, index, fit, spill, schema, pure=False)
                        for index, spill in spills.items()]
             sums = {}
-            for index, train, holdout in _each(address, futures):
+            for index, train, holdout in each_result(address, futures, "train", SMALLER):
                 sums[index] = (train, holdout)
                 Path(spills[index]).unlink(missing_ok=True)
             futures = []

@@ -15,7 +15,8 @@ import pytest
 from mlflow import MlflowClient
 
 from pipeline.cli import run_stages
-from pipeline.dask_train import _bucket, _each
+from pipeline.dask_engine import each_result
+from pipeline.dask_train import SMALLER, _bucket
 from pipeline.dataset import CUSTOMERS as schema
 from pipeline.errors import EngineUnavailable
 from pipeline.io import read_record
@@ -56,7 +57,7 @@ def trained_both_ways(tmp_path_factory, cluster):
 
 
 def test_train_on_dask_registers_the_single_process_model(trained_both_ways):
-    single, expected, on_dask, got = trained_both_ways
+    _, expected, on_dask, got = trained_both_ways
     assert expected["train_chunks"] == got["train_chunks"] == -(-ROWS // CHUNK)
     for key in ("rows", "train_rows", "holdout_rows", "scored_on"):
         assert got[key] == expected[key], key
@@ -78,7 +79,7 @@ def test_train_on_dask_registers_the_single_process_model(trained_both_ways):
 
 
 def test_the_mlflow_run_records_the_engine(trained_both_ways):
-    single, expected, on_dask, got = trained_both_ways
+    single, expected, _, got = trained_both_ways
     assert (expected["engine"], got["engine"]) == ("single process", "dask")
     with mlflow_session(single, schema):
         client = MlflowClient()
@@ -151,7 +152,8 @@ def _die() -> None:
 
 def test_a_lost_cluster_is_one_engine_error_and_a_task_error_is_its_own(cluster):
     """Tasks cancelled (as when the client loses the scheduler) or a task that kills its
-    worker: EngineUnavailable, train's one-line exit 12; a task's own error stays itself."""
+    worker: EngineUnavailable, the one-line exit 12 of train and of the features stage
+    (both read their tasks through each_result); a task's own error stays itself."""
     import dask
     from distributed import Client, LocalCluster
 
@@ -159,14 +161,14 @@ def test_a_lost_cluster_is_one_engine_error_and_a_task_error_is_its_own(cluster)
         futures = [client.submit(time.sleep, 1, pure=False)]
         client.cancel(futures)
         with pytest.raises(EngineUnavailable, match=f"the Dask cluster at {cluster} was lost mid-run"):
-            list(_each(cluster, futures))
+            list(each_result(cluster, futures, "train", SMALLER))
         with pytest.raises(ValueError, match="the task's own"):
-            list(_each(cluster, [client.submit(_fail, "the task's own", pure=False)]))
+            list(each_result(cluster, [client.submit(_fail, "the task's own", pure=False)], "train"))
     with dask.config.set({"distributed.scheduler.allowed-failures": 0}), \
             LocalCluster(n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1",
-                         dashboard_address=None) as fragile, Client(fragile) as client:
-        with pytest.raises(EngineUnavailable, match="killed each Dask worker.*MLOPS_TRAIN_CHUNK_ROWS") as caught:
-            list(_each(fragile.scheduler_address, [client.submit(_die, pure=False)]))
+                         dashboard_address=None) as fragile, Client(fragile) as client, \
+            pytest.raises(EngineUnavailable, match="killed each Dask worker.*MLOPS_TRAIN_CHUNK_ROWS") as caught:
+        list(each_result(fragile.scheduler_address, [client.submit(_die, pure=False)], "train", SMALLER))
     assert "\n" not in str(caught.value)
 
 
