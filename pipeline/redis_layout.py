@@ -224,8 +224,9 @@ class FeastRedisLayout:
         matrix = np.resize(np.array(probes), (len(ids), len(self.fields)))
         micros = np.array([0, 1, 999_999, 1_700_000_000_123_456, 2**50, 86_400_000_000], dtype=np.int64)
         feast_keys = [self._int_key(i) for i in ids]
-        same_keys = (self.keys(list(ids)) == feast_keys  # a request's few keys, then many at once
-                     and self.keys(np.resize(ids, FEW_KEYS + 1))[:len(ids)] == feast_keys)
+        # a request's few keys, then many at once (string keys are Feast's own helper's: nothing to compare)
+        same_keys = not self.schema.int_keys or (self.keys(list(ids)) == feast_keys
+                                                 and self.keys(np.resize(ids, FEW_KEYS + 1))[:len(ids)] == feast_keys)
         feast_values = [[self.value_proto(double_val=float(v)).SerializeToString() for v in row]
                         for row in matrix]
         feast_times = []

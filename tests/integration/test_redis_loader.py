@@ -19,6 +19,7 @@ from pipeline.feast import definitions, online_features, open_store
 from pipeline.redis_layout import FeastRedisLayout, LayoutChanged, connect, latest_rows, load_latest
 from tests.cluster_support import cluster_or_skip
 from tests.conftest import clean_env, make_settings, pipeline_cli
+from tests.support import ROOT
 
 pytestmark = [pytest.mark.integration, pytest.mark.docker]
 
@@ -133,6 +134,17 @@ def test_a_changed_feast_encoding_is_refused_with_what_to_do(monkeypatch):
     monkeypatch.setattr(helpers, "_redis_key", lambda project, key, **kw: real(project, key, **kw) + b"!")
     with pytest.raises(LayoutChanged, match="pin the Feast version"):
         FeastRedisLayout(schema)
+
+
+def test_a_string_keyed_data_set_gets_a_layout():
+    """String keys (tests/data/housing) are built by Feast's own helper: the start-up
+    check must pass for them too, or serve refuses to start on a user's data set."""
+    from pipeline.dataset import load
+
+    housing = load(ROOT / "tests" / "data" / "housing" / "housing.yaml").schema("string")  # as ingest finds it
+    assert not housing.int_keys
+    layout = FeastRedisLayout(housing)
+    assert layout.keys(["H-007"]) == [layout.feast_key("H-007")]
 
 
 def test_the_reader_survives_redis_closing_its_idle_connection(features, redis_url):
