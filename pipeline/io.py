@@ -28,6 +28,9 @@ from pipeline.errors import LockBusy, UpstreamMissing
 log = logging.getLogger(__name__)
 
 TMP_PREFIX = ".tmp-"
+# Parquet options of scratch files read once soon after (train's buckets and spill): no
+# dictionary pages, which cost about as much as the rest of writing float columns.
+SCRATCH_PARQUET = {"use_dictionary": False}
 
 
 def fsync_dir(path: Path) -> None:

@@ -1,17 +1,18 @@
 """Train's data in chunks: labels joined point-in-time to their features by Feast.
 
-Feast's file offline store reads its whole source and keeps it in memory for
-every retrieval, then merges each label row with every feature row of its
-entity. So one retrieval over all labels costs memory in proportion to the
-data, and one retrieval per chunk over the whole source costs a full read per
-chunk. Instead, one streaming pass splits the labels and the features into
+A retrieval's result is held in memory (``to_df``), and Feast's file offline
+store also reads its whole source into memory for every retrieval. So one
+retrieval over all labels costs memory in proportion to the data, and one
+retrieval per chunk over the whole source costs a full read per chunk. Instead, one streaming pass splits the labels and the features into
 ``ceil(label rows / train_chunk_rows)`` buckets by a hash of the entity key
 (every row of an entity lands in the same bucket, so a bucket holds all that
 its point-in-time join needs), and each bucket's labels go through Feast's
 ``get_historical_features`` against a copy of the registered feature view
 whose source is that bucket's features: Feast still does the join, within
 memory set by the chunk size. With a single bucket, the registered view is
-used as it is.
+used as it is. The buckets are local files, so their joins run in Feast's DuckDB
+offline store (:data:`pipeline.feast.LOCAL_OFFLINE_STORE`) whatever the registered
+store is.
 
 :func:`labels_dataset` and :func:`features_dataset` are where the tables are
 read: any Parquet dataset pyarrow can open will do.
@@ -36,7 +37,8 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from pipeline import lakehouse
-from pipeline.feast import open_store
+from pipeline.io import SCRATCH_PARQUET
+from pipeline.feast import LOCAL_OFFLINE_STORE, open_store
 from pipeline.schema import Schema
 from pipeline.settings import Settings
 
@@ -90,7 +92,7 @@ def partition(dataset: ds.Dataset, key: str, buckets: int, folder: Path, name: s
     def flush() -> None:
         for i, tables in pending.items():
             if i not in writers:
-                writers[i] = pq.ParquetWriter(paths[i], schema)
+                writers[i] = pq.ParquetWriter(paths[i], schema, **SCRATCH_PARQUET)
             writers[i].write_table(pa.concat_tables(tables))
         pending.clear()
 
@@ -120,18 +122,22 @@ def partition(dataset: ds.Dataset, key: str, buckets: int, folder: Path, name: s
 
 
 def _tidy(frame: pd.DataFrame, schema: Schema) -> pd.DataFrame:
-    frame = frame.dropna(subset=[*schema.feature_names, schema.target])
+    # DuckDB's join returns microseconds, the file store nanoseconds: the sample's hash of
+    # (key, time) must not depend on the store
+    frame = frame.dropna(subset=[*schema.feature_names, schema.target]).astype(
+        {schema.timestamp: "datetime64[ns, UTC]"})
     return frame.sort_values([schema.timestamp, schema.join_key], kind="stable").reset_index(drop=True)
 
 
-def _own_store(folder: Path, project: str, provider: str, offline_store, serialization: int, entity):
+def _own_store(folder: Path, project: str, provider: str, serialization: int, entity):
+    """A Feast store in ``folder`` whose views read the buckets: local files, joined in DuckDB."""
     from feast import FeatureStore, RepoConfig
 
     config = RepoConfig(
         repo_path=folder, project=project, provider=provider,
         registry={"registry_type": "file", "path": str(folder / "registry.db"), "cache_ttl_seconds": 0},
         online_store={"type": "sqlite", "path": str(folder / "online_store.db")},
-        offline_store=offline_store, entity_key_serialization_version=serialization)
+        offline_store=LOCAL_OFFLINE_STORE, entity_key_serialization_version=serialization)
     own = FeatureStore(config=config)
     own.registry.apply_entity(entity, own.project)
     return own
@@ -140,7 +146,7 @@ def _own_store(folder: Path, project: str, provider: str, offline_store, seriali
 def chunk_store(store, schema: Schema, folder: Path):
     """A Feast store of its own in ``folder`` (registry and a SQLite online store nobody
     reads) holding the registered entity; the buckets' views are applied to it."""
-    return _own_store(folder, store.config.project, store.config.provider, store.config.offline_store,
+    return _own_store(folder, store.config.project, store.config.provider,
                       store.config.entity_key_serialization_version, store.get_entity(schema.entity))
 
 
@@ -211,7 +217,6 @@ class BucketRetrieval:
 
     project: str
     provider: str
-    offline_store: object
     serialization: int
     entity: object
     view: object
@@ -220,8 +225,7 @@ class BucketRetrieval:
     @classmethod
     def of(cls, settings: Settings, schema: Schema) -> BucketRetrieval:
         store = open_store(settings)
-        return cls(store.config.project, store.config.provider, store.config.offline_store,
-                   store.config.entity_key_serialization_version, store.get_entity(schema.entity),
+        return cls(store.config.project, store.config.provider, store.config.entity_key_serialization_version, store.get_entity(schema.entity),
                    store.get_feature_view(schema.feature_view), schema)
 
     def frame(self, label_path: Path, feature_path: Path, scratch: Path) -> pd.DataFrame | None:
@@ -235,8 +239,7 @@ class BucketRetrieval:
         # a folder of this attempt's own: a rerun, or a duplicate run of the task, never meets it
         registry = Path(tempfile.mkdtemp(prefix=f"registry-{label_path.stem}-", dir=scratch))
         try:
-            own = _own_store(registry, self.project, self.provider, self.offline_store, self.serialization,
-                             self.entity)
+            own = _own_store(registry, self.project, self.provider, self.serialization, self.entity)
             own.registry.apply_feature_view(bucket_view(self.view, feature_path), own.project)
             frame = own.get_historical_features(entity_df=entity_df,
                                                 features=self.schema.feature_refs()).to_df()

@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.errors import SchemaError
+from pipeline.io import SCRATCH_PARQUET
 from pipeline.lstsq import ErrorSums, Fit, StreamedLeastSquares
 from pipeline.schema import Schema
 
@@ -134,7 +135,7 @@ def gather(chunks: Iterable[pd.DataFrame], schema: Schema, holdout_fraction: flo
     ``(held, target, features)`` to the Parquet file ``spill`` (read again by :func:`score`).
     ``check=False`` for one bucket of many: the split is checked on the merged counts."""
     gathered = Gathered(StreamedLeastSquares(len(schema.feature_names)))
-    writer = pq.ParquetWriter(spill, spill_schema(schema)) if spill is not None else None
+    writer = pq.ParquetWriter(spill, spill_schema(schema), **SCRATCH_PARQUET) if spill is not None else None
     try:
         for frame in chunks:
             add_chunk(gathered, frame, schema, holdout_fraction, seed, writer, sample_rows)

@@ -59,3 +59,33 @@ def test_each_chunk_is_a_bounded_slice_and_together_they_are_every_label(chunked
     pd.testing.assert_frame_equal(together, one[columns].sort_values([schema.join_key, schema.timestamp],
                                                                      ignore_index=True))
     assert not list(tmp_path.glob("*.parquet"))  # buckets are removed as they are used
+
+
+def test_duckdb_joins_the_rows_feast_s_file_store_joins(sqlite_pipeline):
+    """train's point-in-time join runs in Feast's DuckDB offline store; Feast's own file
+    store (pandas, in memory) gives the same training rows and values for the same labels.
+    (A label older than its entity's first features: DuckDB returns it with no features,
+    the file store drops it; train drops such rows either way.)"""
+    from feast import FeatureStore, RepoConfig
+
+    from pipeline.feast import LOCAL_OFFLINE_STORE, _config_dict, repo_config
+    from pipeline.train_data import _tidy, labels_dataset
+
+    assert repo_config(sqlite_pipeline).offline_store.type == LOCAL_OFFLINE_STORE["type"] == "duckdb"
+    labels = labels_dataset(sqlite_pipeline).to_table().to_pandas()
+    # a label before any feature of its entity: both stores leave its features empty
+    early = labels.iloc[[0]].assign(**{schema.timestamp: labels[schema.timestamp].min() - pd.Timedelta(days=1)})
+    labels = pd.concat([labels, early], ignore_index=True)
+
+    def joined(offline_store: dict) -> pd.DataFrame:
+        config = RepoConfig(repo_path=sqlite_pipeline.feast_dir,
+                            **{**_config_dict(sqlite_pipeline), "offline_store": offline_store})
+        store = FeatureStore(config=config)
+        engine = type(store._get_provider().offline_store).__name__  # the file store is Feast's Dask store
+        assert engine == {"duckdb": "DuckDBOfflineStore", "file": "DaskOfflineStore"}[offline_store["type"]]
+        frame = store.get_historical_features(entity_df=labels, features=schema.feature_refs()).to_df()
+        return _tidy(frame, schema)[[schema.join_key, schema.timestamp, schema.target, *schema.feature_names]]
+
+    duck, file = joined(LOCAL_OFFLINE_STORE), joined({"type": "file"})
+    assert len(labels) - 1 == len(duck) > 0.99 * sqlite_pipeline.rows
+    pd.testing.assert_frame_equal(duck, file, check_exact=True)

@@ -18,7 +18,9 @@ from pipeline.ingest import (
     START,
     TRUTH,
     _draw_features,
+    draw_chunk,
     generate_chunk,
+    write_chunk,
     write_csv,
 )
 from pipeline.settings import Settings
@@ -36,7 +38,7 @@ BEFORE_BATCHES = {
 
 def digest(frame: pd.DataFrame, injected: dict[str, int], tmp_path) -> str:
     path = tmp_path / "part.csv"
-    write_csv(frame, path)
+    write_csv(frame, path)  # the stage writes these bytes too (write_chunk, tested below)
     return hashlib.sha256(path.read_bytes() + repr(sorted(injected.items())).encode()).hexdigest()
 
 
@@ -137,3 +139,14 @@ def test_a_shift_below_half_a_unit_still_moves_an_integer_feature():
     moved = shifted["late_payments"].mean() - plain["late_payments"].mean()
     assert abs(moved - wanted) < 0.02, (moved, wanted)
     assert (shifted["late_payments"] >= 0).all()
+
+
+@pytest.mark.parametrize("drift", [{}, {"age": 3.0, "satisfaction": -2.0, "late_payments": 0.45}])
+def test_the_stage_s_writer_writes_the_bytes_of_the_frame_the_tests_read(drift, tmp_path):
+    """ingest writes each part from the drawn columns (no column of Python objects); the
+    bytes are those of the frame :func:`generate_chunk` hands the other tests."""
+    chunk = draw_chunk(20_000, 11, 0, 0.01, batch=1, drift=drift)
+    assert len(chunk.bad) > 100
+    write_chunk(chunk, tmp_path / "stage.csv")
+    write_csv(generate_chunk(20_000, 11, 0, 0.01, batch=1, drift=drift)[0], tmp_path / "frame.csv")
+    assert (tmp_path / "stage.csv").read_bytes() == (tmp_path / "frame.csv").read_bytes()
