@@ -162,14 +162,16 @@ def run_stages(settings: Settings, names: Sequence[str]) -> None:
     """Run the stages in order. Several stages hold the shared-folder lock for the
     whole sequence, so a concurrent run cannot slip its stages in between."""
     from pipeline.io import pipeline_lock
-    from pipeline.stage import execute
+    from pipeline.stage import execute, limit_malloc_arenas, release_freed_memory
 
+    limit_malloc_arenas()
     if len(names) == 1:
         execute(names[0], settings)
         return
     with pipeline_lock(settings.shared, f"run ({', '.join(names)})", settings.lock_timeout_seconds):
         for name in names:
             execute(name, settings, locked=True)
+            release_freed_memory()
 
 
 # What the serve command hands granian's worker processes, as one serialized value in

@@ -21,7 +21,6 @@ read: any Parquet dataset pyarrow can open will do.
 from __future__ import annotations
 
 import copy
-import gc
 import logging
 import math
 import shutil
@@ -143,6 +142,19 @@ def _own_store(folder: Path, project: str, provider: str, serialization: int, en
     return own
 
 
+def release_duckdb() -> None:
+    """Let DuckDB free what a retrieval registered. Feast's DuckDB store runs on ibis's
+    default connection, which keeps every table a retrieval made (the bucket's Parquet view
+    and its labels: two tables and about 6 MiB per 250,000 labels, 320 MiB more at 10^7
+    rows in 40 buckets). A new default connection per bucket drops the old one with them."""
+    import ibis
+
+    from pipeline.stage import release_freed_memory
+
+    ibis.options.default_backend = None
+    release_freed_memory()  # and what the bucket's frames held goes back too: the next starts low
+
+
 def chunk_store(store, schema: Schema, folder: Path):
     """A Feast store of its own in ``folder`` (registry and a SQLite online store nobody
     reads) holding the registered entity; the buckets' views are applied to it."""
@@ -203,9 +215,7 @@ def training_chunks(settings: Settings, schema: Schema, folder: Path) -> Iterato
             yield _tidy(frame, schema)
         label_path.unlink()
         feature_path.unlink()
-        # a retrieval leaves reference cycles (Dask graphs, pandas frames) that the
-        # next one would otherwise be piled on top of
-        gc.collect()
+        release_duckdb()
         log.info("train: chunk %d of %d retrieved", i + 1, buckets)
 
 
@@ -245,4 +255,5 @@ class BucketRetrieval:
                                                 features=self.schema.feature_refs()).to_df()
             return _tidy(frame, self.schema)
         finally:
+            release_duckdb()
             shutil.rmtree(registry, ignore_errors=True)
