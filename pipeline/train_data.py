@@ -202,6 +202,7 @@ def training_chunks(settings: Settings, schema: Schema, folder: Path) -> Iterato
         frame = store.get_historical_features(entity_df=labels.to_table().to_pandas(),
                                               features=schema.feature_refs()).to_df()
         yield _tidy(frame, schema)
+        release_duckdb()
         return
     pairs = split_into_buckets(settings, schema, labels, buckets, folder)
     own = chunk_store(store, schema, folder)

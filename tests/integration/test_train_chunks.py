@@ -89,3 +89,14 @@ def test_duckdb_joins_the_rows_feast_s_file_store_joins(sqlite_pipeline):
     duck, file = joined(LOCAL_OFFLINE_STORE), joined({"type": "file"})
     assert len(labels) - 1 == len(duck) > 0.99 * sqlite_pipeline.rows
     pd.testing.assert_frame_equal(duck, file, check_exact=True)
+
+
+def test_no_bucket_s_tables_stay_in_duckdb_after_its_join(chunked, tmp_path):
+    """ibis's default DuckDB connection keeps every table a retrieval registers (a bucket's
+    Parquet view and its labels); left there, 40 buckets at 10^7 rows held 320 MiB more by
+    the last one. While a bucket is being used, only its own tables are there."""
+    import ibis
+
+    ibis.options.default_backend = None  # what other tests' retrievals left is not this test's
+    seen = [len(ibis.get_backend().list_tables()) for _ in training_chunks(chunked, schema, tmp_path)]
+    assert len(seen) >= 3 and max(seen) <= 2, seen
