@@ -69,8 +69,9 @@ def _bucket(retrieval: BucketRetrieval, index: int, label_path: str, feature_pat
     import dask
 
     folder = Path(label_path).parent
-    # Feast's file offline store computes with Dask itself: inside a task that would hand its
-    # graph (a shuffle) back to the cluster; this worker's one thread runs it instead
+    # The join runs in DuckDB (one at a time per worker process: train_data.DUCKDB). Should
+    # anything in Feast compute with Dask inside a task, it would hand its graph back to
+    # the cluster: this task's thread runs it instead
     with dask.config.set(scheduler="synchronous"):
         frame = retrieval.frame(Path(label_path), Path(feature_path), folder)
     if frame is None:  # no label hashed here: nothing to count, as in one process

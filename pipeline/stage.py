@@ -99,7 +99,7 @@ M_ARENA_MAX, MALLOC_ARENAS = -8, 2
 
 def limit_malloc_arenas() -> None:
     """Cap glibc's malloc at two arenas, as ``MALLOC_ARENA_MAX=2`` would (unless the user
-    set that). glibc gives threads that allocate arenas of their own, up to eight per core,
+    set that, or ``glibc.malloc.arena_max`` in ``GLIBC_TUNABLES``). glibc gives threads that allocate arenas of their own, up to eight per core,
     and each keeps what it freed: with DuckDB's and Arrow's threads joining train's 40
     buckets at 10^7 rows, the run's peak crept to 1.3 GiB over the buckets against about
     1.05 GiB with two arenas (on two cores, two arenas cost no measurable time). Arenas
@@ -107,7 +107,7 @@ def limit_malloc_arenas() -> None:
     import ctypes
     import os
 
-    if "MALLOC_ARENA_MAX" not in os.environ:
+    if "MALLOC_ARENA_MAX" not in os.environ and "arena_max" not in os.environ.get("GLIBC_TUNABLES", ""):
         with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to cap
             ctypes.CDLL("libc.so.6").mallopt(M_ARENA_MAX, MALLOC_ARENAS)
 
@@ -117,8 +117,8 @@ def release_freed_memory() -> None:
     same process (``python -m pipeline run``) starts from what is live, not from the last
     stage's high-water mark. Two heaps keep freed memory: Arrow's pool (jemalloc) and
     glibc's malloc; DuckDB, in train, has a heap of its own and cannot reuse what they
-    keep. Dask's workers trim glibc the same way. (No ``gc.collect()``: with Feast and
-    MLflow loaded, a full pass takes up to half a second.)"""
+    keep. (No ``gc.collect()``: with Feast and MLflow loaded, a full pass takes up to
+    half a second.)"""
     import ctypes
 
     import pyarrow as pa

@@ -3,16 +3,18 @@
 A retrieval's result is held in memory (``to_df``), and Feast's file offline
 store also reads its whole source into memory for every retrieval. So one
 retrieval over all labels costs memory in proportion to the data, and one
-retrieval per chunk over the whole source costs a full read per chunk. Instead, one streaming pass splits the labels and the features into
+retrieval per chunk over the whole source costs a full read per chunk.
+Instead, one streaming pass splits the labels and the features into
 ``ceil(label rows / train_chunk_rows)`` buckets by a hash of the entity key
 (every row of an entity lands in the same bucket, so a bucket holds all that
 its point-in-time join needs), and each bucket's labels go through Feast's
 ``get_historical_features`` against a copy of the registered feature view
 whose source is that bucket's features: Feast still does the join, within
-memory set by the chunk size. With a single bucket, the registered view is
-used as it is. The buckets are local files, so their joins run in Feast's DuckDB
-offline store (:data:`pipeline.feast.LOCAL_OFFLINE_STORE`) whatever the registered
-store is.
+memory set by the chunk size. With a single bucket on the volume, the
+registered view is used as it is; the lakehouse's single bucket is still
+split onto the volume, so train never joins through ``s3://``. The buckets are
+local files, so their joins run in Feast's DuckDB offline store
+(:data:`pipeline.feast.LOCAL_OFFLINE_STORE`) whatever the registered store is.
 
 :func:`labels_dataset` and :func:`features_dataset` are where the tables are
 read: any Parquet dataset pyarrow can open will do.
@@ -25,6 +27,7 @@ import logging
 import math
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,6 +145,12 @@ def _own_store(folder: Path, project: str, provider: str, serialization: int, en
     return own
 
 
+# ibis's default DuckDB connection is one per process and not safe across threads (a Dask
+# worker may run several tasks at once): one bucket's join at a time, DuckDB's own threads
+# use the cores meanwhile.
+DUCKDB = threading.Lock()
+
+
 def release_duckdb() -> None:
     """Let DuckDB free what a retrieval registered. Feast's DuckDB store runs on ibis's
     default connection, which keeps every table a retrieval made (the bucket's Parquet view
@@ -198,11 +207,12 @@ def training_chunks(settings: Settings, schema: Schema, folder: Path) -> Iterato
     store = open_store(settings)
     labels = labels_dataset(settings)
     buckets = bucket_count(settings, labels, schema)
-    if buckets == 1:
-        frame = store.get_historical_features(entity_df=labels.to_table().to_pandas(),
-                                              features=schema.feature_refs()).to_df()
+    if buckets == 1 and not settings.lakehouse:  # the lakehouse's view reads s3://: split onto the volume
+        with DUCKDB:
+            frame = store.get_historical_features(entity_df=labels.to_table().to_pandas(),
+                                                  features=schema.feature_refs()).to_df()
+            release_duckdb()
         yield _tidy(frame, schema)
-        release_duckdb()
         return
     pairs = split_into_buckets(settings, schema, labels, buckets, folder)
     own = chunk_store(store, schema, folder)
@@ -211,12 +221,13 @@ def training_chunks(settings: Settings, schema: Schema, folder: Path) -> Iterato
         entity_df = pq.read_table(label_path).to_pandas()
         if len(entity_df):
             own.registry.apply_feature_view(bucket_view(view, feature_path), own.project)
-            frame = own.get_historical_features(entity_df=entity_df, features=schema.feature_refs()).to_df()
+            with DUCKDB:
+                frame = own.get_historical_features(entity_df=entity_df, features=schema.feature_refs()).to_df()
+                release_duckdb()
             del entity_df
             yield _tidy(frame, schema)
         label_path.unlink()
         feature_path.unlink()
-        release_duckdb()
         log.info("train: chunk %d of %d retrieved", i + 1, buckets)
 
 
@@ -236,7 +247,8 @@ class BucketRetrieval:
     @classmethod
     def of(cls, settings: Settings, schema: Schema) -> BucketRetrieval:
         store = open_store(settings)
-        return cls(store.config.project, store.config.provider, store.config.entity_key_serialization_version, store.get_entity(schema.entity),
+        return cls(store.config.project, store.config.provider, store.config.entity_key_serialization_version,
+                   store.get_entity(schema.entity),
                    store.get_feature_view(schema.feature_view), schema)
 
     def frame(self, label_path: Path, feature_path: Path, scratch: Path) -> pd.DataFrame | None:
@@ -252,9 +264,12 @@ class BucketRetrieval:
         try:
             own = _own_store(registry, self.project, self.provider, self.serialization, self.entity)
             own.registry.apply_feature_view(bucket_view(self.view, feature_path), own.project)
-            frame = own.get_historical_features(entity_df=entity_df,
-                                                features=self.schema.feature_refs()).to_df()
+            with DUCKDB:
+                try:
+                    frame = own.get_historical_features(entity_df=entity_df,
+                                                        features=self.schema.feature_refs()).to_df()
+                finally:
+                    release_duckdb()
             return _tidy(frame, self.schema)
         finally:
-            release_duckdb()
             shutil.rmtree(registry, ignore_errors=True)

@@ -73,7 +73,7 @@ def test_duckdb_joins_the_rows_feast_s_file_store_joins(sqlite_pipeline):
 
     assert repo_config(sqlite_pipeline).offline_store.type == LOCAL_OFFLINE_STORE["type"] == "duckdb"
     labels = labels_dataset(sqlite_pipeline).to_table().to_pandas()
-    # a label before any feature of its entity: both stores leave its features empty
+    # a label before any feature of its entity: DuckDB returns it without features, the file store drops it
     early = labels.iloc[[0]].assign(**{schema.timestamp: labels[schema.timestamp].min() - pd.Timedelta(days=1)})
     labels = pd.concat([labels, early], ignore_index=True)
 

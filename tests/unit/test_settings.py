@@ -75,3 +75,14 @@ def test_password_from_a_secret_file(tmp_path):
     missing = Settings(redis_url="redis://redis:6379/0", redis_password_file=tmp_path / "nope")
     with pytest.raises(ConfigError, match="mount the secret there"):
         missing.redis_parts()
+
+
+def test_the_offline_store_is_duckdb_on_the_volume_and_the_file_store_on_the_lakehouse(tmp_path):
+    """DuckDB reads s3:// only through an extension it downloads on first use: the lakehouse's
+    registered view keeps Feast's file store (train splits it onto the volume for DuckDB)."""
+    from pipeline.feast import offline_store_config
+
+    volume = Settings(shared_dir=tmp_path)
+    assert offline_store_config(volume) == {"type": "duckdb"}
+    lakehouse = volume.model_copy(update={"lakehouse": True})
+    assert offline_store_config(lakehouse) == {"type": "file"}
