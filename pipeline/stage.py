@@ -99,11 +99,12 @@ M_ARENA_MAX, MALLOC_ARENAS = -8, 2
 
 def limit_malloc_arenas() -> None:
     """Cap glibc's malloc at two arenas, as ``MALLOC_ARENA_MAX=2`` would (unless the user
-    set that, or ``glibc.malloc.arena_max`` in ``GLIBC_TUNABLES``). glibc gives threads that allocate arenas of their own, up to eight per core,
-    and each keeps what it freed: with DuckDB's and Arrow's threads joining train's 40
-    buckets at 10^7 rows, the run's peak crept to 1.3 GiB over the buckets against about
-    1.05 GiB with two arenas (on two cores, two arenas cost no measurable time). Arenas
-    made before the call stay; the stages' threads start after it."""
+    set that, or ``glibc.malloc.arena_max`` in ``GLIBC_TUNABLES``). glibc gives threads
+    that allocate arenas of their own, up to eight per core, and each keeps what it
+    freed: with DuckDB's and Arrow's threads joining train's 40 buckets at 10^7 rows,
+    the run's peak crept to 1.3 GiB over the buckets against about 1.05 GiB with two
+    arenas (side by side on two cores, about 1 s more or less on 30 s, within the
+    noise). Arenas made before the call stay; the stages' threads start after it."""
     import ctypes
     import os
 
