@@ -182,8 +182,10 @@ def _as_text(numbers: np.ndarray, odd: np.ndarray, values: np.ndarray) -> pa.Arr
 
 
 def write_chunk(chunk: Chunk, path: Path) -> None:
-    """Write a drawn part with pyarrow's CSV writer: the same bytes as :func:`write_csv`
-    of :func:`generate_chunk`'s frame, without a column of Python objects."""
+    """Write a drawn part with pyarrow's CSV writer (several times pandas' ``to_csv``),
+    the bad values put in place without a column of Python objects. Arrow writes the
+    shortest text that reads back as the same float (``0.0000123`` where pandas wrote
+    ``1.23e-05``)."""
     columns = dict(chunk.columns)
     cells: dict[int, list[tuple[int, object]]] = {}
     for row, col, value in chunk.bad:
@@ -197,26 +199,6 @@ def write_chunk(chunk: Chunk, path: Path) -> None:
         numbers = np.where(odd, 0, columns[name]).astype(np.int64 if SYNTHETIC.features[col].integer
                                                           else np.float64)
         columns[name] = _as_text(numbers, odd, np.array([str(found[i][1]) for i in order], dtype=object))
-    pa_csv.write_csv(pa.table(columns), path, write_options=pa_csv.WriteOptions(quoting_style="none"))
-
-
-def write_csv(frame: pd.DataFrame, path: Path) -> None:
-    """Write a generated chunk with pyarrow's CSV writer (several times pandas' ``to_csv``).
-
-    Number columns go to Arrow as they are; a feature column that holds injected
-    bad values (an object column) is formatted by Arrow as numbers, with the odd
-    text values put back in place. Arrow writes the shortest text that reads back
-    as the same float (``0.0000123`` where pandas wrote ``1.23e-05``)."""
-    integer = {f.name for f in SYNTHETIC.features if f.integer}
-    columns = {}
-    for name in frame.columns:
-        values = frame[name].to_numpy()
-        if values.dtype != object or name == SYNTHETIC.timestamp:
-            columns[name] = pa.array(values)
-            continue
-        odd = np.fromiter((isinstance(v, str) for v in values), bool, len(values))
-        numbers = np.where(odd, 0, values).astype(np.int64 if name in integer else np.float64)
-        columns[name] = _as_text(numbers, odd, values[odd].astype(str))
     pa_csv.write_csv(pa.table(columns), path, write_options=pa_csv.WriteOptions(quoting_style="none"))
 
 

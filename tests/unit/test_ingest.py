@@ -61,12 +61,12 @@ def test_truth_is_recoverable_from_clean_rows():
 
 
 def test_the_arrow_writer_writes_what_pandas_wrote_value_for_value(tmp_path):
-    from pipeline.ingest import write_csv
+    from pipeline.ingest import draw_chunk, write_chunk
 
     frame, injected = generate_chunk(20_000, seed=11, index=0, bad_fraction=0.01)
     assert sum(injected.values()) > 50
     frame.to_csv(tmp_path / "pandas.csv", index=False)
-    write_csv(frame, tmp_path / "arrow.csv")
+    write_chunk(draw_chunk(20_000, seed=11, index=0, bad_fraction=0.01), tmp_path / "arrow.csv")
     ours = pd.read_csv(tmp_path / "arrow.csv", dtype=str, keep_default_na=False)
     theirs = pd.read_csv(tmp_path / "pandas.csv", dtype=str, keep_default_na=False)
     assert list(ours.columns) == list(theirs.columns) and len(ours) == len(theirs)

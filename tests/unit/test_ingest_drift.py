@@ -14,6 +14,7 @@ import pytest
 from pipeline.dataset import CUSTOMERS as schema
 from pipeline.dataset import DatasetError
 from pipeline.ingest import (
+    Chunk,
     SPAN,
     START,
     TRUTH,
@@ -21,13 +22,12 @@ from pipeline.ingest import (
     draw_chunk,
     generate_chunk,
     write_chunk,
-    write_csv,
 )
 from pipeline.settings import Settings
 from pipeline.synthetic_drift import GENERATED_SD, parse_drift
 from pipeline.validate import validate_chunk
 
-# sha256 of the CSV bytes write_csv wrote and the injected counts, computed with the
+# sha256 of the CSV bytes the stage writes and the injected counts, computed with the
 # generator as it was before batches and drift existed: a change here changes every
 # user's raw data and its DVC hash.
 BEFORE_BATCHES = {
@@ -36,16 +36,16 @@ BEFORE_BATCHES = {
 }
 
 
-def digest(frame: pd.DataFrame, injected: dict[str, int], tmp_path) -> str:
+def digest(chunk: Chunk, tmp_path) -> str:
     path = tmp_path / "part.csv"
-    write_csv(frame, path)  # the stage writes these bytes too (write_chunk, tested below)
-    return hashlib.sha256(path.read_bytes() + repr(sorted(injected.items())).encode()).hexdigest()
+    write_chunk(chunk, path)  # what the ingest stage writes
+    return hashlib.sha256(path.read_bytes() + repr(sorted(chunk.injected.items())).encode()).hexdigest()
 
 
 @pytest.mark.parametrize("rows, seed", sorted(BEFORE_BATCHES))
 def test_batch_0_without_drift_is_byte_identical_to_the_data_before_batches(rows, seed, tmp_path):
-    assert digest(*generate_chunk(rows, seed, 0), tmp_path) == BEFORE_BATCHES[rows, seed]
-    assert digest(*generate_chunk(rows, seed, 0, batch=0, drift={}), tmp_path) == BEFORE_BATCHES[rows, seed]
+    assert digest(draw_chunk(rows, seed, 0), tmp_path) == BEFORE_BATCHES[rows, seed]
+    assert digest(draw_chunk(rows, seed, 0, batch=0, drift={}), tmp_path) == BEFORE_BATCHES[rows, seed]
 
 
 def test_batch_1_follows_batch_0_in_time_with_the_same_customers_and_other_rows():
@@ -142,11 +142,16 @@ def test_a_shift_below_half_a_unit_still_moves_an_integer_feature():
 
 
 @pytest.mark.parametrize("drift", [{}, {"age": 3.0, "satisfaction": -2.0, "late_payments": 0.45}])
-def test_the_stage_s_writer_writes_the_bytes_of_the_frame_the_tests_read(drift, tmp_path):
-    """ingest writes each part from the drawn columns (no column of Python objects); the
-    bytes are those of the frame :func:`generate_chunk` hands the other tests."""
+def test_the_stage_s_csv_holds_the_frame_the_tests_read(drift, tmp_path):
+    """ingest writes each part from the drawn columns (no column of Python objects); read
+    back as text, it holds the values of the frame :func:`generate_chunk` hands the other
+    tests, bad values and all."""
     chunk = draw_chunk(20_000, 11, 0, 0.01, batch=1, drift=drift)
     assert len(chunk.bad) > 100
     write_chunk(chunk, tmp_path / "stage.csv")
-    write_csv(generate_chunk(20_000, 11, 0, 0.01, batch=1, drift=drift)[0], tmp_path / "frame.csv")
-    assert (tmp_path / "stage.csv").read_bytes() == (tmp_path / "frame.csv").read_bytes()
+    written = pd.read_csv(tmp_path / "stage.csv", dtype=str, keep_default_na=False)
+    frame = generate_chunk(20_000, 11, 0, 0.01, batch=1, drift=drift)[0]
+    assert list(written.columns) == list(frame.columns) and len(written) == len(frame)
+    for column in frame.columns:
+        for text, value in zip(written[column], frame[column]):
+            assert text == value if isinstance(value, str) else float(text) == float(value), column
