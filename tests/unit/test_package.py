@@ -1,0 +1,40 @@
+"""Importing the package: Feast's classes are left uninstrumented, everything else as typeguard wants."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+PROBE = textwrap.dedent("""
+    import json, sys
+    if sys.argv[1] == "pipeline":
+        import pipeline  # noqa: F401
+    import feast
+    import typeguard
+
+    import checked_elsewhere
+
+    code = feast.FeatureView.__init__.__code__
+    try:
+        checked_elsewhere.double("2")
+        elsewhere = "unchecked"
+    except typeguard.TypeCheckError:
+        elsewhere = "checked"
+    print(json.dumps({"feast": "typeguard" in code.co_names, "elsewhere": elsewhere}))
+""")
+
+
+def probe(tmp_path, first: str) -> dict:
+    # typeguard instruments from source: the decorated function lives in a module file
+    (tmp_path / "checked_elsewhere.py").write_text(
+        "from typeguard import typechecked\n\n@typechecked\ndef double(x: int) -> int:\n    return 2 * x\n")
+    (tmp_path / "probe.py").write_text(PROBE)
+    out = subprocess.run([sys.executable, str(tmp_path / "probe.py"), first], cwd=tmp_path, check=True,
+                         capture_output=True, text=True, timeout=120)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_feast_imported_after_the_package_skips_typeguard_and_nothing_else_does(tmp_path):
+    assert probe(tmp_path, "pipeline") == {"feast": False, "elsewhere": "checked"}
+    # and without the package, Feast's constructors are instrumented (what the skip saves)
+    assert probe(tmp_path, "feast") == {"feast": True, "elsewhere": "checked"}
