@@ -19,7 +19,8 @@ import pyarrow.parquet as pq
 
 from pipeline.dataset import CUSTOMERS as schema
 from pipeline.feast import definitions, open_store
-from pipeline.redis_layout import connect, load_latest
+from pipeline.redis_layout import connect
+from pipeline.redis_loader import load_latest
 from pipeline.settings import Settings
 
 HOW = ("materialize", "loader")

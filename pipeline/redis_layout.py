@@ -10,38 +10,28 @@ protocol (RESP) for every command sent; :class:`FeastRedisLayout` holds the one
 key encoder, the one value encoder (:meth:`~FeastRedisLayout.encode_doubles`)
 and the one value decoder (:meth:`~FeastRedisLayout.decode`), and packs both
 commands that use them: the HMGET that ``/predict`` reads with
-(:mod:`pipeline.online`) and the HSET that :func:`load_latest` writes with (the
-feast stage, instead of ``feast materialize`` on Redis). When it is made it
-runs that very packing and decoding on probe values and compares them with
-Feast's own helpers and protos, so a Feast release that changes the layout
+(:mod:`pipeline.online`) and the HSET that :mod:`pipeline.redis_loader` writes
+with (the feast stage, instead of ``feast materialize`` on Redis). When it is
+made it runs that very packing and decoding on probe values and compares them
+with Feast's own helpers and protos, so a Feast release that changes the layout
 fails loudly here. Tests hold the loader to the bytes ``feast materialize``
 writes (on one Redis and on a Redis Cluster) and the reader to Feast's SDK.
 """
 
 from __future__ import annotations
 
-import logging
 import struct
-import time
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import redis
 
-from pipeline.errors import ConfigError, LayoutChanged
-from pipeline.redis_cluster import NodeConnections, cluster_options, connect_cluster, exchange
+from pipeline.errors import LayoutChanged
+from pipeline.redis_cluster import cluster_options, connect_cluster
 from pipeline.schema import ENTITY_ID_MAX, Schema
 from pipeline.settings import Settings
 
-log = logging.getLogger(__name__)
-
 KEY_SERIALIZATION_VERSION = 3
-# Rows read from Parquet and entities sent to Redis per pipelined round trip.
-LOAD_BATCH_ROWS = 20_000
 # Up to this many integer keys are packed one by one (struct), more at once (numpy).
 FEW_KEYS = 16
 
@@ -257,84 +247,11 @@ def loaded_marker(schema: Schema) -> bytes:
     return f"mlops:loaded:{schema.project}:{schema.feature_view}".encode()
 
 
-# ---------------------------------------------------------------- loading
-def latest_rows(features_path: Path, schema: Schema) -> np.ndarray:
-    """A mask over the file's rows: the latest event per entity (on a tie, the later row).
+def __getattr__(name: str):
+    """``load_latest`` and ``log_progress`` live in :mod:`pipeline.redis_loader`; pipeline/feast.py
+    still imports them from here (resolved on use: the loader imports this module)."""
+    if name in ("load_latest", "log_progress"):
+        from pipeline import redis_loader
 
-    Reads only the key and time columns (16 bytes a row), so the memory it
-    needs is a small fraction of the file.
-    """
-    table = pq.read_table(features_path, columns=[schema.join_key, schema.timestamp])
-    order = pc.sort_indices(table, sort_keys=[(schema.join_key, "ascending"),
-                                              (schema.timestamp, "ascending")]).to_numpy()
-    keys = table.column(schema.join_key).to_numpy()[order]
-    del table
-    last = np.ones(len(order), dtype=bool)
-    last[:-1] = keys[1:] != keys[:-1]  # stable sort: the last of each run is the latest
-    mask = np.zeros(len(order), dtype=bool)
-    mask[order[last]] = True
-    return mask
-
-
-def load_latest(client, features_path: Path, schema: Schema,
-                progress: Callable[[int, int], None] | None = None) -> int:
-    """Write the latest features of every entity into Redis in Feast's layout.
-
-    What ``feast materialize`` writes for a window holding every row: one HSET per
-    entity (:meth:`FeastRedisLayout.hset`), pipelined in batches on one connection
-    (a ``RedisCluster``: one per master, each HSET to its key's slot's master).
-    Overwrites, so a re-run finishes an interrupted load. Returns the entities written.
-    Integer keys only (fixed length: fast packing); string keys go to ``feast materialize``."""
-    if not schema.int_keys:
-        raise ValueError("load_latest packs integer entity keys only")
-    layout = FeastRedisLayout(schema)
-    wanted = latest_rows(features_path, schema)
-    total, written, offset = int(wanted.sum()), 0, 0
-    columns = [schema.join_key, schema.timestamp, *schema.feature_names]
-    parquet = pq.ParquetFile(features_path)
-    cluster = isinstance(client, redis.cluster.RedisCluster)
-    conn = NodeConnections(client) if cluster else client.connection_pool.get_connection()
-    try:
-        for batch in parquet.iter_batches(batch_size=LOAD_BATCH_ROWS, columns=columns):
-            take = wanted[offset:offset + batch.num_rows]
-            offset += batch.num_rows
-            if not take.any():
-                continue
-            batch = batch.filter(pa.array(take))
-            ids = batch.column(schema.join_key).to_numpy()
-            matrix = np.column_stack([batch.column(name).to_numpy() for name in schema.feature_names])
-            commands = layout.hset(ids, batch.column(schema.timestamp).cast(pa.timestamp("us", tz="UTC"))
-                                   .cast(pa.int64()).to_numpy(), matrix)
-            if cluster:
-                exchange(client, layout.keys(ids), lambda at: b"".join(commands[i] for i in at), conn,
-                         lambda i: client.execute_command(*split_command(commands[i])))
-            else:
-                conn.send_packed_command([b"".join(commands)], check_health=False)
-                for _ in commands:
-                    conn.read_response()  # an error reply raises here
-            written += len(commands)
-            if progress:
-                progress(written, total)
-    except redis.exceptions.MovedError:
-        conn.disconnect()
-        raise ConfigError("MLOPS_REDIS_URL names a node of a Redis Cluster: set MLOPS_REDIS_CLUSTER=true") from None
-    except BaseException:
-        conn.disconnect()  # replies may be left unread
-        raise
-    finally:
-        conn.release() if cluster else client.connection_pool.release(conn)
-    return written
-
-
-def log_progress(every_seconds: float = 2.0) -> Callable[[int, int], None]:
-    """A progress callback that logs at most every ``every_seconds``, and at the end."""
-    started = last = time.monotonic()
-
-    def report(done: int, total: int) -> None:
-        nonlocal last
-        now = time.monotonic()
-        if done == total or now - last >= every_seconds:
-            last = now
-            log.info("feast: %d/%d entities written to Redis (%.0f/s)", done, total,
-                     done / max(now - started, 1e-9))
-    return report
+        return getattr(redis_loader, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

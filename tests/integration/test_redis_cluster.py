@@ -24,7 +24,8 @@ from pipeline.dataset import CUSTOMERS as schema
 from pipeline.errors import ConfigError
 from pipeline.feast import online_features, open_store
 from pipeline.io import read_record
-from pipeline.redis_layout import FeastRedisLayout, connect, load_latest, loaded_marker
+from pipeline.redis_layout import FeastRedisLayout, connect, loaded_marker
+from pipeline.redis_loader import load_latest
 from tests.cluster_support import cluster_or_skip, redis_single
 from tests.service.fakes import metrics_in_memory
 from tests.support import clean_env, make_settings, running_server

@@ -1,4 +1,4 @@
-"""The feast stage loads Redis with its own writer (pipeline/redis_layout.py)
+"""The feast stage loads Redis with its own writer (pipeline/redis_loader.py)
 instead of ``feast materialize``: these tests hold it to Feast, byte for byte
 against what ``feast materialize`` writes and value for value through Feast's
 own ``get_online_features``, on a real Redis and on a real Redis Cluster
@@ -16,7 +16,8 @@ import redis
 
 from pipeline.dataset import CUSTOMERS as schema
 from pipeline.feast import definitions, online_features, open_store
-from pipeline.redis_layout import FeastRedisLayout, LayoutChanged, connect, latest_rows, load_latest
+from pipeline.redis_layout import FeastRedisLayout, LayoutChanged, connect
+from pipeline.redis_loader import latest_rows, load_latest
 from tests.cluster_support import cluster_or_skip
 from tests.conftest import clean_env, make_settings, pipeline_cli
 from tests.support import ROOT
