@@ -1,4 +1,4 @@
-"""Backup and restore: ``pipeline.backup`` against a plain parallel copy of the same files.
+"""Backup and restore: ``pipeline.backup`` and ``pipeline.restore`` against a plain parallel copy of the same files.
 
 A pipeline run (Redis online store, as compose and the chart deploy it) makes the
 volume; a real SeaweedFS (``weed mini`` from the pinned wheel, on loopback) is the
@@ -6,7 +6,7 @@ store. Side by side, one run each, on the same store:
 
 * **backup**: ``pipeline.backup.backup`` (raw data through DVC's S3 remote, every
   other file content-addressed, the manifest last), then again on the unchanged volume;
-* **restore**: ``pipeline.backup.restore`` onto an empty folder at the same path
+* **restore**: ``pipeline.restore.restore`` onto an empty folder at the same path
   (files checked against their sha256, ``dvc pull``, the local DVC remote rebuilt,
   the online store loaded again), with its phases;
 * **plain copy**: the same files (what backup covers, raw data included) copied
@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import Run, log, pipeline
-from pipeline import backup
+from pipeline import backup, restore
 from pipeline.objectstore import credentials
 from tests.support import make_settings, seaweedfs
 
@@ -116,7 +116,7 @@ def bench(run: Run, out: dict) -> None:
         again = backup.backup(settings)  # unchanged volume: nothing new to send
         lost = shared.with_name(shared.name + "-lost")
         shared.rename(lost)  # the disaster; restore writes to the same path
-        back = backup.restore(settings)
+        back = restore.restore(settings)
         shutil.rmtree(lost)
         size = plain["bytes"]
         # the part of a restore a plain copy also does: the files and the raw data onto the volume
