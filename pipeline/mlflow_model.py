@@ -10,7 +10,7 @@ Loading this file (as MLflow does) registers the model object through
 ``mlflow.models.set_model``. Serving does not load it that way: it builds the
 model from this module *as installed* (:meth:`LinearModel.from_weights`) and the
 weights JSON alone, so the copy of this file stored with a version is never run
-(pipeline/registry.py says why).
+(pipeline/model_loading.py says why).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Following the registry alias in a serving worker: poll, load, check, swap.
 
 :class:`ModelWatcher` holds the model ``/predict`` uses; it talks to MLflow only
-through :mod:`pipeline.registry`.
+through :mod:`pipeline.registry` and :mod:`pipeline.model_loading`.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from typing import Any
 
 from mlflow.tracking import MlflowClient
 
-from pipeline.registry import (LoadedModel, ModelLoadFailed, ModelRefused, alias_version, dispose,
-                               load_model_version, open_client, sqlite_path)
+from pipeline.model_loading import LoadedModel, ModelLoadFailed, ModelRefused, load_model_version
+from pipeline.registry import alias_version, dispose, open_client, sqlite_path
 from pipeline.settings import Settings
 
 log = logging.getLogger(__name__)

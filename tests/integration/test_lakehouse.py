@@ -23,7 +23,7 @@ from pipeline.cli import run_stages
 from pipeline.dataset import CUSTOMERS as schema
 from pipeline.errors import ObjectStoreError
 from pipeline.io import read_record
-from pipeline.registry import ModelLoadFailed, load_model_version
+from pipeline.model_loading import ModelLoadFailed, load_model_version
 from pipeline.serve import create_app
 from tests.service.fakes import metrics_in_memory
 from tests.support import clean_env, http_status, make_settings, pipeline_cli, running_server, seaweedfs

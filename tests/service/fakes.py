@@ -19,7 +19,7 @@ import numpy as np
 
 from pipeline.dataset import CUSTOMERS as schema
 from pipeline.online import OnlineFeatures
-from pipeline.registry import LoadedModel, check_model
+from pipeline.model_loading import LoadedModel, check_model
 from pipeline.watcher import ModelWatcher
 from pipeline.serve import Metrics, PredictionService, create_app
 from pipeline.settings import Settings
@@ -133,7 +133,7 @@ class Fakes:
         self.reader = FakeReader(feature_table())
         self.registry = FakeRegistry({1: TinyModel()}, alias=alias)
         self.online = OnlineFeatures(self.reader, schema, settings.online_backoff_seconds, clock=self.clock,
-                                     on_read=self.metrics.lookup.observe,
+                                     on_read=self.metrics.looked_up,
                                      on_unreachable=self.metrics.lookup_errors.inc)
         self.watcher = ModelWatcher(settings, resolve=self.registry.resolve, loader=self.registry.load,
                                     on_load=self.metrics.model_loaded, wait=self.clock.wait, clock=self.clock,
