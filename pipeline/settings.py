@@ -6,8 +6,7 @@ local simulator, compose.yaml and the Helm chart's ConfigMap; tests fail when
 either sets an ``MLOPS_*`` name this class does not know.
 
 Every field carries its description: ``docs/configuration.md`` is generated
-from them (``python -m pipeline.settings > docs/configuration.md``) and a test
-fails when the two differ.
+from them (:mod:`pipeline.settings_doc`) and a test fails when the two differ.
 """
 
 from __future__ import annotations
@@ -311,22 +310,3 @@ def env_name(field: str) -> str:
 
 def known_variables() -> set[str]:
     return {env_name(name) for name in Settings.model_fields}
-
-
-def configuration_table() -> str:
-    """docs/configuration.md: every setting, its variable, default and meaning."""
-    lines = ["# Configuration", "",
-             "Every setting is an environment variable, the same name in all three runtimes (the "
-             "simulator, compose.yaml, the chart's ConfigMap). Flags of `python -m pipeline` override "
-             "the common ones (`--help`).", "",
-             "Generated from `pipeline/settings.py` by `python -m pipeline.settings > "
-             "docs/configuration.md`; a test fails when this page and the code differ.", "",
-             "| variable | default | meaning |", "|---|---|---|"]
-    for name, info in Settings.model_fields.items():
-        default = "unset" if info.default is None else f"`{info.default}`"
-        lines.append(f"| `{env_name(name)}` | {default} | {info.description} |")
-    return "\n".join(lines) + "\n"
-
-
-if __name__ == "__main__":
-    print(configuration_table(), end="")

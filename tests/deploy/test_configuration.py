@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from pipeline.settings import Settings, configuration_table, known_variables
+from pipeline.settings import Settings, known_variables
+from pipeline.settings_doc import configuration_table
 from tests.conftest import ROOT
 from tests.deploy.chart import by_kind, pod_specs, render
 
@@ -16,7 +17,7 @@ def test_every_setting_is_described_and_the_docs_table_is_generated_from_them():
     assert all(info.description for info in Settings.model_fields.values())
     page = (ROOT / "docs" / "configuration.md").read_text()
     assert page == configuration_table(), \
-        "docs/configuration.md differs from pipeline/settings.py: run `python -m pipeline.settings > " \
+        "docs/configuration.md differs from pipeline/settings.py: run `python -m pipeline.settings_doc > " \
         "docs/configuration.md`"
 
 
