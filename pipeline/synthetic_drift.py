@@ -3,7 +3,7 @@
 ``MLOPS_SYNTHETIC_DRIFT`` (``feature=shift,...``, its shape checked by the
 settings) names features of the synthetic customers and a shift in standard
 deviations of each feature's *generated* distribution (:data:`GENERATED_SD`,
-worked out from the distributions :func:`pipeline.ingest._draw_features` draws;
+worked out from the distributions :func:`pipeline.synthetic._draw_features` draws;
 a unit test holds the two together). :func:`shift_features` moves the drawn
 values, rounds integer features and clips to the declared bounds, because the
 features stage quarantines values outside them.

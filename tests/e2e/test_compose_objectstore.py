@@ -21,7 +21,7 @@ import urllib.request
 import pytest
 
 from pipeline.dag import IDEMPOTENT
-from pipeline.ingest import ENTITY_BASE, n_entities
+from pipeline.synthetic import ENTITY_BASE, n_entities
 from tests.e2e.test_compose import Compose, get
 from tests.support import ROOT, docker_available, free_port
 

@@ -14,10 +14,10 @@ from werkzeug.test import Client
 
 from pipeline.cli import run_stages
 from pipeline.dataset import CUSTOMERS as schema
-from pipeline.ingest import NOISE_SD, TRUTH
 from pipeline.io import read_record
 from pipeline.retrain import training_stages
 from pipeline.serve import create_app
+from pipeline.synthetic import NOISE_SD, TRUTH
 from tests.support import clean_env, make_settings, pipeline_cli
 
 pytestmark = pytest.mark.integration

@@ -21,10 +21,10 @@ from pipeline.cli import run_stages
 from pipeline.dag import IDEMPOTENT, STAGE_NAMES
 from pipeline.dataset import CUSTOMERS as schema
 from pipeline.errors import ObjectStoreError
-from pipeline.ingest import n_entities
 from pipeline.io import read_record
 from pipeline.objectstore import client
 from pipeline.serve import create_app
+from pipeline.synthetic import n_entities
 from tests.service.fakes import metrics_in_memory
 from tests.support import clean_env, make_settings, pipeline_cli, seaweedfs
 

@@ -9,7 +9,7 @@ from pipeline.dataset import CUSTOMERS as schema
 from pipeline.errors import SchemaError
 from pipeline.features import check_header, transform
 from pipeline.validate import validate_chunk
-from pipeline.ingest import generate_chunk
+from pipeline.synthetic import generate_chunk
 
 
 def raw_row(**changes) -> dict:

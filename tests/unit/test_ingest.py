@@ -5,7 +5,7 @@ import pytest
 
 from pipeline.dataset import CUSTOMERS as schema
 from pipeline.validate import validate_chunk
-from pipeline.ingest import CHUNK_ROWS, TRUTH, generate_chunk, n_entities
+from pipeline.synthetic import CHUNK_ROWS, TRUTH, generate_chunk, n_entities
 from pipeline.train import fit_least_squares
 
 
@@ -61,7 +61,7 @@ def test_truth_is_recoverable_from_clean_rows():
 
 
 def test_the_arrow_writer_writes_what_pandas_wrote_value_for_value(tmp_path):
-    from pipeline.ingest import draw_chunk, write_chunk
+    from pipeline.synthetic import draw_chunk, write_chunk
 
     frame, injected = generate_chunk(20_000, seed=11, index=0, bad_fraction=0.01)
     assert sum(injected.values()) > 50

@@ -13,7 +13,8 @@ import pytest
 
 from pipeline.dataset import CUSTOMERS as schema
 from pipeline.dataset import DatasetError
-from pipeline.ingest import (
+from pipeline.settings import Settings
+from pipeline.synthetic import (
     Chunk,
     SPAN,
     START,
@@ -23,7 +24,6 @@ from pipeline.ingest import (
     generate_chunk,
     write_chunk,
 )
-from pipeline.settings import Settings
 from pipeline.synthetic_drift import GENERATED_SD, parse_drift
 from pipeline.validate import validate_chunk
 

@@ -51,7 +51,7 @@ def test_split_is_seeded_disjoint_and_complete():
 
 def test_standard_errors_are_the_ols_ones_and_cover_the_truth():
     from pipeline.dataset import CUSTOMERS as schema
-    from pipeline.ingest import TRUTH, generate_chunk
+    from pipeline.synthetic import TRUTH, generate_chunk
     from pipeline.train import standard_errors
 
     frame, _ = generate_chunk(20_000, seed=1, index=0, bad_fraction=0)
