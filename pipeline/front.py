@@ -83,6 +83,8 @@ class RSGIFront:
     def __rsgi_del__(self, loop) -> None:
         if self.executor is not None:
             self.executor.shutdown(wait=False)
+        if getattr(self.service, "metrics", None) is not None:
+            self.service.metrics.flush()  # what this worker counted last, before it goes
         if getattr(self.service, "predlog", None) is not None:
             self.service.predlog.close(timeout=5)  # a graceful stop (SIGTERM) writes what was queued
 
@@ -112,18 +114,26 @@ class RSGIFront:
             log.info("serve: could not read a request body: %s", exc)
             return self._refuse(scope, protocol, started, 400, "request body could not be read "
                                 "(malformed chunked encoding?); send JSON with a Content-Length")
-        environ = self._environ(scope, body)
-        environ[ARRIVED], environ[BODY] = arrived, body
+        method = scope.method
+        if scope.path == "/predict" and (method == "GET" or method == "POST"):
+            # the hot path needs no WSGI environ: only what PredictionService.predict reads
+            call, args = self.service.answer_predict, (
+                {"QUERY_STRING": scope.query_string, BODY: body, ARRIVED: arrived,
+                 "HTTP_X_REQUEST_ID": headers.get("x-request-id")}, method)
+        else:
+            environ = self._environ(scope, body)
+            environ[ARRIVED], environ[BODY] = arrived, body
+            call, args = call_wsgi, (self.service, environ)
         try:
             if self.executor is None:
                 self._call_started = time.monotonic()
                 try:
-                    status, headers, payload = call_wsgi(self.service, environ)
+                    status, headers, payload = call(*args)
                 finally:
                     self._call_ended = time.monotonic()
             else:
                 status, headers, payload = await asyncio.get_running_loop().run_in_executor(
-                    self.executor, call_wsgi, self.service, environ)
+                    self.executor, call, *args)
         except Exception:
             log.exception("serve: unexpected error on %s", scope.path)
             return self._refuse(scope, protocol, started, 500, "internal error; see the server log")

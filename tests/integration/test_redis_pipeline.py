@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 import urllib.request
 
 import numpy as np
@@ -118,13 +119,19 @@ def test_dvc_status_is_clean_with_dvcs_own_cli(run):
 
 
 def test_metrics_over_the_socket_add_up_both_workers(server):
+    from pipeline.serve import FLUSH_SECONDS
+
     for _ in range(10):
         get_json(f"{server}/predict")
-    with urllib.request.urlopen(f"{server}/metrics", timeout=10) as resp:
-        text = resp.read().decode()
-    line = next(l for l in text.splitlines()
-                if l.startswith('mlops_http_requests_total{method="GET",route="/predict",status="200"}'))
-    assert float(line.split()[-1]) >= 10
+    # each worker adds what it counted to the shared files at least every FLUSH_SECONDS
+    deadline, counted = time.monotonic() + 3 * FLUSH_SECONDS, 0.0
+    while counted < 10 and time.monotonic() < deadline:
+        with urllib.request.urlopen(f"{server}/metrics", timeout=10) as resp:
+            text = resp.read().decode()
+        counted = float(next(l for l in text.splitlines() if l.startswith(
+            'mlops_http_requests_total{method="GET",route="/predict",status="200"}')).split()[-1])
+        time.sleep(0.1)
+    assert counted >= 10
     assert "mlops_model_version 1.0" in text
     from tests.service.fakes import documented_families, exposed_families
 

@@ -118,7 +118,7 @@ def hung_store_app(tmp_path, url: str, **settings):
     """The app over the real Redis reader on a hung Redis; the model from the fakes."""
     fakes = Fakes(make_settings(tmp_path, redis_url=url, **settings))
     metrics, clock = Metrics(), FakeClock()
-    online = open_online(fakes.settings, schema, clock=clock, on_read=metrics.lookup.observe,
+    online = open_online(fakes.settings, schema, clock=clock, on_read=metrics.looked_up,
                          on_unreachable=metrics.lookup_errors.inc)
     app = create_app(fakes.settings, online=online, watcher=fakes.watcher, metrics=metrics,
                      sample_entity=SAMPLE)
