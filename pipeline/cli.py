@@ -7,11 +7,13 @@ Settings come from ``MLOPS_*`` environment variables (see
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import signal
+import subprocess
 import sys
-import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -21,6 +23,9 @@ from pipeline.errors import ConfigError, PipelineError, storage_error
 from pipeline.settings import Settings
 
 log = logging.getLogger("pipeline")
+
+# How long train waits for the MLflow store made ahead (tracking_store_ahead) before going on
+STORE_AHEAD_SECONDS = 120
 
 # The commands that are not stages; the stages' help comes from their declaration.
 COMMANDS = {
@@ -168,114 +173,53 @@ def run_stages(settings: Settings, names: Sequence[str]) -> None:
     if len(names) == 1:
         execute(names[0], settings)
         return
-    with pipeline_lock(settings.shared, f"run ({', '.join(names)})", settings.lock_timeout_seconds):
+    with pipeline_lock(settings.shared, f"run ({', '.join(names)})", settings.lock_timeout_seconds), \
+            tracking_store_ahead(settings, names) as store_ready:
         for name in names:
+            if name == "train":
+                store_ready()
             execute(name, settings, locked=True)
             release_freed_memory()
 
 
-# What the serve command hands granian's worker processes, as one serialized value in
-# one environment variable (workers are new processes: they inherit only the environment):
-# the settings it built, prometheus-client's folder, and where "ready" is said once.
-WORKER_HANDOVER = "_MLOPS_SERVE_WORKER"
+@contextlib.contextmanager
+def tracking_store_ahead(settings: Settings, names: Sequence[str]) -> Iterator[Callable[[], None]]:
+    """Create a new shared folder's MLflow SQLite store in another process while
+    the stages before train run; the callable yielded waits for it.
 
-
-def worker_app():
-    """The app factory each granian worker calls, with what the serve command handed on."""
-    import json
-
-    from pipeline.front import rsgi_app
-    from pipeline.serve import create_app
-
-    handed = json.loads(os.environ[WORKER_HANDOVER])
-    settings = Settings.model_validate(handed["settings"])
-    app = create_app(settings, multiprocess_dir=handed["multiprocess_dir"])
-    threading.Thread(target=announce_when_ready, args=(app, settings, handed["ready_marker"]),
-                     name="announce", daemon=True).start()
-    front = rsgi_app(app, settings)
-    # Everything imported and built so far (MLflow, Feast, pandas: about a million
-    # objects) lives as long as the worker: keep it out of the garbage collector's
-    # full passes, which otherwise stalled a worker for 200-300 ms now and then
-    # (seen as slow 503s in tests/faults/test_redis_outage.py).
-    import gc
-
-    gc.collect()
-    gc.freeze()
-    return front
-
-
-def announce_when_ready(app, settings: Settings, marker: str, *, limit_seconds: float = 600.0,
-                        every_seconds: float = 0.25) -> None:
-    """Log ``serving: curl http://HOST:PORT/predict`` once the app is ready (what
-    ``/readyz`` checks: a model loaded, the online store reachable), so "serving"
-    is never said before the server answers. Of all workers, the first one ready
-    says it (it creates ``marker``); a warning if not ready within ``limit_seconds``."""
-    import time
-
-    pause = threading.Event()  # never set: a pause that is not a bare sleep
-    deadline = time.monotonic() + limit_seconds
-    while time.monotonic() < deadline:
-        if app.is_ready():
-            try:
-                os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-            except FileExistsError:
-                return  # another worker said it
-            log.info("serving: curl http://%s:%d/predict", settings.host, settings.port)
-            return
-        pause.wait(every_seconds)
-    log.warning("serve: not ready after %.0fs; /readyz says why (curl http://%s:%d/readyz)",
-                limit_seconds, settings.host, settings.port)
-
-
-def serve(settings: Settings, target: str = f"{__name__}:worker_app") -> None:
-    """Serve with granian: ``settings.workers`` worker processes, each running
-    the app on ``settings.threads`` threads behind granian's RSGI interface
-    (:class:`pipeline.front.RSGIFront`: request bodies are read on the event
-    loop, bounded in size and time, never on an app thread). ``target`` is the
-    worker's app factory (tests serve the app over in-memory fakes).
-
-    granian parses HTTP in Rust, so a request costs the Python workers only the
-    app itself: in the benchmark (benchmarks/results) that more than halves
-    the CPU per request against gunicorn's Python HTTP parsing. It respawns a
-    worker that dies, and drains in-flight requests on SIGTERM (what
-    Kubernetes and compose send). With several workers, prometheus-client keeps
-    its values in files under ``PROMETHEUS_MULTIPROC_DIR``, so ``/metrics``
-    adds up every worker.
+    MLflow builds its tables through some fifty migrations, about 2 s here, on
+    the way to train's first result; on the second core they overlap ingest,
+    features and feast. The store is built in a temp file and renamed into place
+    (:func:`pipeline.registry.init_sqlite_store`), and train waits for that
+    process before it opens the store, so the two never write one file. If the
+    process failed, train creates the store itself and says why.
     """
-    import json
-    import shutil
-    import tempfile
+    from pipeline.registry import sqlite_path
 
-    from granian.constants import Interfaces
-    from granian.http import HTTP1Settings
-    from granian.log import LogLevels
-    from granian.server import Server
+    db = sqlite_path(settings.tracking_uri) if "train" in names[1:] else None
+    if db is None or db.exists():
+        yield lambda: None
+        return
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from pathlib import Path; "
+         "from pipeline.registry import init_sqlite_store; init_sqlite_store(Path(sys.argv[1]))", str(db)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
-    runtime = Path(tempfile.mkdtemp(prefix="mlops-serve-"))
-    multiprocess_dir = None
-    if settings.workers > 1:
-        # prometheus-client picks its storage when first imported (in each worker): set this first.
-        multiprocess_dir = str(runtime / "prometheus")
-        os.mkdir(multiprocess_dir)
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = multiprocess_dir
-    os.environ[WORKER_HANDOVER] = json.dumps({
-        "settings": settings.model_dump(mode="json"), "multiprocess_dir": multiprocess_dir,
-        "ready_marker": str(runtime / "ready")})
-    log.info("serve: starting on http://%s:%d (%d worker(s) x %d thread(s))", settings.host,
-             settings.port, settings.workers, settings.threads)
-    quiet = logging.getLogger().getEffectiveLevel() > logging.INFO  # `-q`
+    def ready() -> None:
+        try:
+            proc.wait(timeout=STORE_AHEAD_SECONDS)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGINT)  # Python unwinds: the temp file is removed
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
     try:
-        Server(
-            target=target, factory=True, interface=Interfaces.RSGI,
-            address=settings.host, port=settings.port, workers=settings.workers,
-            websockets=False, respawn_failed_workers=True,
-            # headers that do not arrive in time: hyper closes the connection (no Python work waits)
-            http1_settings=HTTP1Settings(header_read_timeout=int(settings.body_timeout_seconds * 1000)),
-            workers_kill_timeout=20, log_access=False,
-            log_level=LogLevels.warning if quiet else LogLevels.info,
-        ).serve()
+        yield ready
     finally:
-        shutil.rmtree(runtime, ignore_errors=True)
+        ready()  # never left behind to rename a store into place later
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -315,6 +259,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             print(render(settings))
         elif args.command == "serve":
+            from pipeline.launcher import serve
+
             serve(settings)
         elif args.command in ("backup", "restore"):
             backup_command(settings, args)

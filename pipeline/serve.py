@@ -15,7 +15,7 @@ version once it has loaded and passed its checks, so no request fails during
 the swap; a version that fails to load is logged, counted on ``/metrics``,
 tried again with back-off, and the previous model keeps serving; a version
 that is not this project's model format is refused without running any of it. Features come from :mod:`pipeline.online`.
-``python -m pipeline serve`` runs the app under granian (see :mod:`pipeline.cli`).
+``python -m pipeline serve`` runs the app under granian (see :mod:`pipeline.launcher`).
 
 Metrics on ``/metrics`` (every family the service exposes, and nothing else):
 

@@ -58,3 +58,24 @@ def test_deleted_and_rebuilt_store_files_are_reopened(tmp_path):
     fresh = body(Client(create_app(rebuilt, watch=False)).get(f"/predict?{schema.join_key}={entity}"))
     assert after["features"] == fresh["features"] != before["features"]
     assert after["prediction"] == fresh["prediction"]
+
+
+def test_a_new_folders_mlflow_store_is_made_ahead_by_another_process(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.cli import tracking_store_ahead
+    from pipeline.io import TMP_PREFIX
+
+    settings = make_settings(tmp_path / "new", rows=100)
+    db = settings.mlflow_dir / "mlflow.db"
+    with tracking_store_ahead(settings, ["ingest", "features", "train"]) as ready:
+        ready()  # what the run calls before train
+        assert db.exists()
+    assert [e.name for e in MlflowClient(f"sqlite:///{db}").search_experiments()] == ["Default"]
+    assert not [p.name for p in settings.mlflow_dir.iterdir() if p.name.startswith(TMP_PREFIX)]
+    # nothing made when train runs first or not at all
+    other = make_settings(tmp_path / "other", rows=100)
+    for names in (["train", "promote"], ["ingest", "features"]):
+        with tracking_store_ahead(other, names) as ready:
+            ready()
+        assert not (other.mlflow_dir / "mlflow.db").exists(), names

@@ -1,5 +1,5 @@
 """The app over the in-memory fakes (tests/service/fakes.py), served by granian as
-``python -m pipeline serve`` serves the real one (:func:`pipeline.cli.serve`:
+``python -m pipeline serve`` serves the real one (:func:`pipeline.launcher.serve`:
 same interface, threads and limits), for tests over real sockets without a
 pipeline run:
 
@@ -25,7 +25,7 @@ def worker_app():
 
     from prometheus_client import values
 
-    from pipeline.cli import WORKER_HANDOVER
+    from pipeline.launcher import WORKER_HANDOVER
     from pipeline.front import rsgi_app
     from pipeline.settings import Settings
     from tests.service.fakes import Fakes
@@ -47,7 +47,8 @@ def serving(shared: Path, workers: int = 1, **env: str) -> Iterator[str]:
 
 
 if __name__ == "__main__":
-    from pipeline.cli import configure_logging, serve
+    from pipeline.cli import configure_logging
+    from pipeline.launcher import serve
     from tests.support import make_settings
 
     configure_logging(quiet=True)
