@@ -160,7 +160,7 @@ def _service(args, work: Path, redis_url: str, weights: dict, loop, tag: str) ->
     from pipeline.front import call_wsgi, rsgi_app
     from pipeline.mlflow_model import LinearModel
     from pipeline.online import open_online
-    from pipeline.registry import check_model
+    from pipeline.model_loading import check_model
     from pipeline.serve import Metrics, create_app
     from pipeline.settings import Settings
 

@@ -203,13 +203,3 @@ def list_snapshots(settings: Settings) -> list[dict]:
         m = read_manifest(s3, settings, snapshot)
         out.append({"id": snapshot, "created_at": m["created_at"], "files": len(m["files"]), "bytes": m["bytes"]})
     return out
-
-
-def __getattr__(name: str):
-    """``restore`` and ``verify`` live in :mod:`pipeline.restore`; pipeline/cli.py still
-    calls them as ``backup.restore`` and ``backup.verify`` (resolved on use: restore imports this module)."""
-    if name in ("restore", "verify"):
-        from pipeline import restore
-
-        return getattr(restore, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

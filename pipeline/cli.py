@@ -117,17 +117,17 @@ def dataset_command(args: argparse.Namespace) -> None:
 
 def backup_command(settings: Settings, args: argparse.Namespace) -> None:
     """``python -m pipeline backup [--list|--verify]`` and ``restore [--snapshot ID]``."""
-    from pipeline import backup
+    from pipeline import backup, restore
 
     if args.command == "restore":
-        done = backup.restore(settings, args.snapshot)
+        done = restore.restore(settings, args.snapshot)
         print(f"restored snapshot {done['id']}: {done['files']} file(s), {done['bytes'] / 1e6:.1f} MB "
               f"into {settings.shared} in {done['seconds']:.1f}s; serve with `python -m pipeline serve`")
     elif args.list:
         for snap in backup.list_snapshots(settings):
             print(f"{snap['id']}  {snap['created_at']}  {snap['files']:>5} file(s)  {snap['bytes'] / 1e6:8.1f} MB")
     elif args.verify:
-        done = backup.verify(settings, args.snapshot)
+        done = restore.verify(settings, args.snapshot)
         print(f"ok: snapshot {done['id']} restores ({done['files']} file(s), {done['bytes'] / 1e6:.1f} MB matched)")
     else:
         done = backup.backup(settings)

@@ -226,7 +226,8 @@ def _apply_and_load(settings: Settings, schema: Schema, features, inputs: dict, 
         # for this window, several times faster (tests compare the bytes).
         import redis
 
-        from pipeline.redis_layout import connect, load_latest, log_progress
+        from pipeline.redis_layout import connect
+        from pipeline.redis_loader import load_latest, log_progress
 
         log.info("feast: loading the latest features per entity into Redis (Feast's layout)")
         try:

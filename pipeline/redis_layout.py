@@ -245,13 +245,3 @@ def loaded_marker(schema: Schema) -> bytes:
     features file's md5). A Redis that restarted empty has no marker, so /readyz can tell
     "reachable" from "holds the features"."""
     return f"mlops:loaded:{schema.project}:{schema.feature_view}".encode()
-
-
-def __getattr__(name: str):
-    """``load_latest`` and ``log_progress`` live in :mod:`pipeline.redis_loader`; pipeline/feast.py
-    still imports them from here (resolved on use: the loader imports this module)."""
-    if name in ("load_latest", "log_progress"):
-        from pipeline import redis_loader
-
-        return getattr(redis_loader, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -198,13 +198,3 @@ def dispose(client: MlflowClient) -> None:
         engine = getattr(store, "engine", None)
         if engine is not None:
             engine.dispose()
-
-
-def __getattr__(name: str):
-    """``check_model`` lives in :mod:`pipeline.model_loading`; benchmarks/predict_profile.py still
-    imports it from here (resolved on use: model_loading imports this module)."""
-    if name == "check_model":
-        from pipeline import model_loading
-
-        return model_loading.check_model
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -411,7 +411,7 @@ def create_app(settings: Settings, *, schema: Schema | None = None, online=None,
         else:
             watcher.refresh()
     if sample_entity is None:
-        from pipeline.ingest import sample_entity as default_sample
+        from pipeline.synthetic import sample_entity as default_sample
 
         record = records["features"] or records["ingest"]
         sample_entity = record.outputs["sample_entity"] if record else default_sample()
