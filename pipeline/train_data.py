@@ -1,6 +1,6 @@
 """Train's data in chunks: labels joined point-in-time to their features by Feast.
 
-A retrieval's result is held in memory (``to_df``), and Feast's file offline
+A retrieval's result is held in memory (``to_arrow``), and Feast's file offline
 store also reads its whole source into memory for every retrieval. So one
 retrieval over all labels costs memory in proportion to the data, and one
 retrieval per chunk over the whole source costs a full read per chunk.
@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
@@ -123,12 +124,27 @@ def partition(dataset: ds.Dataset, key: str, buckets: int, folder: Path, name: s
     return paths
 
 
-def _tidy(frame: pd.DataFrame, schema: Schema) -> pd.DataFrame:
-    # DuckDB's join returns microseconds, the file store nanoseconds: the sample's hash of
-    # (key, time) must not depend on the store
-    frame = frame.dropna(subset=[*schema.feature_names, schema.target]).astype(
-        {schema.timestamp: "datetime64[ns, UTC]"})
-    return frame.sort_values([schema.timestamp, schema.join_key], kind="stable").reset_index(drop=True)
+def _tidy(table: pa.Table, schema: Schema) -> pd.DataFrame:
+    """A retrieval's rows that have every feature and the target, sorted by event
+    time and key (the join's own order is arbitrary), as a pandas frame.
+
+    In Arrow, not pandas: at 250000 rows a chunk's drop, cast and stable sort took
+    a tenth of pandas' time. The event time becomes nanoseconds: DuckDB's join
+    returns microseconds, the file store nanoseconds, and the sample's hash of
+    (key, time) must not depend on the store."""
+    keep = None
+    for name in (*schema.feature_names, schema.target):
+        column = table[name]
+        present = pc.is_valid(column)
+        if pa.types.is_floating(column.type):  # pandas' dropna drops NaN too
+            present = pc.and_(present, pc.invert(pc.fill_null(pc.is_nan(column), True)))
+        keep = present if keep is None else pc.and_(keep, present)
+    if keep is not None:
+        table = table.filter(keep)
+    at = table.schema.get_field_index(schema.timestamp)
+    table = table.set_column(at, schema.timestamp, pc.cast(table[schema.timestamp], pa.timestamp("ns", tz="UTC")))
+    # sort_by is stable, as pandas' kind="stable" was
+    return table.sort_by([(schema.timestamp, "ascending"), (schema.join_key, "ascending")]).to_pandas()
 
 
 def _own_store(folder: Path, project: str, provider: str, serialization: int, entity):
@@ -210,7 +226,7 @@ def training_chunks(settings: Settings, schema: Schema, folder: Path) -> Iterato
     if buckets == 1 and not settings.lakehouse:  # the lakehouse's view reads s3://: split onto the volume
         with DUCKDB:
             frame = store.get_historical_features(entity_df=labels.to_table().to_pandas(),
-                                                  features=schema.feature_refs()).to_df()
+                                                  features=schema.feature_refs()).to_arrow()
             release_duckdb()
         yield _tidy(frame, schema)
         return
@@ -222,7 +238,7 @@ def training_chunks(settings: Settings, schema: Schema, folder: Path) -> Iterato
         if len(entity_df):
             own.registry.apply_feature_view(bucket_view(view, feature_path), own.project)
             with DUCKDB:
-                frame = own.get_historical_features(entity_df=entity_df, features=schema.feature_refs()).to_df()
+                frame = own.get_historical_features(entity_df=entity_df, features=schema.feature_refs()).to_arrow()
                 release_duckdb()
             del entity_df
             yield _tidy(frame, schema)
@@ -267,7 +283,7 @@ class BucketRetrieval:
             with DUCKDB:
                 try:
                     frame = own.get_historical_features(entity_df=entity_df,
-                                                        features=self.schema.feature_refs()).to_df()
+                                                        features=self.schema.feature_refs()).to_arrow()
                 finally:
                     release_duckdb()
             return _tidy(frame, self.schema)

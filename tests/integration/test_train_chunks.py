@@ -83,7 +83,7 @@ def test_duckdb_joins_the_rows_feast_s_file_store_joins(sqlite_pipeline):
         store = FeatureStore(config=config)
         engine = type(store._get_provider().offline_store).__name__  # the file store is Feast's Dask store
         assert engine == {"duckdb": "DuckDBOfflineStore", "file": "DaskOfflineStore"}[offline_store["type"]]
-        frame = store.get_historical_features(entity_df=labels, features=schema.feature_refs()).to_df()
+        frame = store.get_historical_features(entity_df=labels, features=schema.feature_refs()).to_arrow()
         return _tidy(frame, schema)[[schema.join_key, schema.timestamp, schema.target, *schema.feature_names]]
 
     duck, file = joined(LOCAL_OFFLINE_STORE), joined({"type": "file"})
