@@ -7,7 +7,7 @@ promote, serve; ``run`` runs all but serve, in order.
 __version__ = "0.1.0"
 
 
-def _skip_feast_typechecks() -> None:
+def skip_feast_typechecks() -> None:
     """Leave Feast's classes as written instead of letting typeguard instrument them.
 
     Feast decorates its definition classes (``FeatureView``, ``Entity``,
@@ -19,6 +19,10 @@ def _skip_feast_typechecks() -> None:
     on every run and the tests exercise. ``@typechecked`` on anything outside
     Feast is left as it was; ``python -O`` is what skips it everywhere, but that
     also drops asserts.
+
+    Called by the entry points (:func:`pipeline.cli.main`, the serving worker's
+    :func:`pipeline.launcher.worker_app`) before Feast is imported: importing
+    the package changes nothing.
     """
     try:
         import typeguard
@@ -39,5 +43,3 @@ def _skip_feast_typechecks() -> None:
     typechecked.__doc__ = original.__doc__
     typeguard.typechecked = typechecked
 
-
-_skip_feast_typechecks()

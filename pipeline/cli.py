@@ -18,6 +18,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from pipeline import skip_feast_typechecks
 from pipeline.dag import PIPELINE, STAGE_NAMES, spec
 from pipeline.errors import ConfigError, PipelineError, storage_error
 from pipeline.settings import Settings
@@ -223,6 +224,7 @@ def tracking_store_ahead(settings: Settings, names: Sequence[str]) -> Iterator[C
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    skip_feast_typechecks()
     args = parser().parse_args(argv)
     configure_logging(args.quiet)
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")

@@ -27,6 +27,9 @@ def worker_app():
     """The app factory each granian worker calls, with what the serve command handed on."""
     import json
 
+    from pipeline import skip_feast_typechecks
+
+    skip_feast_typechecks()
     from pipeline.front import rsgi_app
     from pipeline.serve import create_app
 
