@@ -147,7 +147,7 @@ def _write_table(fs, source: Path, base: str, timestamp: str) -> list[dict]:
     UPLOAD_THREADS at a time (one at a time, the store's latency per file adds up)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    parquet = pq.ParquetFile(source)
+    parquet = pq.ParquetFile(source, pre_buffer=False)  # pre-buffered, it keeps what it read
     schema = parquet.schema_arrow.append(pa.field(PARTITION, pa.string()))
     batches = (_with_event_month(b, timestamp) for b in parquet.iter_batches(batch_size=64 * 1024))
     written: list[dict] = []

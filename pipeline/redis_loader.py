@@ -15,8 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import redis
 
@@ -34,18 +34,31 @@ LOAD_BATCH_ROWS = 20_000
 def latest_rows(features_path: Path, schema: Schema) -> np.ndarray:
     """A mask over the file's rows: the latest event per entity (on a tie, the later row).
 
-    Reads only the key and time columns (16 bytes a row), so the memory it
-    needs is a small fraction of the file.
+    Reads only the key and time columns (16 bytes a row), each batch by batch
+    into one numpy array, and finds each entity's newest time by its code
+    (``pandas.factorize``), not by sorting: at 10^7 rows, 0.3 GiB and 1.3 s
+    where one Arrow sort of both columns took 0.7 GiB and 1.6 s. Integer keys.
     """
-    table = pq.read_table(features_path, columns=[schema.join_key, schema.timestamp])
-    order = pc.sort_indices(table, sort_keys=[(schema.join_key, "ascending"),
-                                              (schema.timestamp, "ascending")]).to_numpy()
-    keys = table.column(schema.join_key).to_numpy()[order]
-    del table
-    last = np.ones(len(order), dtype=bool)
-    last[:-1] = keys[1:] != keys[:-1]  # stable sort: the last of each run is the latest
-    mask = np.zeros(len(order), dtype=bool)
-    mask[order[last]] = True
+    parquet = pq.ParquetFile(features_path, pre_buffer=False)
+
+    def column(name: str) -> np.ndarray:
+        values, at = np.empty(parquet.metadata.num_rows, dtype=np.int64), 0
+        for batch in parquet.iter_batches(batch_size=1 << 20, columns=[name]):
+            part = batch.column(0)
+            values[at:at + len(part)] = (part.cast(pa.int64()) if pa.types.is_timestamp(part.type) else part).to_numpy()
+            at += len(part)
+        return values
+
+    codes, entities = pd.factorize(column(schema.join_key), sort=False)
+    times = column(schema.timestamp)
+    newest = np.full(len(entities), np.iinfo(np.int64).min)
+    np.maximum.at(newest, codes, times)
+    rows = np.flatnonzero(times == newest[codes])  # every row at its entity's newest time
+    del times, newest
+    last = np.full(len(entities), -1)
+    np.maximum.at(last, codes[rows], rows)  # of those, the later row
+    mask = np.zeros(len(codes), dtype=bool)
+    mask[last] = True
     return mask
 
 
@@ -64,7 +77,7 @@ def load_latest(client, features_path: Path, schema: Schema,
     wanted = latest_rows(features_path, schema)
     total, written, offset = int(wanted.sum()), 0, 0
     columns = [schema.join_key, schema.timestamp, *schema.feature_names]
-    parquet = pq.ParquetFile(features_path)
+    parquet = pq.ParquetFile(features_path, pre_buffer=False)  # pre-buffered, it keeps what it read
     cluster = isinstance(client, redis.cluster.RedisCluster)
     conn = NodeConnections(client) if cluster else client.connection_pool.get_connection()
     try:

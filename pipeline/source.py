@@ -54,7 +54,7 @@ def _as_text(column: pa.Array) -> pa.Array:
 
 
 def _parquet_batches(path: Path) -> Iterator[pa.RecordBatch]:
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=65_536):
+    for batch in pq.ParquetFile(path, pre_buffer=False).iter_batches(batch_size=65_536):  # bounded memory
         yield pa.RecordBatch.from_arrays([_as_text(col) for col in batch.columns], names=batch.schema.names)
 
 

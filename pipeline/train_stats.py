@@ -213,7 +213,8 @@ def merge(parts: Iterable[tuple[int, Gathered]], columns: int, sample_rows: int 
 def score(fit: Fit, spill: Path, schema: Schema) -> tuple[ErrorSums, ErrorSums]:
     """``(train, holdout)`` error sums of ``fit`` over the rows :func:`gather` spilled."""
     train, holdout = ErrorSums(), ErrorSums()
-    for batch in pq.ParquetFile(spill).iter_batches(batch_size=1 << 16):
+    # pre_buffer=False: pre-buffered, the reader kept every row group it had read (0.7 GiB at 10^7 rows)
+    for batch in pq.ParquetFile(spill, pre_buffer=False).iter_batches(batch_size=1 << 16):
         held = batch.column("held").to_numpy(zero_copy_only=False)
         y = batch.column(schema.target).to_numpy()
         x = np.column_stack([batch.column(name).to_numpy() for name in schema.feature_names])

@@ -66,3 +66,33 @@ def test_standard_errors_are_the_ols_ones_and_cover_the_truth():
     truth = np.array([TRUTH.intercept, *(TRUTH.coefficients[n] for n in schema.feature_names)])
     z = (np.array([fit.intercept, *fit.coefficients]) - truth) / got
     assert np.abs(z).max() < 4.5  # nine coefficients: a 4.5-sigma miss means the errors are wrong
+
+
+def test_scoring_the_spill_holds_a_batch_at_a_time_not_what_it_read(tmp_path):
+    """score() reads train's spill (every row: 0.8 GB at 10^7 rows) batch by batch:
+    Arrow holds a batch or two at any time, not what it has read so far."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.dataset import CUSTOMERS as schema
+    from pipeline.io import SCRATCH_PARQUET
+    from pipeline.train_stats import score, spill_schema
+
+    rng, groups, rows = np.random.default_rng(3), 60, 20_000
+    spill, columns = tmp_path / "scored.parquet", spill_schema(schema)
+    with pq.ParquetWriter(spill, columns, **SCRATCH_PARQUET) as writer:
+        for _ in range(groups):  # one row group per write, as gather writes a chunk
+            x, held = rng.normal(size=(rows, len(schema.feature_names))), rng.random(rows) < 0.2
+            writer.write_table(pa.table([held, x.sum(axis=1) + 1.0, *x.T], schema=columns))
+    batch_bytes = (1 << 16) * 8 * (len(schema.feature_names) + 2)  # score's batches of 65536 rows
+    held_by_arrow = []
+
+    class Fit:
+        def predict(self, x):
+            held_by_arrow.append(pa.total_allocated_bytes())
+            return x.sum(axis=1)
+
+    before = pa.total_allocated_bytes()
+    train, holdout = score(Fit(), spill, schema)
+    assert train.n + holdout.n == groups * rows
+    assert max(held_by_arrow) - before < 3 * batch_bytes  # a batch or two, not the file's 77 MB
