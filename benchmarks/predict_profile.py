@@ -167,7 +167,7 @@ def _service(args, work: Path, redis_url: str, weights: dict, loop, tag: str) ->
     settings = Settings(shared_dir=work / f"shared{tag}", redis_url=redis_url, mlflow_tracking_uri=None,
                         prediction_log=args.log, online_timeout_seconds=5.0)
     metrics = Metrics(None if args.single else str(work / "prometheus"))
-    online = open_online(settings, schema, on_read=getattr(metrics, "looked_up", metrics.lookup.observe), on_unreachable=metrics.lookup_errors.inc)
+    online = open_online(settings, schema, on_read=metrics.looked_up, on_unreachable=metrics.lookup_errors.inc)
     model = check_model("harness", 1, "production", LinearModel.from_weights(weights))
     app = create_app(settings, schema=schema, online=online, watcher=_Watcher(model), metrics=metrics,
                      sample_entity=FIRST)

@@ -26,7 +26,7 @@ def skip_feast_typechecks() -> None:
     """
     try:
         import typeguard
-    except ImportError:  # Feast not installed: nothing to skip
+    except ImportError:  # no typeguard, so no Feast that uses it: nothing to skip
         return
     original = typeguard.typechecked
     if getattr(original, "skips_feast", False):

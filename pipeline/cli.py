@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -190,10 +191,11 @@ def tracking_store_ahead(settings: Settings, names: Sequence[str]) -> Iterator[C
 
     MLflow builds its tables through some fifty migrations, about 2 s here, on
     the way to train's first result; on the second core they overlap ingest,
-    features and feast. The store is built in a temp file and renamed into place
-    (:func:`pipeline.registry.init_sqlite_store`), and train waits for that
-    process before it opens the store, so the two never write one file. If the
-    process failed, train creates the store itself and says why.
+    features and feast. The store is built in a temp file and published only
+    if no store is there yet (:func:`pipeline.registry.init_sqlite_store`), and
+    train waits for that process before it opens the store. If the process
+    failed, a warning says why and train creates the store itself; if a stage
+    before train fails, the process is interrupted at once.
     """
     from pipeline.registry import sqlite_path
 
@@ -201,26 +203,40 @@ def tracking_store_ahead(settings: Settings, names: Sequence[str]) -> Iterator[C
     if db is None or db.exists():
         yield lambda: None
         return
+    errors = tempfile.TemporaryFile()
     proc = subprocess.Popen(
         [sys.executable, "-c", "import sys; from pathlib import Path; "
          "from pipeline.registry import init_sqlite_store; init_sqlite_store(Path(sys.argv[1]))", str(db)],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=errors)
 
-    def ready() -> None:
+    def stop(timeout: float) -> None:
         try:
-            proc.wait(timeout=STORE_AHEAD_SECONDS)
+            proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            proc.send_signal(signal.SIGINT)  # Python unwinds: the temp file is removed
+            proc.send_signal(signal.SIGINT)  # Python unwinds: its temp file is removed
             try:
                 proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
 
+    def ready() -> None:
+        stop(STORE_AHEAD_SECONDS)
+        if proc.returncode:
+            errors.seek(0)
+            said = errors.read().decode(errors="replace").strip().splitlines()
+            log.warning("mlflow: the tracking store made ahead failed (exit %s: %s); train creates it",
+                        proc.returncode, said[-1] if said else "no message")
+
     try:
         yield ready
+    except BaseException:
+        stop(0)  # a stage failed or was interrupted: not worth waiting for
+        raise
+    else:
+        ready()  # never left behind to publish a store later
     finally:
-        ready()  # never left behind to rename a store into place later
+        errors.close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -6,7 +6,9 @@ interface a worker thread that waits on a stalled body cannot be taken back
 event loop within ``MLOPS_BODY_TIMEOUT_SECONDS`` (a JSON 408, the connection
 closed, after that), a too-long ``Content-Length`` is refused before a byte is
 read (JSON 413), chunked bodies are read whole, and only then is the werkzeug
-app (:mod:`pipeline.serve`) called with a complete body.
+app (:mod:`pipeline.serve`) called with a complete body: ``/predict`` through
+its hot path (:meth:`~pipeline.serve.PredictionService.answer_predict`, handed
+the few fields it reads), every other route as WSGI.
 """
 
 from __future__ import annotations
@@ -41,8 +43,9 @@ class RSGIFront:
     The request body is read here, on the worker's event loop, whole and
     bounded: at most ``MLOPS_MAX_BODY_BYTES`` (413 past that) within
     ``MLOPS_BODY_TIMEOUT_SECONDS`` (408 past that, and the connection is
-    closed); a chunked body is read the same way. Only then is the WSGI app
-    called, with the body in memory, so it never waits on a client: on the
+    closed); a chunked body is read the same way. Only then is the app
+    called (``/predict``'s hot path, else the WSGI app), with the body in
+    memory, so it never waits on a client: on the
     event loop itself with ``MLOPS_THREADS=1`` (the default), else on a pool of
     that many threads. Measured on the two-core machine over the in-memory
     fakes with wrk (2 workers, 2 and 8 connections): the app on the loop
@@ -84,7 +87,7 @@ class RSGIFront:
         if self.executor is not None:
             self.executor.shutdown(wait=False)
         if getattr(self.service, "metrics", None) is not None:
-            self.service.metrics.flush()  # what this worker counted last, before it goes
+            self.service.metrics.close()  # what this worker counted last, before it goes
         if getattr(self.service, "predlog", None) is not None:
             self.service.predlog.close(timeout=5)  # a graceful stop (SIGTERM) writes what was queued
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -77,24 +78,35 @@ def open_client(uri: str) -> MlflowClient:
 
 
 def init_sqlite_store(db: Path) -> None:
-    """Create MLflow's SQLite store atomically.
+    """Create MLflow's SQLite store atomically, never over one that is there.
 
     MLflow creates its tables through a series of migrations; a process killed
     half-way leaves a database that every later start refuses ("index already
-    exists"). So the store is built in a temp file beside it and renamed into
-    place once complete.
+    exists"). So the store is built in a temp file beside it and published
+    once complete, as a hard link: if another process published one meanwhile
+    (the run's store made ahead, a serving worker), that one stays and this
+    copy is dropped, so no open store is ever replaced under its users.
     """
     if db.exists():
         return
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
-    from pipeline.io import atomic_path
+    from pipeline.io import TMP_PREFIX, fsync_dir
 
     db.parent.mkdir(parents=True, exist_ok=True)
     log.info("mlflow: creating the tracking store %s", db)
-    with atomic_path(db) as tmp:
+    tmp = db.with_name(f"{TMP_PREFIX}{db.name}.{os.getpid()}")
+    try:
         store = SqlAlchemyStore(f"sqlite:///{tmp}", str(db.parent / "artifacts"))
         store.engine.dispose()
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        with contextlib.suppress(FileExistsError):  # another process's store came first: it stays
+            os.link(tmp, db)
+        fsync_dir(db.parent)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
 
 
 def _is_connection_failure(exc: BaseException) -> bool:

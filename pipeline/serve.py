@@ -97,12 +97,11 @@ class Metrics:
         # made once (``labels()`` takes a lock and builds a key per call)
         self._answered: dict[tuple[str, str, int], tuple[_Tally, _Tally]] = {}
         self._lookups, self._predicted = self._tally(self.lookup), self._tally(self.predictions)
-        self._flusher: threading.Thread | None = None
+        self._closed = threading.Event()
         if multiprocess_dir:
-            # another worker may answer /metrics: what this one tallied gets there within a second
-            self._flusher = threading.Thread(target=self._flush_every, args=(FLUSH_SECONDS,),
-                                             name="metrics-flush", daemon=True)
-            self._flusher.start()
+            # another worker may answer /metrics: what this one tallied gets there within about a second
+            threading.Thread(target=self._flush_every, args=(FLUSH_SECONDS,), name="metrics-flush",
+                             daemon=True).start()
 
     def _tally(self, child) -> _Tally:
         tally = _Tally(child)
@@ -111,8 +110,8 @@ class Metrics:
 
     def answered(self, route: str, method: str, status: int, seconds: float) -> None:
         """Count one answered request and observe its duration."""
-        tallies = self._answered.get((route, method, status))
         with self._lock:
+            tallies = self._answered.get((route, method, status))
             if tallies is None:
                 tallies = self._answered[(route, method, status)] = (
                     self._tally(self.latency.labels(route)),
@@ -136,10 +135,17 @@ class Metrics:
             for tally in self._tallies:
                 tally.flush()
 
+    def close(self) -> None:
+        """Flush what is tallied and stop the flushing thread."""
+        self._closed.set()
+        self.flush()
+
     def _flush_every(self, seconds: float) -> None:
-        while True:
-            time.sleep(seconds)
-            self.flush()
+        while not self._closed.wait(seconds):
+            try:
+                self.flush()
+            except Exception:  # an OS error on the shared files: said, and tried again next time
+                log.exception("serve: could not write this worker's metrics; retrying in %gs", seconds)
 
     def model_loaded(self, outcome: str, version: int) -> None:
         self.model_loads.labels(outcome).inc()
@@ -280,7 +286,8 @@ class PredictionService:
                                                      for e, p, f in zip(ids, predictions, features)]}
         else:
             answer = {key: ids[0], "prediction": predictions[0], "features": features[0], "model": meta}
-        return orjson.dumps(answer)
+        # numpy scalars as numbers; a non-finite value as null (json's NaN is not JSON)
+        return orjson.dumps(answer, option=orjson.OPT_SERIALIZE_NUMPY)
 
     def on_openapi(self, request: Request) -> Response:
         return json_response(self.openapi)

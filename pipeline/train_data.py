@@ -144,7 +144,8 @@ def _tidy(table: pa.Table, schema: Schema) -> pd.DataFrame:
     at = table.schema.get_field_index(schema.timestamp)
     table = table.set_column(at, schema.timestamp, pc.cast(table[schema.timestamp], pa.timestamp("ns", tz="UTC")))
     # sort_by is stable, as pandas' kind="stable" was
-    return table.sort_by([(schema.timestamp, "ascending"), (schema.join_key, "ascending")]).to_pandas()
+    table = table.sort_by([(schema.timestamp, "ascending"), (schema.join_key, "ascending")])
+    return table.to_pandas().reset_index(drop=True)  # the file store's table carries pandas' index
 
 
 def _own_store(folder: Path, project: str, provider: str, serialization: int, entity):

@@ -45,7 +45,7 @@ def holdout_mask(keys: np.ndarray, holdout_fraction: float, seed: int) -> np.nda
     if holdout_fraction <= 0:
         return np.zeros(len(keys), dtype=bool)
     # each entity's key written and hashed once (an entity has several rows)
-    each, unique = pd.factorize(np.asarray(keys))
+    each, unique = pd.factorize(np.asarray(keys), use_na_sentinel=False)
     hashes = pd.util.hash_array(np.asarray(unique).astype(str).astype(object), hash_key=f"{seed:016d}"[-16:],
                                 categorize=False)
     return (hashes < np.uint64(min(holdout_fraction, 1.0) * 2.0**64))[each]

@@ -8,6 +8,7 @@ import base64
 import json
 import os
 import subprocess
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -18,6 +19,7 @@ from pipeline.cli import run_stages
 from pipeline.dag import IDEMPOTENT
 from pipeline.dag import STAGE_NAMES as STAGES
 from pipeline.io import read_record
+from pipeline.serve import FLUSH_SECONDS
 from tests.support import ROOT, docker_available, free_port, make_settings
 
 pytestmark = [pytest.mark.e2e, pytest.mark.docker]
@@ -126,10 +128,14 @@ def test_predict_answers_with_the_production_model_and_metrics_count_it(stack):
     assert status == 200 and answer["customer_id"] == 1000
     assert answer["model"] == {"name": "mlops-linear", "version": promote["outputs"]["alias_version"],
                                "alias": "production"}
-    _, metrics = get(f"{serve}/metrics")
-    line = next(l for l in metrics.splitlines()
-                if l.startswith('mlops_http_requests_total{method="GET",route="/predict",status="200"}'))
-    assert float(line.split()[-1]) >= 1
+    # two workers: the other one's counts reach /metrics within about FLUSH_SECONDS
+    deadline, counted = time.monotonic() + 3 * FLUSH_SECONDS, 0.0
+    while counted < 1 and time.monotonic() < deadline:
+        _, metrics = get(f"{serve}/metrics")
+        counted = next((float(l.split()[-1]) for l in metrics.splitlines() if l.startswith(
+            'mlops_http_requests_total{method="GET",route="/predict",status="200"}')), 0.0)
+        time.sleep(0.1)
+    assert counted >= 1
 
 
 def test_compose_trains_the_same_model_as_the_local_simulator(stack, tmp_path):

@@ -128,8 +128,8 @@ def test_metrics_over_the_socket_add_up_both_workers(server):
     while counted < 10 and time.monotonic() < deadline:
         with urllib.request.urlopen(f"{server}/metrics", timeout=10) as resp:
             text = resp.read().decode()
-        counted = float(next(l for l in text.splitlines() if l.startswith(
-            'mlops_http_requests_total{method="GET",route="/predict",status="200"}')).split()[-1])
+        counted = next((float(l.split()[-1]) for l in text.splitlines() if l.startswith(
+            'mlops_http_requests_total{method="GET",route="/predict",status="200"}')), 0.0)
         time.sleep(0.1)
     assert counted >= 10
     assert "mlops_model_version 1.0" in text

@@ -73,15 +73,18 @@ def test_another_workers_tallies_reach_metrics_within_the_flush_interval(tmp_pat
         monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
         monkeypatch.setattr(values, "ValueClass", values.MultiProcessValue())
         reader = Metrics(str(tmp_path))  # the worker that happens to answer /metrics
-        counted = 0.0
-        for _ in range(int(5 * FLUSH_SECONDS / 0.1)):  # bounded: five flush intervals
-            counted = samples(reader).get(("mlops_predictions_total", ()), 0.0)
-            if counted == 25:
-                break
-            stop.wait(0.1)
-        assert counted == 25
-        assert samples(reader)[("mlops_http_requests_total",
-                                (("method", "GET"), ("route", "/predict"), ("status", "200")))] == 25
+        try:
+            counted = 0.0
+            for _ in range(int(5 * FLUSH_SECONDS / 0.1)):  # bounded: five flush intervals
+                counted = samples(reader).get(("mlops_predictions_total", ()), 0.0)
+                if counted == 25:
+                    break
+                stop.wait(0.1)
+            assert counted == 25
+            assert samples(reader)[("mlops_http_requests_total",
+                                    (("method", "GET"), ("route", "/predict"), ("status", "200")))] == 25
+        finally:
+            reader.close()
     finally:
         stop.set()
         worker.join(30)
