@@ -21,8 +21,9 @@ def skip_feast_typechecks() -> None:
     also drops asserts.
 
     Called by the entry points (:func:`pipeline.cli.main`, the serving worker's
-    :func:`pipeline.launcher.worker_app`) before Feast is imported: importing
-    the package changes nothing.
+    :func:`pipeline.launcher.worker_app`, the local Dask cluster's workers in
+    :func:`pipeline.dask_engine.open_client`) before Feast is imported:
+    importing the package changes nothing.
     """
     try:
         import typeguard

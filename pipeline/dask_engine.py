@@ -44,6 +44,8 @@ def open_client(settings: Settings) -> Iterator:
     """A Dask client on the configured scheduler (or a LocalCluster for ``local``)."""
     from distributed import Client, LocalCluster
 
+    from pipeline import skip_feast_typechecks
+
     # importing distributed set its loggers to INFO: the cluster's start-up and shutdown
     # chatter (dozens of lines) would bury the stage's own progress
     logging.getLogger("distributed").setLevel(logging.WARNING)
@@ -55,6 +57,9 @@ def open_client(settings: Settings) -> Iterator:
                     n_workers=min(os.cpu_count() or 1, LOCAL_WORKERS), threads_per_worker=1, processes=True,
                     host="127.0.0.1", dashboard_address=None, silence_logs=logging.WARNING))
                 client = stack.enter_context(Client(cluster))
+                # our own worker processes: Feast's classes left as written there too (as the
+                # command line does; a user's cluster is left as its owner set it up)
+                client.run(skip_feast_typechecks)
             else:
                 client = stack.enter_context(Client(address, timeout=CONNECT_TIMEOUT_SECONDS))
         except (OSError, TimeoutError) as exc:

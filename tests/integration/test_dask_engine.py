@@ -73,3 +73,18 @@ def test_a_scheduler_that_does_not_answer_is_one_line(tmp_path):
                for line in lines), proc.stderr
     assert not (tmp_path / "shared" / "data" / "features" / "features.parquet").exists()
     assert os.listdir(tmp_path / "shared" / "data" / "features") == []
+
+
+def _feast_instrumented() -> bool:
+    import feast
+
+    return "typeguard" in feast.FeatureView.__init__.__code__.co_names
+
+
+def test_the_local_cluster_s_workers_leave_feast_uninstrumented(tmp_path):
+    """Each worker imports Feast for train's bucket joins: without typeguard's instrumentation,
+    as the command line does (2.7 s less per worker process)."""
+    from pipeline.dask_engine import open_client
+
+    with open_client(make_settings(tmp_path, dask_scheduler="local")) as client:
+        assert set(client.run(_feast_instrumented).values()) == {False}
