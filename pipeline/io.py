@@ -42,17 +42,22 @@ def fsync_dir(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(target: Path) -> Iterator[Path]:
+def atomic_path(target: Path, *, replace: bool = True) -> Iterator[Path]:
     """Yield a temp path beside ``target``; on success fsync it and rename it
     over ``target``. On any error the temp file is removed and ``target`` is
-    untouched."""
+    untouched. With ``replace=False`` it is published as a hard link only if
+    no ``target`` is there yet; one that is (another process's) stays."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f"{TMP_PREFIX}{target.name}.{os.getpid()}")
     try:
         yield tmp
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
-        os.replace(tmp, target)
+        if replace:
+            os.replace(tmp, target)
+        else:
+            with contextlib.suppress(FileExistsError):
+                os.link(tmp, target)
         fsync_dir(target.parent)
     finally:
         with contextlib.suppress(FileNotFoundError):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -91,22 +90,12 @@ def init_sqlite_store(db: Path) -> None:
         return
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
-    from pipeline.io import TMP_PREFIX, fsync_dir
+    from pipeline.io import atomic_path
 
-    db.parent.mkdir(parents=True, exist_ok=True)
     log.info("mlflow: creating the tracking store %s", db)
-    tmp = db.with_name(f"{TMP_PREFIX}{db.name}.{os.getpid()}")
-    try:
+    with atomic_path(db, replace=False) as tmp:  # another process's store came first: it stays
         store = SqlAlchemyStore(f"sqlite:///{tmp}", str(db.parent / "artifacts"))
         store.engine.dispose()
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        with contextlib.suppress(FileExistsError):  # another process's store came first: it stays
-            os.link(tmp, db)
-        fsync_dir(db.parent)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
 
 
 def _is_connection_failure(exc: BaseException) -> bool:

@@ -76,3 +76,13 @@ def test_with_a_run_id_only_the_same_rollouts_record_counts(tmp_path):
     assert wait_for_record(tmp_path, "features", "ingest", 0) == old  # no id: any record
     with pytest.raises(UpstreamMissing):
         wait_for_record(tmp_path, "features", "ingest", 0.3, run_id="rollout-2", poll=0.1)
+
+
+def test_atomic_path_without_replace_publishes_once_and_keeps_the_first(tmp_path):
+    target = tmp_path / "store.db"
+    with atomic_path(target, replace=False) as tmp:
+        tmp.write_bytes(b"first")
+    with atomic_path(target, replace=False) as tmp:  # another process's, made meanwhile
+        tmp.write_bytes(b"second")
+    assert target.read_bytes() == b"first"
+    assert [p.name for p in tmp_path.iterdir()] == ["store.db"]  # no temp left
