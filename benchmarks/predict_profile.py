@@ -161,7 +161,8 @@ def _service(args, work: Path, redis_url: str, weights: dict, loop, tag: str) ->
     from pipeline.mlflow_model import LinearModel
     from pipeline.online import open_online
     from pipeline.model_loading import check_model
-    from pipeline.serve import Metrics, create_app
+    from pipeline.metrics import Metrics
+    from pipeline.serve import create_app
     from pipeline.settings import Settings
 
     settings = Settings(shared_dir=work / f"shared{tag}", redis_url=redis_url, mlflow_tracking_uri=None,

@@ -19,7 +19,7 @@ from pipeline.cli import run_stages
 from pipeline.dag import IDEMPOTENT
 from pipeline.dag import STAGE_NAMES as STAGES
 from pipeline.io import read_record
-from pipeline.serve import FLUSH_SECONDS
+from pipeline.metrics import FLUSH_SECONDS
 from tests.support import ROOT, docker_available, free_port, make_settings
 
 pytestmark = [pytest.mark.e2e, pytest.mark.docker]

@@ -119,7 +119,7 @@ def test_dvc_status_is_clean_with_dvcs_own_cli(run):
 
 
 def test_metrics_over_the_socket_add_up_both_workers(server):
-    from pipeline.serve import FLUSH_SECONDS
+    from pipeline.metrics import FLUSH_SECONDS
 
     for _ in range(10):
         get_json(f"{server}/predict")

@@ -16,7 +16,8 @@ from werkzeug.test import Client
 from pipeline.dataset import CUSTOMERS as schema
 from pipeline.io import read_record
 from pipeline.online import open_online
-from pipeline.serve import Metrics, create_app
+from pipeline.metrics import Metrics
+from pipeline.serve import create_app
 from tests.service.fakes import (SAMPLE, FakeClock, Fakes, documented_families, exposed_families,
                                  metrics_in_memory)
 from tests.support import make_settings

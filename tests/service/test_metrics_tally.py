@@ -9,7 +9,7 @@ import pytest
 from prometheus_client import values
 from prometheus_client.parser import text_string_to_metric_families
 
-from pipeline.serve import FLUSH_SECONDS, LATENCY_BUCKETS, Metrics
+from pipeline.metrics import FLUSH_SECONDS, LATENCY_BUCKETS, Metrics
 
 # on a bound, between bounds, below the first, past the last (+Inf), zero
 SECONDS = [LATENCY_BUCKETS[0], LATENCY_BUCKETS[3], 0.0001, 0.004, 7.5, 0.0, 0.0012, LATENCY_BUCKETS[-1], 0.3]

@@ -47,7 +47,7 @@ def test_panels_chart_metrics_that_exist():
         assert wanted in titles
     exprs = [t["expr"] for p in board["panels"] for t in p["targets"]]
     used = {m for e in exprs for m in re.findall(r"\b(mlops_[a-z_]+)", e)}
-    serve = (ROOT / "pipeline" / "serve.py").read_text()
+    serve = (ROOT / "pipeline" / "metrics.py").read_text()
     exporter = (ROOT / "pipeline" / "monitor_exporter.py").read_text()
     for metric in used:
         base = re.sub(r"_(total|bucket)$", "", metric)
