@@ -49,14 +49,19 @@ def covered(shared: Path) -> list[Path]:
 
 
 def s3fs_of(settings):
-    """pyarrow's S3 filesystem on the same store with the same keys."""
+    """pyarrow's S3 filesystem on the same store with the same keys and the lakehouse's timeouts.
+
+    The AWS SDK's default request timeout is 3 s, which a fresh SeaweedFS growing its
+    first volumes on a busy machine can exceed; ``copy_files`` then drops the upload
+    with only a logged error."""
     from pyarrow import fs
 
     os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")  # no instance-metadata probe on 169.254.169.254
     access, secret = credentials(settings)
     scheme, _, host = settings.s3_endpoint.partition("://")
     return fs.S3FileSystem(access_key=access, secret_key=secret, endpoint_override=host, scheme=scheme,
-                           region=settings.s3_region, allow_bucket_creation=False)
+                           region=settings.s3_region, allow_bucket_creation=False,
+                           connect_timeout=5, request_timeout=60)
 
 
 def plain_copy(settings, shared: Path, work: Path) -> dict:
