@@ -22,7 +22,8 @@ def skip_feast_typechecks() -> None:
 
     Called by the entry points (:func:`pipeline.cli.main`, the serving worker's
     :func:`pipeline.launcher.worker_app`, the local Dask cluster's workers in
-    :func:`pipeline.dask_engine.open_client`) before Feast is imported:
+    :func:`pipeline.dask_engine.open_client`, and a user's own Dask workers
+    through :mod:`pipeline.dask_preload`) before Feast is imported:
     importing the package changes nothing.
     """
     try:

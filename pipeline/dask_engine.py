@@ -58,7 +58,7 @@ def open_client(settings: Settings) -> Iterator:
                     host="127.0.0.1", dashboard_address=None, silence_logs=logging.WARNING))
                 client = stack.enter_context(Client(cluster))
                 # our own worker processes: Feast's classes left as written there too (as the
-                # command line does; a user's cluster is left as its owner set it up)
+                # command line does; a user's own cluster gets it from --preload pipeline.dask_preload)
                 client.run(skip_feast_typechecks)
             else:
                 client = stack.enter_context(Client(address, timeout=CONNECT_TIMEOUT_SECONDS))

@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -88,3 +92,35 @@ def test_the_local_cluster_s_workers_leave_feast_uninstrumented(tmp_path):
 
     with open_client(make_settings(tmp_path, dask_scheduler="local")) as client:
         assert set(client.run(_feast_instrumented).values()) == {False}
+
+
+@pytest.mark.parametrize("preload", [True, False], ids=["preloaded", "as-is"])
+def test_a_users_own_workers_leave_feast_uninstrumented_with_the_preload(tmp_path, preload):
+    """``dask worker --preload pipeline.dask_preload`` on a cluster the user starts with Dask's
+    own command: its workers skip the instrumentation; without the preload they keep it (the
+    owner's choice)."""
+    from distributed import Client
+
+    dask = str(Path(sys.executable).parent / "dask")
+    address = f"tcp://127.0.0.1:{free_port()}"
+    root = Path(__file__).resolve().parents[2]
+    env = clean_env(PYTHONPATH=str(root))  # the test's own helpers, sent to the worker by reference
+    procs = [subprocess.Popen([dask, "scheduler", "--host", "127.0.0.1", "--port", address.rsplit(":", 1)[1],
+                               "--no-dashboard"], env=env, cwd=tmp_path, stderr=subprocess.DEVNULL)]
+    try:
+        procs.append(subprocess.Popen(
+            [dask, "worker", address, "--nworkers", "1", "--nthreads", "1", "--no-dashboard",
+             "--host", "127.0.0.1", *(["--preload", "pipeline.dask_preload"] if preload else [])],
+            env=env, cwd=tmp_path, stderr=subprocess.DEVNULL))
+        with Client(address, timeout=30) as client:
+            client.wait_for_workers(1, timeout=60)
+            assert set(client.run(_feast_instrumented).values()) == {not preload}
+    finally:
+        for proc in reversed(procs):
+            proc.terminate()
+        deadline = time.monotonic() + 30
+        for proc in reversed(procs):
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
