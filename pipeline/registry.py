@@ -98,6 +98,28 @@ def init_sqlite_store(db: Path) -> None:
         store.engine.dispose()
 
 
+# A store is built in seconds: a temp store older than this was left by a killed maker.
+STALE_STORE_SECONDS = 600
+
+
+def remove_stale_store_temps(db: Path, older_than: float = STALE_STORE_SECONDS) -> int:
+    """Remove the temp stores (and their SQLite journals) that a maker killed before it
+    published left beside ``db``; returns how many. Only old ones: a younger temp may
+    be another process's store being built right now (a serving worker's, say)."""
+    import time
+
+    from pipeline.io import TMP_PREFIX
+
+    removed = 0
+    cutoff = time.time() - older_than
+    for tmp in db.parent.glob(f"{TMP_PREFIX}{db.name}.*"):
+        with contextlib.suppress(FileNotFoundError):
+            if tmp.stat().st_mtime < cutoff:
+                tmp.unlink()
+                removed += 1
+    return removed
+
+
 def _is_connection_failure(exc: BaseException) -> bool:
     import requests
 

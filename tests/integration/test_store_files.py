@@ -79,3 +79,27 @@ def test_a_new_folders_mlflow_store_is_made_ahead_by_another_process(tmp_path):
         with tracking_store_ahead(other, names) as ready:
             ready()
         assert not (other.mlflow_dir / "mlflow.db").exists(), names
+
+
+def test_a_killed_store_makers_temp_store_is_removed_once_old(tmp_path):
+    """A store maker killed before publishing leaves its temp store; the next train
+    removes it once it is older than any store takes to build, and leaves a young one
+    (another process may be building it) and the store itself."""
+    import os
+    import time
+
+    from pipeline.io import TMP_PREFIX
+    from pipeline.registry import STALE_STORE_SECONDS, init_sqlite_store, remove_stale_store_temps
+
+    db = tmp_path / "mlflow" / "mlflow.db"
+    init_sqlite_store(db)
+    old = [db.with_name(f"{TMP_PREFIX}mlflow.db.{pid}") for pid in (41, 42)]
+    old.append(old[1].with_name(old[1].name + "-journal"))
+    young = db.with_name(f"{TMP_PREFIX}mlflow.db.43")
+    for path in [*old, young]:
+        path.write_bytes(b"half a store")
+    long_ago = time.time() - STALE_STORE_SECONDS - 60
+    for path in old:
+        os.utime(path, (long_ago, long_ago))
+    assert remove_stale_store_temps(db) == 3
+    assert sorted(p.name for p in db.parent.iterdir() if p.is_file()) == sorted([db.name, young.name])
