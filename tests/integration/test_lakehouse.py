@@ -10,7 +10,6 @@ import json
 import os
 import urllib.request
 
-import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
