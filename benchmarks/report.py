@@ -98,7 +98,7 @@ def markdown(results: dict) -> str:
     if results.get("serving", {}).get("servers"):
         serving, method = results["serving"], results["serving"]["method"]
         lines += [f"Serving: {' and '.join(method['clients'])}, median of {method['rounds']} interleaved rounds "
-                  f"of {method['seconds_per_run']} s per server; Redis at {method['redis']}.", "",
+                  f"of {method['seconds_per_run']} s per server; Redis: {method['redis']}.", "",
                   "| client / connections / server | p50 ms | p99 ms | req/s |", "|---|---|---|---|"]
         for key, r in serving["servers"].items():
             lines.append(f"| {key} | {r['p50_ms']} | {r['p99_ms']} | {r['req_per_s'] or ''} |")

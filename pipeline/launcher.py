@@ -7,6 +7,7 @@ The serve command hands each worker its settings through the environment
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -87,15 +88,20 @@ def serve(settings: Settings, target: str = f"{__name__}:worker_app") -> None:
     Kubernetes and compose send). With several workers, prometheus-client keeps
     its values in files under ``PROMETHEUS_MULTIPROC_DIR``, so ``/metrics``
     adds up every worker.
+
+    Each worker is a granian server of its own on the same port
+    (:func:`supervise`), not one server with several workers: granian 2.5's
+    workers share one listening socket, and the kernel hands a burst of new
+    connections to whichever worker waited last, so a client with a few
+    keep-alive connections (a proxy, a load generator) had all of them on one
+    worker while the other idled: in 5 of 6 runs of wrk with 8 connections
+    against two workers here. granian binds with ``SO_REUSEPORT``, so
+    servers of their own each get a listening socket, and the kernel spreads
+    connections over them by address.
     """
     import json
     import shutil
     import tempfile
-
-    from granian.constants import Interfaces
-    from granian.http import HTTP1Settings
-    from granian.log import LogLevels
-    from granian.server import Server
 
     runtime = Path(tempfile.mkdtemp(prefix="mlops-serve-"))
     multiprocess_dir = None
@@ -104,21 +110,123 @@ def serve(settings: Settings, target: str = f"{__name__}:worker_app") -> None:
         multiprocess_dir = str(runtime / "prometheus")
         os.mkdir(multiprocess_dir)
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = multiprocess_dir
+    quiet = logging.getLogger().getEffectiveLevel() > logging.INFO  # `-q`
     os.environ[WORKER_HANDOVER] = json.dumps({
         "settings": settings.model_dump(mode="json"), "multiprocess_dir": multiprocess_dir,
-        "ready_marker": str(runtime / "ready")})
+        "ready_marker": str(runtime / "ready"), "target": target, "quiet": quiet})
     log.info("serve: starting on http://%s:%d (%d worker(s) x %d thread(s))", settings.host,
              settings.port, settings.workers, settings.threads)
-    quiet = logging.getLogger().getEffectiveLevel() > logging.INFO  # `-q`
     try:
-        Server(
-            target=target, factory=True, interface=Interfaces.RSGI,
-            address=settings.host, port=settings.port, workers=settings.workers,
-            websockets=False, respawn_failed_workers=True,
-            # headers that do not arrive in time: hyper closes the connection (no Python work waits)
-            http1_settings=HTTP1Settings(header_read_timeout=int(settings.body_timeout_seconds * 1000)),
-            workers_kill_timeout=20, log_access=False,
-            log_level=LogLevels.warning if quiet else LogLevels.info,
-        ).serve()
+        if settings.workers == 1:
+            granian_server(settings, target, quiet)
+        else:
+            code = supervise(settings.workers)
+            if code:
+                raise SystemExit(code)
     finally:
         shutil.rmtree(runtime, ignore_errors=True)
+
+
+def granian_server(settings: Settings, target: str, quiet: bool) -> None:
+    """One granian server with one worker process, in this process, until it is stopped."""
+    from granian.constants import Interfaces
+    from granian.http import HTTP1Settings
+    from granian.log import LogLevels
+    from granian.server import Server
+
+    Server(
+        target=target, factory=True, interface=Interfaces.RSGI,
+        address=settings.host, port=settings.port, workers=1,
+        websockets=False, respawn_failed_workers=True,
+        # headers that do not arrive in time: hyper closes the connection (no Python work waits)
+        http1_settings=HTTP1Settings(header_read_timeout=int(settings.body_timeout_seconds * 1000)),
+        workers_kill_timeout=20, log_access=False,
+        log_level=LogLevels.warning if quiet else LogLevels.info,
+    ).serve()
+
+
+# How long the servers have to drain and stop once one of them went by itself
+STOP_SECONDS = 30.0
+
+
+def supervise(servers: int) -> int:
+    """Run ``servers`` granian servers of one worker each (``python -m
+    pipeline.launcher``, with what :func:`serve` handed on in the environment)
+    until they stop; returns the exit code.
+
+    SIGTERM and SIGINT are passed on to every server, which drains its requests
+    and stops (a Ctrl-C in the terminal reaches them directly too; granian takes
+    the second as the first). Were this process killed outright, the kernel
+    sends them SIGTERM (``PR_SET_PDEATHSIG``): no server outlives it holding the
+    port. A server that stops by itself
+    (granian respawns a worker that dies, so this means the server itself failed,
+    e.g. its port taken) stops the others: the container's restart policy, or
+    the user, starts the whole thing again."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, SUPERVISOR: str(os.getpid())}
+    procs = [subprocess.Popen([sys.executable, "-m", __name__], env=env) for _ in range(servers)]
+    stopping: list[int] = []
+    failed: list[int] = []  # the exit code of a server that stopped by itself
+
+    def stop(signum, _frame=None) -> None:
+        stopping.append(signum)
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    pause = threading.Event()  # never set: a pause that is not a bare sleep
+    try:
+        while any(proc.poll() is None for proc in procs):
+            if not stopping and (gone := [p for p in procs if p.returncode is not None]):
+                log.error("serve: a server process exited by itself (code %s); stopping the others",
+                          gone[0].returncode)
+                failed.append(gone[0].returncode if gone[0].returncode > 0 else 1)  # a signal: 1
+                stop(signal.SIGTERM)
+            pause.wait(0.2)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        deadline = time.monotonic() + STOP_SECONDS
+        for proc in procs:
+            if proc.poll() is None:
+                if not stopping:
+                    proc.terminate()
+                try:
+                    proc.wait(max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+    return failed[0] if failed else 0
+
+
+# The supervisor's process id, handed to its servers
+SUPERVISOR = "_MLOPS_SERVE_SUPERVISOR"
+
+
+def stop_with_supervisor() -> None:
+    """Have the kernel send this process SIGTERM when the supervisor dies (Linux's
+    ``prctl(PR_SET_PDEATHSIG)``), and stop now if it is already gone."""
+    import ctypes
+    import signal
+    import sys
+
+    with contextlib.suppress(OSError, AttributeError):  # not Linux's libc: no such guard
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+    if os.getppid() != int(os.environ.get(SUPERVISOR, os.getppid())):
+        sys.exit(0)
+
+
+if __name__ == "__main__":  # one of supervise()'s servers
+    import json
+
+    from pipeline.cli import configure_logging
+
+    stop_with_supervisor()
+    handed = json.loads(os.environ[WORKER_HANDOVER])
+    configure_logging(quiet=handed["quiet"])
+    granian_server(Settings.model_validate(handed["settings"]), handed["target"], handed["quiet"])
