@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import Run, log, pipeline
-from pipeline import backup, restore
+from pipeline import backup, lakehouse, restore
 from pipeline.objectstore import credentials
 from tests.support import make_settings, seaweedfs
 
@@ -49,11 +49,9 @@ def covered(shared: Path) -> list[Path]:
 
 
 def s3fs_of(settings):
-    """pyarrow's S3 filesystem on the same store with the same keys and the lakehouse's timeouts.
-
-    The AWS SDK's default request timeout is 3 s, which a fresh SeaweedFS growing its
-    first volumes on a busy machine can exceed; ``copy_files`` then drops the upload
-    with only a logged error."""
+    """pyarrow's S3 filesystem on the same store with the same keys and the lakehouse's
+    timeouts (a fresh SeaweedFS on a busy machine exceeded the SDK's 3 s, and
+    ``copy_files`` dropped the upload with only a logged error)."""
     from pyarrow import fs
 
     os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")  # no instance-metadata probe on 169.254.169.254
@@ -61,7 +59,8 @@ def s3fs_of(settings):
     scheme, _, host = settings.s3_endpoint.partition("://")
     return fs.S3FileSystem(access_key=access, secret_key=secret, endpoint_override=host, scheme=scheme,
                            region=settings.s3_region, allow_bucket_creation=False,
-                           connect_timeout=5, request_timeout=60)
+                           connect_timeout=lakehouse.CONNECT_TIMEOUT_SECONDS,
+                           request_timeout=lakehouse.REQUEST_TIMEOUT_SECONDS)
 
 
 def plain_copy(settings, shared: Path, work: Path) -> dict:

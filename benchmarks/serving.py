@@ -36,7 +36,7 @@ from pipeline.dag import STAGE_NAMES
 from pipeline.dataset import CUSTOMERS as schema
 from pipeline.io import read_record
 from pipeline.settings import Settings
-from tests.support import LOOPBACK, free_port, started, wait_until
+from tests.support import LOOPBACK, free_port, listeners, started, wait_until
 
 PREDICT = "predict (this project)"
 FLOOR = "granian floor (HMGET + dot)"
@@ -178,13 +178,6 @@ def python_clients(call_of, clients: int, seconds: float, max_calls: int) -> dic
     if not flat:
         raise RuntimeError("no call finished within the measuring window")
     return {**percentiles(flat), "req_per_s": round(len(flat) / (time.monotonic() - started_at), 1)}
-
-
-def listeners(port: int) -> int:
-    """How many sockets listen on this loopback port (``SO_REUSEPORT``: one per server)."""
-    import psutil
-
-    return sum(c.laddr.port == port and c.status == psutil.CONN_LISTEN for c in psutil.net_connections("tcp"))
 
 
 def section_redis(run: Run, stack: contextlib.ExitStack) -> tuple[str, str]:

@@ -266,7 +266,7 @@ def spec(schema: Schema, max_batch: int, max_body_bytes: int) -> dict:
                                  "responses": {"200": {"description": "alive", "content": {
                                      "application/json": {"schema": {"type": "object"}}}}}}},
             "/readyz": {"get": {"operationId": "readyz",
-                                "summary": "Readiness: a model is loaded and the online store answers.",
+                                "summary": "Readiness: a model is loaded, the online store answers, every worker is ready.",
                                 "responses": {
                                     "200": {"description": "ready", "content": {
                                         "application/json": {"schema": {"$ref": "#/components/schemas/Ready"}}}},
@@ -290,7 +290,9 @@ def spec(schema: Schema, max_batch: int, max_body_bytes: int) -> dict:
                       "properties": {"ready": {"type": "boolean"}, "online_store_reachable": {"type": "boolean"},
                                      "model_version": {"type": "integer", "nullable": True},
                                      "online_store": {"type": "string"}, "model_error": {"type": "string"},
-                                     "model_registry": {"type": "string"}}},
+                                     "model_registry": {"type": "string"},
+                                     "workers": {"type": "string", "description": "with several workers: "
+                                                 "how many are ready, e.g. \"2 of 2 ready\""}}},
             "Error": {"type": "object", "required": ["error", "status", "message"],
                       "properties": {"error": {"type": "string"}, "status": {"type": "integer"},
                                      "message": {"type": "string"}}},

@@ -49,6 +49,9 @@ def atomic_path(target: Path, *, replace: bool = True) -> Iterator[Path]:
     no ``target`` is there yet; one that is (another process's) stays."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f"{TMP_PREFIX}{target.name}.{os.getpid()}")
+    # one with this process's id is a killed process's (ids repeat, a container's first
+    # process is 1 each time): a half-written file to start from, never to reuse
+    tmp.unlink(missing_ok=True)
     try:
         yield tmp
         with open(tmp, "rb+") as fh:

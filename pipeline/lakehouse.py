@@ -59,6 +59,9 @@ POINTER = "current.json"
 PARTITION = "event_month"
 TABLES = ("features", "labels")
 UPLOAD_THREADS = 16
+# pyarrow's S3 client: the AWS SDK's default request timeout (3 s) is one a store
+# busy growing its first volumes can exceed, and pyarrow then only logs the lost write
+CONNECT_TIMEOUT_SECONDS, REQUEST_TIMEOUT_SECONDS = 5, 60
 
 
 # ----------------------------------------------------------------- access
@@ -77,7 +80,7 @@ def filesystem(settings: Settings):
     keys = {"access_key": access, "secret_key": secret} if access and secret else {}
     return S3FileSystem(endpoint_override=parts.netloc, scheme=parts.scheme or "https",
                         region=settings.s3_region, force_virtual_addressing=False,
-                        connect_timeout=5, request_timeout=60, **keys)
+                        connect_timeout=CONNECT_TIMEOUT_SECONDS, request_timeout=REQUEST_TIMEOUT_SECONDS, **keys)
 
 
 def root(settings: Settings) -> str:

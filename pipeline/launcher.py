@@ -37,8 +37,7 @@ def worker_app():
     handed = json.loads(os.environ[WORKER_HANDOVER])
     settings = Settings.model_validate(handed["settings"])
     app = create_app(settings, multiprocess_dir=handed["multiprocess_dir"])
-    threading.Thread(target=announce_when_ready, args=(app, settings, handed["ready_marker"]),
-                     name="announce", daemon=True).start()
+    watch_readiness(app, settings, handed)
     front = rsgi_app(app, settings)
     # Everything imported and built so far (MLflow, Feast, pandas: about a million
     # objects) lives as long as the worker: keep it out of the garbage collector's
@@ -51,18 +50,61 @@ def worker_app():
     return front
 
 
-def announce_when_ready(app, settings: Settings, marker: str, *, limit_seconds: float = 600.0,
-                        every_seconds: float = 0.25) -> None:
+class WorkerMarkers:
+    """Which of the serve command's workers are ready: each one, once ready, leaves a
+    file named after its process id in one folder; a file whose process is gone (a
+    worker that died and is being respawned) does not count."""
+
+    def __init__(self, folder: str, expected: int) -> None:
+        self.folder, self.expected = Path(folder), expected
+
+    def mark(self) -> None:
+        (self.folder / str(os.getpid())).touch()
+
+    def check(self) -> tuple[bool, str]:
+        """``(every worker ready, "N of M ready")``, what ``/readyz`` adds."""
+        ready = 0
+        for entry in os.scandir(self.folder):
+            try:
+                os.kill(int(entry.name), 0)
+                ready += 1
+            except PermissionError:
+                ready += 1
+            except (ValueError, ProcessLookupError):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+        return ready >= self.expected, f"{ready} of {self.expected} ready"
+
+
+def watch_readiness(app, settings: Settings, handed: dict) -> None:
+    """With several workers, the app's ``/readyz`` also waits for every other worker
+    (each is a server of its own on the port: a connection may reach one still
+    starting or being respawned); and a thread says "serving" once all are ready."""
+    markers = WorkerMarkers(handed["workers_dir"], settings.workers) if handed.get("workers_dir") else None
+    app.peers_ready = markers.check if markers else None
+    threading.Thread(target=announce_when_ready, args=(app, settings, handed["ready_marker"], markers),
+                     name="announce", daemon=True).start()
+
+
+def announce_when_ready(app, settings: Settings, marker: str, markers: WorkerMarkers | None = None, *,
+                        limit_seconds: float = 600.0, every_seconds: float = 0.25) -> None:
     """Log ``serving: curl http://HOST:PORT/predict`` once the app is ready (what
-    ``/readyz`` checks: a model loaded, the online store reachable), so "serving"
-    is never said before the server answers. Of all workers, the first one ready
-    says it (it creates ``marker``); a warning if not ready within ``limit_seconds``."""
+    ``/readyz`` checks: a model loaded, the online store reachable, every worker
+    ready), so "serving" is never said before the server answers. This worker,
+    once ready, marks itself in ``markers``; of all workers, the first to see
+    every one ready says it (it creates ``marker``); a warning if not ready
+    within ``limit_seconds``."""
     import time
 
     pause = threading.Event()  # never set: a pause that is not a bare sleep
     deadline = time.monotonic() + limit_seconds
+    marked = False
     while time.monotonic() < deadline:
-        if app.is_ready():
+        if not marked and app.is_ready():
+            if markers is not None:
+                markers.mark()
+            marked = True
+        if marked and (markers is None or markers.check()[0]):
             try:
                 os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
             except FileExistsError:
@@ -105,15 +147,18 @@ def serve(settings: Settings, target: str = f"{__name__}:worker_app") -> None:
 
     runtime = Path(tempfile.mkdtemp(prefix="mlops-serve-"))
     multiprocess_dir = None
+    workers_dir = None
     if settings.workers > 1:
         # prometheus-client picks its storage when first imported (in each worker): set this first.
         multiprocess_dir = str(runtime / "prometheus")
         os.mkdir(multiprocess_dir)
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = multiprocess_dir
+        workers_dir = str(runtime / "workers")  # WorkerMarkers
+        os.mkdir(workers_dir)
     quiet = logging.getLogger().getEffectiveLevel() > logging.INFO  # `-q`
     os.environ[WORKER_HANDOVER] = json.dumps({
         "settings": settings.model_dump(mode="json"), "multiprocess_dir": multiprocess_dir,
-        "ready_marker": str(runtime / "ready"), "target": target, "quiet": quiet})
+        "ready_marker": str(runtime / "ready"), "workers_dir": workers_dir, "target": target, "quiet": quiet})
     log.info("serve: starting on http://%s:%d (%d worker(s) x %d thread(s))", settings.host,
              settings.port, settings.workers, settings.threads)
     try:
@@ -145,7 +190,7 @@ def granian_server(settings: Settings, target: str, quiet: bool) -> None:
     ).serve()
 
 
-# How long the servers have to drain and stop once one of them went by itself
+# How long the servers have to drain and stop once asked, before they are killed
 STOP_SECONDS = 30.0
 
 
@@ -155,21 +200,22 @@ def supervise(servers: int) -> int:
     until they stop; returns the exit code.
 
     SIGTERM and SIGINT are passed on to every server, which drains its requests
-    and stops (a Ctrl-C in the terminal reaches them directly too; granian takes
-    the second as the first). Were this process killed outright, the kernel
-    sends them SIGTERM (``PR_SET_PDEATHSIG``): no server outlives it holding the
-    port. A server that stops by itself
-    (granian respawns a worker that dies, so this means the server itself failed,
-    e.g. its port taken) stops the others: the container's restart policy, or
-    the user, starts the whole thing again."""
+    and stops; one still running ``STOP_SECONDS`` later is killed. Each server
+    and its worker are a process group of their own, so a Ctrl-C in the
+    terminal reaches them once, through here, and a worker whose server was
+    killed is stopped with its group. Were this process killed outright, the
+    kernel sends the servers SIGTERM (``PR_SET_PDEATHSIG``): none outlives it
+    holding the port. A server that stops by itself (granian respawns a worker
+    that dies, so this means the server itself failed, e.g. its port taken)
+    stops the others and the exit code is non-zero: the container's restart
+    policy, or the user, starts the whole thing again."""
     import signal
     import subprocess
     import sys
     import time
 
-    env = {**os.environ, SUPERVISOR: str(os.getpid())}
-    procs = [subprocess.Popen([sys.executable, "-m", __name__], env=env) for _ in range(servers)]
-    stopping: list[int] = []
+    procs: list[subprocess.Popen] = []
+    stopping: list[int] = []  # the signals received
     failed: list[int] = []  # the exit code of a server that stopped by itself
 
     def stop(signum, _frame=None) -> None:
@@ -180,28 +226,60 @@ def supervise(servers: int) -> int:
 
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     pause = threading.Event()  # never set: a pause that is not a bare sleep
+    env = {**os.environ, SUPERVISOR: str(os.getpid())}
+    deadline = None
     try:
-        while any(proc.poll() is None for proc in procs):
-            if not stopping and (gone := [p for p in procs if p.returncode is not None]):
+        while len(procs) < servers and not stopping:
+            procs.append(subprocess.Popen([sys.executable, "-m", __name__], env=env, process_group=0))
+        while running := [p for p in procs if p.poll() is None]:
+            if len(running) < len(procs) and not stopping and not failed:
+                gone = next(p for p in procs if p.returncode is not None)
                 log.error("serve: a server process exited by itself (code %s); stopping the others",
-                          gone[0].returncode)
-                failed.append(gone[0].returncode if gone[0].returncode > 0 else 1)  # a signal: 1
+                          gone.returncode)
+                failed.append(gone.returncode if gone.returncode > 0 else 1)  # a signal: 1
                 stop(signal.SIGTERM)
+            if stopping and deadline is None:
+                deadline = time.monotonic() + STOP_SECONDS
+            if deadline is not None and time.monotonic() > deadline:
+                log.warning("serve: %d server(s) still running %.0f s after the stop; killing them",
+                            len(running), STOP_SECONDS)
+                for proc in running:
+                    signal_group(proc.pid, signal.SIGKILL)
+                deadline = float("inf")
             pause.wait(0.2)
+        if procs and not stopping and not failed:  # every server stopped by itself, at once
+            codes = [p.returncode for p in procs]
+            log.error("serve: the server processes exited by themselves (codes %s)", codes)
+            failed.append(next((c for c in codes if c > 0), 1))
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        deadline = time.monotonic() + STOP_SECONDS
-        for proc in procs:
+        for proc in procs:  # what is left of each group: a worker whose server was killed
             if proc.poll() is None:
-                if not stopping:
-                    proc.terminate()
-                try:
-                    proc.wait(max(0.1, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+                proc.kill()
+            signal_group(proc.pid, signal.SIGTERM)
+        ends = time.monotonic() + 5
+        while any(group_alive(p.pid) for p in procs) and time.monotonic() < ends:
+            pause.wait(0.1)
+        for proc in procs:
+            signal_group(proc.pid, signal.SIGKILL)
+            proc.wait()
     return failed[0] if failed else 0
+
+
+def signal_group(pgid: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signum)
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 # The supervisor's process id, handed to its servers

@@ -53,6 +53,8 @@ class PredictionService:
         self.watcher = watcher  # pipeline.watcher.ModelWatcher, or a stand-in with current/last_error
         self.metrics = metrics
         self.sample_entity = sample_entity
+        # () -> (every worker ready, what to say): the serve command's other workers, or None
+        self.peers_ready = None
         self.url_map = Map([
             Rule("/", endpoint="index", methods=["GET"]),
             Rule("/predict", endpoint="predict", methods=["GET", "POST"]),
@@ -124,9 +126,12 @@ class PredictionService:
         model = self.watcher.current
         store_ok, store_detail = self.online.reachable()
         registry_error = getattr(self.watcher, "store_error", None)
-        ready = model is not None and store_ok and registry_error is None
+        workers_ok, workers_detail = self.peers_ready() if self.peers_ready else (True, None)
+        ready = model is not None and store_ok and registry_error is None and workers_ok
         body = {"ready": ready, "model_version": model.version if model else None,
                 "online_store": store_detail, "online_store_reachable": store_ok}
+        if workers_detail:
+            body["workers"] = workers_detail
         if registry_error:
             body["model_registry"] = registry_error
         if self.watcher.last_error:
@@ -134,7 +139,8 @@ class PredictionService:
         return json_response(body, 200 if ready else 503)
 
     def is_ready(self) -> bool:
-        """What ``/readyz`` answers, without a request."""
+        """This worker's own readiness, without a request: what ``/readyz`` answers
+        but for the other workers (:attr:`peers_ready`)."""
         return (self.watcher.current is not None and self.online.reachable()[0]
                 and getattr(self.watcher, "store_error", None) is None)
 

@@ -115,10 +115,10 @@ def train_model(settings: Settings, schema: Schema, holdout_fraction: float):
     from pipeline.train_data import training_chunks
 
     remove_stale_temps(settings.shared)  # a killed train's buckets (under the lock: none is live)
-    if settings.tracking_uri.startswith("sqlite:///"):  # and a killed store maker's temp store
-        from pipeline.registry import remove_stale_store_temps
+    from pipeline.registry import remove_stale_store_temps, sqlite_path
 
-        remove_stale_store_temps(Path(settings.tracking_uri.removeprefix("sqlite:///")))
+    if db := sqlite_path(settings.tracking_uri):  # and a killed store maker's temp store
+        remove_stale_store_temps(db)
     # ignore_cleanup_errors: a Dask task still writing into the folder when train fails must
     # not hide the error at hand behind the clean-up's own (a killed run's leftovers go next start)
     with tempfile.TemporaryDirectory(prefix=f"{TMP_PREFIX}train-", dir=settings.shared,

@@ -95,6 +95,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def listeners(port: int) -> int:
+    """How many sockets listen on this port (``SO_REUSEPORT``: one per server)."""
+    import psutil
+
+    return sum(c.laddr.port == port and c.status == psutil.CONN_LISTEN for c in psutil.net_connections("tcp"))
+
+
 def http_status(url: str, timeout: float = 2.0) -> int | None:
     """The status of GET ``url``, or None when nothing answers."""
     try:

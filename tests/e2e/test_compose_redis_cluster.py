@@ -75,7 +75,7 @@ def test_the_pipeline_loads_the_cluster_and_predict_reads_it(cluster_stack):
 
     train = json.loads(compose.read("/shared/runs/train/latest.json"))["outputs"]
     sample = int(json.loads(compose.read("/shared/runs/ingest/latest.json"))["outputs"]["sample_entity"])
-    for entity in range(sample, sample + 12):  # a dozen keys: every master answers some
+    for entity in range(sample, sample + 12):  # a dozen keys, over the masters by slot
         with urllib.request.urlopen(f"{serve}/predict?customer_id={entity}", timeout=10) as resp:
             answer = json.loads(resp.read())
         features = answer["features"]

@@ -8,7 +8,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -16,7 +15,7 @@ import pytest
 
 from pipeline.cli import run_stages
 from pipeline.io import read_record
-from tests.support import clean_env, free_port, make_settings, pipeline_cli
+from tests.support import clean_env, free_port, make_settings, pipeline_cli, stop
 
 pytestmark = pytest.mark.integration
 
@@ -117,10 +116,4 @@ def test_a_users_own_workers_leave_feast_uninstrumented_with_the_preload(tmp_pat
             assert set(client.run(_feast_instrumented).values()) == {not preload}
     finally:
         for proc in reversed(procs):
-            proc.terminate()
-        deadline = time.monotonic() + 30
-        for proc in reversed(procs):
-            try:
-                proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop(proc)

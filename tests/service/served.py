@@ -25,14 +25,17 @@ def worker_app():
 
     from prometheus_client import values
 
-    from pipeline.launcher import WORKER_HANDOVER
+    from pipeline.launcher import WORKER_HANDOVER, watch_readiness
     from pipeline.front import rsgi_app
     from pipeline.settings import Settings
     from tests.service.fakes import Fakes
 
     values.ValueClass = values.MutexValue  # one process, one app: values in memory
-    settings = Settings.model_validate(json.loads(os.environ[WORKER_HANDOVER])["settings"])
-    return rsgi_app(Fakes(settings).app, settings)
+    handed = json.loads(os.environ[WORKER_HANDOVER])
+    settings = Settings.model_validate(handed["settings"])
+    app = Fakes(settings).app
+    watch_readiness(app, settings, handed)  # /readyz waits for every worker, as the real one does
+    return rsgi_app(app, settings)
 
 
 @contextlib.contextmanager
