@@ -5,12 +5,14 @@ real HTTP on 127.0.0.1, checked against the local simulator."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -63,24 +65,31 @@ class Compose:
         return self("run", "--rm", "--no-deps", "-T", "shell", "sh", "-c", f"ls {path}").stdout.split()
 
 
-@pytest.fixture(scope="module")
-def stack():
+@contextlib.contextmanager
+def serving_stack(project: str, **variables: str) -> Iterator[tuple[Compose, str]]:
+    """``docker compose up`` to a ready serve on free loopback ports (``variables``: more
+    for compose); yields the project and serve's URL; ``down --volumes`` after."""
     ok, reason = docker_available()
     if not ok:
         pytest.fail(reason)  # e2e runs only when asked for: a missing engine is an error
-    ports = {"MLOPS_SERVE_PORT": str(free_port()), "MLOPS_MLFLOW_PORT": str(free_port())}
-    env = {**os.environ, **ports, "MLOPS_ROWS": str(ROWS), "MLOPS_SEED": str(SEED)}
-    compose = Compose(env)
+    port = str(free_port())
+    compose = Compose({**os.environ, "MLOPS_SERVE_PORT": port, "MLOPS_MLFLOW_PORT": str(free_port()),
+                       **variables}, project=project)
     compose("down", "--volumes", "--remove-orphans", check=False)
     try:
         compose("up", "--detach", "--pull", "never", "--wait", "serve")
-        yield compose, f"http://127.0.0.1:{ports['MLOPS_SERVE_PORT']}", \
-            f"http://127.0.0.1:{ports['MLOPS_MLFLOW_PORT']}"
+        yield compose, f"http://127.0.0.1:{port}"
     except BaseException:
         print(compose.failing_logs())
         raise
     finally:
         compose("--profile", "debug", "down", "--volumes", "--remove-orphans", check=False)
+
+
+@pytest.fixture(scope="module")
+def stack():
+    with serving_stack(PROJECT, MLOPS_ROWS=str(ROWS), MLOPS_SEED=str(SEED)) as (compose, serve):
+        yield compose, serve, f"http://127.0.0.1:{compose.env['MLOPS_MLFLOW_PORT']}"
 
 
 MLFLOW_USER = "mlops"

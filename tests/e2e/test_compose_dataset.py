@@ -5,7 +5,6 @@ stage container, then /predict by its own key, checked against the local simulat
 from __future__ import annotations
 
 import json
-import os
 import urllib.request
 
 import pytest
@@ -13,8 +12,8 @@ import pytest
 from pipeline.cli import run_stages
 from pipeline.dag import STAGE_NAMES
 from pipeline.io import read_record
-from tests.e2e.test_compose import Compose
-from tests.support import ROOT, docker_available, free_port, make_settings
+from tests.e2e.test_compose import serving_stack
+from tests.support import ROOT, make_settings
 
 pytestmark = [pytest.mark.e2e, pytest.mark.docker]
 
@@ -23,22 +22,9 @@ HOUSING = ROOT / "tests" / "data" / "housing"
 
 @pytest.fixture(scope="module")
 def housing_stack():
-    ok, reason = docker_available()
-    if not ok:
-        pytest.fail(reason)
-    port = str(free_port())
-    env = {**os.environ, "MLOPS_SERVE_PORT": port, "MLOPS_MLFLOW_PORT": str(free_port()),
-           "MLOPS_DATASET_DIR": str(HOUSING), "MLOPS_DATASET_FILE": "housing.yaml"}
-    compose = Compose(env, project="mlops-e2e-housing")
-    compose("down", "--volumes", "--remove-orphans", check=False)
-    try:
-        compose("up", "--detach", "--pull", "never", "--wait", "serve")
-        yield compose, f"http://127.0.0.1:{port}"
-    except BaseException:
-        print(compose.failing_logs())
-        raise
-    finally:
-        compose("--profile", "debug", "down", "--volumes", "--remove-orphans", check=False)
+    with serving_stack("mlops-e2e-housing", MLOPS_DATASET_DIR=str(HOUSING),
+                       MLOPS_DATASET_FILE="housing.yaml") as stack:
+        yield stack
 
 
 def test_a_declared_data_set_runs_in_compose_as_it_does_locally(housing_stack, tmp_path):

@@ -6,14 +6,12 @@ slot's master, and /predict reading them back over real HTTP on 127.0.0.1."""
 from __future__ import annotations
 
 import json
-import os
 import urllib.request
 
 import pytest
 
 from pipeline.dag import STAGE_NAMES
-from tests.e2e.test_compose import Compose
-from tests.support import docker_available, free_port
+from tests.e2e.test_compose import Compose, serving_stack
 
 pytestmark = [pytest.mark.e2e, pytest.mark.docker]
 
@@ -27,22 +25,8 @@ CLI = 'REDISCLI_AUTH="$(cat /run/secrets/redis_password)" redis-cli --no-auth-wa
 
 @pytest.fixture(scope="module")
 def cluster_stack():
-    ok, reason = docker_available()
-    if not ok:
-        pytest.fail(reason)
-    port = str(free_port())
-    env = {**os.environ, "MLOPS_SERVE_PORT": port, "MLOPS_MLFLOW_PORT": str(free_port()),
-           "MLOPS_ROWS": str(ROWS), "MLOPS_SEED": str(SEED), "COMPOSE_FILE": FILES}
-    compose = Compose(env, project=PROJECT)
-    compose("down", "--volumes", "--remove-orphans", check=False)
-    try:
-        compose("up", "--detach", "--pull", "never", "--wait", "serve")
-        yield compose, f"http://127.0.0.1:{port}"
-    except BaseException:
-        print(compose.failing_logs())
-        raise
-    finally:
-        compose("--profile", "debug", "down", "--volumes", "--remove-orphans", check=False)
+    with serving_stack(PROJECT, MLOPS_ROWS=str(ROWS), MLOPS_SEED=str(SEED), COMPOSE_FILE=FILES) as stack:
+        yield stack
 
 
 def redis_cli(compose: Compose, *args: str) -> str:
