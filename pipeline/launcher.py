@@ -2,7 +2,9 @@
 
 The serve command hands each worker its settings through the environment
 (workers are new processes), each worker builds the app behind the RSGI front
-(:func:`worker_app`), and the first one ready says where it serves.
+(:func:`worker_app`), and once every worker is ready one of them says where it
+serves. With several workers, each is a granian server of its own on the port,
+under :func:`supervise` (run as ``python -m pipeline.launcher``).
 """
 
 from __future__ import annotations
