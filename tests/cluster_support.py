@@ -13,11 +13,13 @@ import os
 import shutil
 import signal
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from tests.support import LOOPBACK, free_port, stop, wait_until
 
@@ -80,6 +82,55 @@ class Cluster:
         self.procs[port].wait(10)
 
 
+START_ATTEMPTS = 3  # a port free when picked can be taken before redis-server binds it
+
+
+def start_node(folder: Path, password: str, taken: set[int],
+               extra: Callable[[int, int], list[str]]) -> tuple[int, subprocess.Popen]:
+    """One redis-server on a free loopback port (and a free bus port for ``extra``),
+    answering PING. A node that exits at start (its port was taken in the meantime)
+    is started again on other ports; after START_ATTEMPTS the error quotes its log."""
+    log = ""
+    for _ in range(START_ATTEMPTS):
+        port, bus = distinct_free_ports(2, taken)
+        home = folder / str(port)
+        home.mkdir(parents=True, exist_ok=True)
+        proc = subprocess.Popen(
+            ["redis-server", "--port", str(port), "--bind", LOOPBACK, "--save", "", "--requirepass", password,
+             "--dir", str(home), "--logfile", str(home / "redis.log"), *extra(port, bus)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # one short try a poll: a port someone else holds must not stall the loop
+        client = redis.Redis(host=LOOPBACK, port=port, password=password, socket_timeout=1,
+                             retry=Retry(NoBackoff(), 0))
+
+        def settled() -> str | None:
+            if proc.poll() is not None:
+                return "exited"
+            with contextlib.suppress(redis.exceptions.RedisError):
+                return "up" if client.ping() else None
+            return None
+
+        try:
+            if wait_until(settled, 20, f"redis-server on port {port} to answer") == "up":
+                return port, proc
+        except TimeoutError:
+            stop(proc, timeout=10)
+            raise
+        log = (home / "redis.log").read_text(errors="replace")[-1000:] if (home / "redis.log").exists() else ""
+    raise RuntimeError(f"redis-server exited at start {START_ATTEMPTS} times; its last log:\n{log}")
+
+
+def distinct_free_ports(count: int, taken: set[int]) -> list[int]:
+    """``count`` ports free on loopback now, none of them in ``taken`` (which grows)."""
+    ports: list[int] = []
+    while len(ports) < count:
+        port = free_port()
+        if port not in taken:
+            taken.add(port)
+            ports.append(port)
+    return ports
+
+
 @contextlib.contextmanager
 def redis_cluster(folder: Path, password: str = "cluster-test-pw") -> Iterator[Cluster]:
     """A 3-master/3-replica cluster, every node answering cluster_state:ok; every node
@@ -87,26 +138,15 @@ def redis_cluster(folder: Path, password: str = "cluster-test-pw") -> Iterator[C
     if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
         raise NoRedisServer("needs Debian's redis-server and redis-cli (apt-get install redis-server)")
     cluster = Cluster(ports=[], password=password)
+    taken: set[int] = set()
     try:
         for _ in range(6):
-            port, bus = free_port(), free_port()
-            home = folder / str(port)
-            home.mkdir(parents=True)
+            port, proc = start_node(folder, password, taken, lambda port, bus: [
+                "--cluster-enabled", "yes", "--cluster-port", str(bus),
+                "--cluster-config-file", f"nodes-{port}.conf", "--cluster-node-timeout", str(NODE_TIMEOUT_MS),
+                "--appendonly", "yes", "--masterauth", password])
             cluster.ports.append(port)
-            cluster.procs[port] = subprocess.Popen(
-                ["redis-server", "--port", str(port), "--bind", LOOPBACK, "--cluster-enabled", "yes",
-                 "--cluster-port", str(bus), "--cluster-config-file", f"nodes-{port}.conf",
-                 "--cluster-node-timeout", str(NODE_TIMEOUT_MS), "--appendonly", "yes", "--save", "",
-                 "--requirepass", password, "--masterauth", password, "--dir", str(home),
-                 "--logfile", str(home / "redis.log")],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-        def answers() -> bool:
-            with contextlib.suppress(redis.exceptions.RedisError):
-                return all(cluster.node(p).ping() for p in cluster.ports)
-            return False
-
-        wait_until(answers, 20, "the 6 redis-server nodes to answer")
+            cluster.procs[port] = proc
         subprocess.run(["redis-cli", "--no-auth-warning", "-a", password, "--cluster", "create",
                         *(f"{LOOPBACK}:{p}" for p in cluster.ports), "--cluster-replicas", "1",
                         "--cluster-yes"], check=True, capture_output=True, timeout=60)
@@ -123,23 +163,13 @@ def redis_single(folder: Path, password: str = "single-test-pw") -> Iterator[str
     """One plain (non-cluster) redis-server on a free loopback port; yields its URL."""
     if shutil.which("redis-server") is None:
         raise NoRedisServer("needs Debian's redis-server (apt-get install redis-server)")
-    port = free_port()
-    folder.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", LOOPBACK, "--save", "",
-                             "--requirepass", password, "--dir", str(folder)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = None
     try:
-        client = redis.Redis(host=LOOPBACK, port=port, password=password, socket_timeout=5)
-
-        def answers() -> bool:
-            with contextlib.suppress(redis.exceptions.RedisError):
-                return client.ping()
-            return False
-
-        wait_until(answers, 20, "the plain redis-server to answer")
+        port, proc = start_node(folder, password, set(), lambda port, bus: [])
         yield f"redis://:{password}@{LOOPBACK}:{port}/0"
     finally:
-        stop(proc, timeout=10)
+        if proc is not None:
+            stop(proc, timeout=10)
 
 
 def cluster_or_skip(folder: Path):
