@@ -45,6 +45,10 @@ import nox
 # The version .ci/run installs: the oldest this file is run with.
 nox.needs_version = ">=2026.10.20"
 nox.options.default_venv_backend = "uv|virtualenv"
+# uv, unlike pip, does not compile bytecode at install; where PYTHONDONTWRITEBYTECODE is
+# set (as on the CI machines) every import then compiled from source, every time: Feast and
+# MLflow took a third longer to import, and the test session ran 60 % longer
+os.environ.setdefault("UV_COMPILE_BYTECODE", "1")
 nox.options.reuse_venv = "yes"
 nox.options.sessions = ["tests"]
 
