@@ -282,6 +282,8 @@ def build_image(session: nox.Session) -> dict[str, str]:
     docker_preflight(session)
     env = compose_env(session)
     registry_preflight(session, env)
+    # the wheelhouse is made by `pip wheel` with the session's python: a venv made by uv has no pip
+    session.install("-c", "constraints.txt", "pip")
     session.run("bash", "scripts/build_wheelhouse.sh", external=True)
     session.run("docker", "compose", "build", "init", env=env, external=True)
     return env

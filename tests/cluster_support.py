@@ -107,15 +107,18 @@ def start_node(folder: Path, password: str, taken: set[int],
             if proc.poll() is not None:
                 return "exited"
             with contextlib.suppress(redis.exceptions.RedisError):
-                return "up" if client.ping() else None
+                # our node, not a server that took the port first (it answers, then ours exits)
+                return "up" if client.info("server")["process_id"] == proc.pid else None
             return None
 
         try:
             if wait_until(settled, 20, f"redis-server on port {port} to answer") == "up":
                 return port, proc
-        except TimeoutError:
+        except BaseException:
             stop(proc, timeout=10)
             raise
+        finally:
+            client.close()
         log = (home / "redis.log").read_text(errors="replace")[-1000:] if (home / "redis.log").exists() else ""
     raise RuntimeError(f"redis-server exited at start {START_ATTEMPTS} times; its last log:\n{log}")
 

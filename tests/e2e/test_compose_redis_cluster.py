@@ -94,10 +94,9 @@ def test_the_houses_are_spread_over_the_masters_and_predict_reads_them(cluster_s
         assert host in NODES, master[1]
         held[host] = int(redis_cli(compose, "-h", host, "dbsize").strip())
     assert all(count > len(keys) // 6 for count in held.values()), held
-    assert sum(held.values()) >= len(keys), held
 
     train = json.loads(compose.read("/shared/runs/train/latest.json"))["outputs"]
-    for house in keys[:12]:  # a dozen keys, over the masters by slot
+    for house in keys:  # every house, from whichever master holds its slot
         answer = predict(serve, house)
         assert answer["house_id"] == house, answer
         features = answer["features"]
