@@ -47,7 +47,7 @@ nox.needs_version = ">=2026.10.20"
 nox.options.default_venv_backend = "uv|virtualenv"
 # uv, unlike pip, does not compile bytecode at install; where PYTHONDONTWRITEBYTECODE is
 # set (as on the CI machines) every import then compiled from source, every time: Feast and
-# MLflow took a third longer to import, and the test session ran 60 % longer
+# MLflow took 11 to 12 s to import against 8.5 s, side by side, and every test process paid it
 os.environ.setdefault("UV_COMPILE_BYTECODE", "1")
 nox.options.reuse_venv = "yes"
 nox.options.sessions = ["tests"]

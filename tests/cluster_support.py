@@ -88,7 +88,7 @@ START_ATTEMPTS = 3  # a port free when picked can be taken before redis-server b
 def start_node(folder: Path, password: str, taken: set[int],
                extra: Callable[[int, int], list[str]]) -> tuple[int, subprocess.Popen]:
     """One redis-server on a free loopback port (and a free bus port for ``extra``),
-    answering PING. A node that exits at start (its port was taken in the meantime)
+    answering as itself (its pid). A node that exits at start (its port was taken in the meantime)
     is started again on other ports; after START_ATTEMPTS the error quotes its log."""
     log = ""
     for _ in range(START_ATTEMPTS):
@@ -99,7 +99,7 @@ def start_node(folder: Path, password: str, taken: set[int],
             ["redis-server", "--port", str(port), "--bind", LOOPBACK, "--save", "", "--requirepass", password,
              "--dir", str(home), "--logfile", str(home / "redis.log"), *extra(port, bus)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        # one short try a poll: a port someone else holds must not stall the loop
+        # one short try per poll: a port someone else holds must not stall the loop
         client = redis.Redis(host=LOOPBACK, port=port, password=password, socket_timeout=1,
                              retry=Retry(NoBackoff(), 0))
 
