@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import json
-import time
 import urllib.error
 import urllib.request
 
@@ -22,7 +21,7 @@ from pipeline.cli import run_stages
 from pipeline.dag import STAGE_NAMES
 from pipeline.io import read_record
 from tests.e2e.test_compose import Compose, serving_stack
-from tests.support import ROOT, make_settings
+from tests.support import ROOT, make_settings, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.docker]
 
@@ -53,15 +52,16 @@ def redis_cli(compose: Compose, *args: str) -> str:
 def predict(serve: str, house: str) -> dict:
     """/predict for one house, as a client does: a 503 ("online store unreachable; retry
     shortly": a lookup over its 50 ms bound on this busy machine) is retried, for 10 s at most."""
-    deadline = time.monotonic() + 10
-    while True:
+    def answer() -> dict | None:
         try:
             with urllib.request.urlopen(f"{serve}/predict?house_id={house}", timeout=10) as resp:
                 return json.loads(resp.read())
         except urllib.error.HTTPError as exc:
-            if exc.code != 503 or time.monotonic() > deadline:
+            if exc.code != 503:
                 raise
-            time.sleep(0.5)
+            return None
+
+    return wait_until(answer, 10, f"/predict?house_id={house} to answer other than 503", interval=0.5)
 
 
 def test_a_declared_data_set_runs_in_compose_as_it_does_locally(cluster_stack, tmp_path):
